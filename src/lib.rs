@@ -1,0 +1,20 @@
+//! `runner`: runs OpsChain-style changes, building a fresh image and a discarded container for every step.
+//!
+//! The library holds everything; `src/main.rs` only parses flags and hands over to [`cli`].
+
+pub mod actions;
+pub mod app;
+pub mod buildkit;
+pub mod cli;
+pub mod context;
+pub mod error;
+pub mod events;
+pub mod executor;
+pub mod grpc;
+pub mod image;
+pub mod orchestrator;
+pub mod properties;
+pub mod runtime;
+pub mod secrets;
+pub mod snapshot;
+pub mod store;

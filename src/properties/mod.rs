@@ -1,0 +1,18 @@
+//! The properties engine: RFC 6902 parse/apply/diff, the layered merge that builds a step's view, validation of
+//! the `opschain` section, and conflict detection between parallel steps. Pure: no I/O anywhere below here.
+
+mod conflict;
+mod merge;
+mod opschain;
+mod patch;
+
+pub use conflict::{detect_conflict, touched_paths, Conflict};
+pub use merge::{deep_merge, layered_view, Layers};
+pub use opschain::{
+    env_vars, files, secret_names, validate_opschain, FileFormat, OpschainError, PropertyFile,
+    SecretKind,
+};
+pub use patch::{apply_patch, diff, parse_document, parse_patch, DocumentError, PatchError};
+
+/// An RFC 6902 JSON Patch.
+pub type Patch = json_patch::Patch;

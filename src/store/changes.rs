@@ -1,0 +1,484 @@
+//! Changes, their steps, their event log and the leases of the runner processes that run them.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{now, Store, StoreError};
+use crate::events::{ChangeState, Event, EventRecord, StepState};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    pub id: String,
+    pub project: String,
+    pub environment: String,
+    pub action: String,
+    pub git_rev: String,
+    pub git_sha: String,
+    pub state: ChangeState,
+    pub reason: Option<String>,
+    pub owner: Option<String>,
+    pub cancel_requested: bool,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Step {
+    pub id: String,
+    pub change_id: String,
+    pub parent_id: Option<String>,
+    pub position: i64,
+    pub action: String,
+    pub state: StepState,
+    pub reason: Option<String>,
+    pub exit_code: Option<i64>,
+    pub image_id: Option<String>,
+    pub image_cached: Option<bool>,
+    /// `step.properties` of the step's result: the merged properties the action saw.
+    pub properties: Option<serde_json::Value>,
+    pub project_version: Option<i64>,
+    pub environment_version: Option<i64>,
+    /// How the step's children run: `sequential` or `parallel`, once known.
+    pub children_strategy: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+/// A change to create.
+#[derive(Debug, Clone)]
+pub struct NewChange<'a> {
+    pub id: &'a str,
+    pub project_id: i64,
+    pub environment_id: i64,
+    pub action: &'a str,
+    pub git_rev: &'a str,
+    pub git_sha: &'a str,
+    pub root_step_id: &'a str,
+}
+
+/// What finishing a step records.
+#[derive(Debug, Clone, Default)]
+pub struct StepFinish {
+    pub exit_code: Option<i64>,
+    pub reason: Option<String>,
+    pub properties: Option<serde_json::Value>,
+}
+
+/// Filter for [`Store::list_changes`].
+#[derive(Debug, Clone, Default)]
+pub struct ChangeFilter {
+    pub project: Option<String>,
+    pub environment: Option<String>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+const CHANGE_SELECT: &str =
+    "SELECT c.*, p.code AS project_code, e.code AS environment_code FROM changes c \
+     JOIN projects p ON p.id = c.project_id JOIN environments e ON e.id = c.environment_id";
+
+fn change_row(row: &sqlx::sqlite::SqliteRow) -> Change {
+    Change {
+        id: row.get("id"),
+        project: row.get("project_code"),
+        environment: row.get("environment_code"),
+        action: row.get("action"),
+        git_rev: row.get("git_rev"),
+        git_sha: row.get("git_sha"),
+        state: ChangeState::parse(row.get("state")).unwrap_or(ChangeState::Error),
+        reason: row.get("reason"),
+        owner: row.get("owner"),
+        cancel_requested: row.get::<i64, _>("cancel_requested") != 0,
+        created_at: row.get("created_at"),
+        started_at: row.get("started_at"),
+        finished_at: row.get("finished_at"),
+    }
+}
+
+fn step_row(row: &sqlx::sqlite::SqliteRow) -> Step {
+    Step {
+        id: row.get("id"),
+        change_id: row.get("change_id"),
+        parent_id: row.get("parent_id"),
+        position: row.get("position"),
+        action: row.get("action"),
+        state: StepState::parse(row.get("state")).unwrap_or(StepState::Error),
+        reason: row.get("reason"),
+        exit_code: row.get("exit_code"),
+        image_id: row.get("image_id"),
+        image_cached: row.get::<Option<i64>, _>("image_cached").map(|c| c != 0),
+        properties: row
+            .get::<Option<String>, _>("properties")
+            .and_then(|p| serde_json::from_str(&p).ok()),
+        project_version: row.get("project_version"),
+        environment_version: row.get("environment_version"),
+        children_strategy: row.get("children_strategy"),
+        started_at: row.get("started_at"),
+        finished_at: row.get("finished_at"),
+    }
+}
+
+fn not_found(what: &'static str, id: &str, hint: &str) -> StoreError {
+    StoreError::NotFound {
+        what,
+        code: id.to_owned(),
+        hint: hint.to_owned(),
+    }
+}
+
+impl Store {
+    /// Creates a pending change with its root step.
+    pub async fn create_change(&self, new: &NewChange<'_>) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        let at = now();
+        sqlx::query(
+            "INSERT INTO changes (id, project_id, environment_id, action, git_rev, git_sha, state, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+        )
+        .bind(new.id)
+        .bind(new.project_id)
+        .bind(new.environment_id)
+        .bind(new.action)
+        .bind(new.git_rev)
+        .bind(new.git_sha)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO steps (id, change_id, parent_id, position, action, state) VALUES (?, ?, NULL, 0, ?, 'pending')",
+        )
+        .bind(new.root_step_id)
+        .bind(new.id)
+        .bind(new.action)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn change(&self, id: &str) -> Result<Change, StoreError> {
+        sqlx::query(&format!("{CHANGE_SELECT} WHERE c.id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| change_row(&row))
+            .ok_or_else(|| not_found("change", id, ": list changes with `runner change list`"))
+    }
+
+    /// Newest first.
+    pub async fn list_changes(&self, filter: &ChangeFilter) -> Result<Vec<Change>, StoreError> {
+        let limit = if filter.limit <= 0 { -1 } else { filter.limit };
+        let rows = sqlx::query(&format!(
+            "{CHANGE_SELECT} WHERE (? IS NULL OR p.code = ?) AND (? IS NULL OR e.code = ?) \
+             ORDER BY c.created_at DESC, c.rowid DESC LIMIT ? OFFSET ?"
+        ))
+        .bind(&filter.project)
+        .bind(&filter.project)
+        .bind(&filter.environment)
+        .bind(&filter.environment)
+        .bind(limit)
+        .bind(filter.offset)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(change_row).collect())
+    }
+
+    /// Sets a change's state; final states also record the finish time and release the owner.
+    pub async fn set_change_state(
+        &self,
+        id: &str,
+        state: ChangeState,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let at = now();
+        sqlx::query(
+            "UPDATE changes SET state = ?, reason = COALESCE(?, reason), \
+             finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?",
+        )
+        .bind(state.as_str())
+        .bind(reason)
+        .bind(state.is_final())
+        .bind(&at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Takes the change's environment for `owner` if no other change runs there and none was queued before it.
+    /// Changes on one environment thus run one at a time, in the order they were created.
+    pub async fn claim_environment(
+        &self,
+        change_id: &str,
+        owner: &str,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let blocked: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM changes o JOIN changes c ON c.id = ? \
+             WHERE o.environment_id = c.environment_id AND o.id != c.id AND ( o.state = 'running' \
+               OR (o.state IN ('pending', 'queued') AND (o.created_at, o.rowid) < (c.created_at, c.rowid)))",
+        )
+        .bind(change_id)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        if blocked > 0 {
+            return Ok(false);
+        }
+        sqlx::query("UPDATE changes SET state = 'running', owner = ?, started_at = COALESCE(started_at, ?) WHERE id = ?")
+            .bind(owner)
+            .bind(now())
+            .bind(change_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Prepares a change to run again: back to pending, cancel flag cleared.
+    pub async fn reset_change(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE changes SET state = 'pending', reason = NULL, owner = NULL, cancel_requested = 0, \
+             finished_at = NULL WHERE id = ?",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn request_cancel(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE changes SET cancel_requested = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn steps(&self, change_id: &str) -> Result<Vec<Step>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM steps WHERE change_id = ? ORDER BY rowid")
+            .bind(change_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(step_row).collect())
+    }
+
+    pub async fn step(&self, id: &str) -> Result<Step, StoreError> {
+        sqlx::query("SELECT * FROM steps WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| step_row(&row))
+            .ok_or_else(|| {
+                not_found(
+                    "step",
+                    id,
+                    ": see the step ids with `runner change show CHANGE_ID`",
+                )
+            })
+    }
+
+    /// Marks a step running with the property versions it starts from.
+    pub async fn start_step(
+        &self,
+        id: &str,
+        project_version: i64,
+        environment_version: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE steps SET state = 'running', started_at = ?, project_version = ?, environment_version = ?, \
+             reason = NULL, exit_code = NULL, finished_at = NULL WHERE id = ?",
+        )
+        .bind(now())
+        .bind(project_version)
+        .bind(environment_version)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_step_image(
+        &self,
+        id: &str,
+        image_id: &str,
+        cached: bool,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE steps SET image_id = ?, image_cached = ? WHERE id = ?")
+            .bind(image_id)
+            .bind(cached)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn finish_step(
+        &self,
+        id: &str,
+        state: StepState,
+        finish: &StepFinish,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE steps SET state = ?, exit_code = COALESCE(?, exit_code), reason = COALESCE(?, reason), \
+             properties = COALESCE(?, properties), finished_at = ? WHERE id = ?",
+        )
+        .bind(state.as_str())
+        .bind(finish.exit_code)
+        .bind(&finish.reason)
+        .bind(finish.properties.as_ref().map(|p| p.to_string()))
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records the children a step will run and how, replacing any from an earlier attempt (a step that runs
+    /// again may produce different dynamic children).
+    pub async fn set_children(
+        &self,
+        change_id: &str,
+        parent_id: &str,
+        strategy: &str,
+        children: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "WITH RECURSIVE below(id) AS (SELECT id FROM steps WHERE parent_id = ? \
+               UNION ALL SELECT s.id FROM steps s JOIN below b ON s.parent_id = b.id) \
+             DELETE FROM steps WHERE id IN (SELECT id FROM below)",
+        )
+        .bind(parent_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE steps SET children_strategy = ? WHERE id = ?")
+            .bind(strategy)
+            .bind(parent_id)
+            .execute(&mut *tx)
+            .await?;
+        for (position, (id, action)) in children.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO steps (id, change_id, parent_id, position, action, state) VALUES (?, ?, ?, ?, ?, 'pending')",
+            )
+            .bind(id)
+            .bind(change_id)
+            .bind(parent_id)
+            .bind(position as i64)
+            .bind(action)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Appends an event; its number is the change's next one.
+    pub async fn append_event(
+        &self,
+        change_id: &str,
+        event: &Event,
+    ) -> Result<EventRecord, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let seq: i64 =
+            sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE change_id = ?")
+                .bind(change_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+        let at = now();
+        sqlx::query("INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)")
+            .bind(change_id)
+            .bind(seq)
+            .bind(&at)
+            .bind(serde_json::to_string(event).expect("events serialise"))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(EventRecord {
+            change_id: change_id.to_owned(),
+            seq,
+            at,
+            event: event.clone(),
+        })
+    }
+
+    /// The change's events after `after_seq`, in order.
+    pub async fn events_after(
+        &self,
+        change_id: &str,
+        after_seq: i64,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM events WHERE change_id = ? AND seq > ? ORDER BY seq")
+            .bind(change_id)
+            .bind(after_seq)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                Some(EventRecord {
+                    change_id: row.get("change_id"),
+                    seq: row.get("seq"),
+                    at: row.get("at"),
+                    event: serde_json::from_str(row.get::<&str, _>("event")).ok()?,
+                })
+            })
+            .collect())
+    }
+
+    /// Takes or renews `owner`'s lease until `expires_at` (unix milliseconds).
+    pub async fn renew_lease(
+        &self,
+        owner: &str,
+        host: &str,
+        pid: u32,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO leases (owner, host, pid, expires_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
+        )
+        .bind(owner)
+        .bind(host)
+        .bind(pid as i64)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn drop_lease(&self, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM leases WHERE owner = ?")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn leases(&self) -> Result<Vec<crate::orchestrator::lease::Lease>, StoreError> {
+        let rows = sqlx::query("SELECT owner, host, pid, expires_at FROM leases")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::orchestrator::lease::Lease {
+                owner: r.get(0),
+                host: r.get(1),
+                pid: r.get(2),
+                expires_at: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Changes still marked running or queued by an owner, for the reaper.
+    pub async fn unfinished_changes(&self) -> Result<Vec<Change>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{CHANGE_SELECT} WHERE c.state IN ('running', 'queued', 'pending') ORDER BY c.created_at"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(change_row).collect())
+    }
+}

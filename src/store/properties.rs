@@ -1,0 +1,240 @@
+//! Versioned properties: every write is a new version row; writes name the version they are based on.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{now, Environment, Project, Store, StoreError};
+
+/// Whose properties.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PropertiesOwner {
+    Project {
+        id: i64,
+        code: String,
+    },
+    Environment {
+        id: i64,
+        project_code: String,
+        code: String,
+    },
+}
+
+impl PropertiesOwner {
+    fn kind(&self) -> &'static str {
+        match self {
+            PropertiesOwner::Project { .. } => "project",
+            PropertiesOwner::Environment { .. } => "environment",
+        }
+    }
+    fn id(&self) -> i64 {
+        match self {
+            PropertiesOwner::Project { id, .. } | PropertiesOwner::Environment { id, .. } => *id,
+        }
+    }
+}
+
+impl std::fmt::Display for PropertiesOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PropertiesOwner::Project { code, .. } => write!(f, "project {code:?}"),
+            PropertiesOwner::Environment {
+                project_code, code, ..
+            } => write!(f, "environment {project_code:?}/{code:?}"),
+        }
+    }
+}
+
+impl From<&Project> for PropertiesOwner {
+    fn from(p: &Project) -> Self {
+        PropertiesOwner::Project {
+            id: p.id,
+            code: p.code.clone(),
+        }
+    }
+}
+
+impl From<&Environment> for PropertiesOwner {
+    fn from(e: &Environment) -> Self {
+        PropertiesOwner::Environment {
+            id: e.id,
+            project_code: e.project_code.clone(),
+            code: e.code.clone(),
+        }
+    }
+}
+
+/// Who wrote a version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum WrittenBy {
+    Cli,
+    Api,
+    Change { change_id: String, step_id: String },
+}
+
+/// One stored version of a properties document.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PropertiesVersion {
+    pub version: i64,
+    pub document: Value,
+    pub written_at: String,
+    pub written_by: WrittenBy,
+}
+
+/// A write based on `expected_version`.
+#[derive(Debug, Clone)]
+pub struct PropertiesWrite<'a> {
+    pub owner: &'a PropertiesOwner,
+    pub expected_version: i64,
+    pub document: &'a Value,
+}
+
+pub(super) async fn insert_initial(
+    tx: &mut Transaction<'static, Sqlite>,
+    kind: &str,
+    id: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO property_versions (owner_kind, owner_id, version, document, written_at, written_by) \
+         VALUES (?, ?, 1, '{}', ?, 'cli')",
+    )
+    .bind(kind)
+    .bind(id)
+    .bind(now())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn version_row(
+    owner: &PropertiesOwner,
+    row: &sqlx::sqlite::SqliteRow,
+) -> Result<PropertiesVersion, StoreError> {
+    let version: i64 = row.get("version");
+    let document: String = row.get("document");
+    let document = serde_json::from_str(&document).map_err(|source| StoreError::Corrupt {
+        owner: owner.to_string(),
+        version,
+        source,
+    })?;
+    let written_by = match row.get::<String, _>("written_by").as_str() {
+        "change" => WrittenBy::Change {
+            change_id: row
+                .get::<Option<String>, _>("change_id")
+                .unwrap_or_default(),
+            step_id: row.get::<Option<String>, _>("step_id").unwrap_or_default(),
+        },
+        "api" => WrittenBy::Api,
+        _ => WrittenBy::Cli,
+    };
+    Ok(PropertiesVersion {
+        version,
+        document,
+        written_at: row.get("written_at"),
+        written_by,
+    })
+}
+
+impl Store {
+    /// The latest version, or version `version` when given.
+    pub async fn properties(
+        &self,
+        owner: &PropertiesOwner,
+        version: Option<i64>,
+    ) -> Result<PropertiesVersion, StoreError> {
+        let row = sqlx::query(
+            "SELECT * FROM property_versions WHERE owner_kind = ? AND owner_id = ? \
+             AND (? IS NULL OR version = ?) ORDER BY version DESC LIMIT 1",
+        )
+        .bind(owner.kind())
+        .bind(owner.id())
+        .bind(version)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => version_row(owner, &row),
+            None => Err(StoreError::NotFound {
+                what: "properties version",
+                code: version.map(|v| v.to_string()).unwrap_or_default(),
+                hint: format!(
+                    " for the {owner}: see `properties-history` for the versions that exist"
+                ),
+            }),
+        }
+    }
+
+    /// Every version, oldest first.
+    pub async fn properties_history(
+        &self,
+        owner: &PropertiesOwner,
+    ) -> Result<Vec<PropertiesVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM property_versions WHERE owner_kind = ? AND owner_id = ? ORDER BY version",
+        )
+        .bind(owner.kind())
+        .bind(owner.id())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| version_row(owner, row)).collect()
+    }
+
+    /// Writes new versions of one or more documents in one transaction: all land or none does. Each write fails
+    /// with [`StoreError::VersionConflict`] if its owner's current version is not the one it was based on.
+    pub async fn write_properties(
+        &self,
+        writes: &[PropertiesWrite<'_>],
+        by: &WrittenBy,
+    ) -> Result<Vec<PropertiesVersion>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let written_at = now();
+        let (written_by, change_id, step_id) = match by {
+            WrittenBy::Cli => ("cli", None, None),
+            WrittenBy::Api => ("api", None, None),
+            WrittenBy::Change { change_id, step_id } => ("change", Some(change_id), Some(step_id)),
+        };
+        let mut out = Vec::with_capacity(writes.len());
+        for write in writes {
+            let current: i64 = sqlx::query(
+                "SELECT COALESCE(MAX(version), 0) FROM property_versions WHERE owner_kind = ? AND owner_id = ?",
+            )
+            .bind(write.owner.kind())
+            .bind(write.owner.id())
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+            if current != write.expected_version {
+                return Err(StoreError::VersionConflict {
+                    owner: write.owner.to_string(),
+                    expected: write.expected_version,
+                    current,
+                });
+            }
+            let version = current + 1;
+            sqlx::query(
+                "INSERT INTO property_versions \
+                 (owner_kind, owner_id, version, document, written_at, written_by, change_id, step_id) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(write.owner.kind())
+            .bind(write.owner.id())
+            .bind(version)
+            .bind(write.document.to_string())
+            .bind(&written_at)
+            .bind(written_by)
+            .bind(change_id)
+            .bind(step_id)
+            .execute(&mut *tx)
+            .await?;
+            out.push(PropertiesVersion {
+                version,
+                document: write.document.clone(),
+                written_at: written_at.clone(),
+                written_by: by.clone(),
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
