@@ -1,0 +1,229 @@
+//! Project repositories: a bare mirror per project (git2), revision resolution, files at a commit, and the
+//! deterministic `repo.tar` a step image is built from.
+
+mod repo_tar;
+mod sources;
+
+pub use repo_tar::repo_tar;
+pub use sources::GitSources;
+
+use git2::{FetchOptions, Oid, Repository};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+use crate::properties::deep_merge;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("project {project:?} has no git remote: set one with `runner project set-git-remote --project {project} --url URL|PATH`")]
+    NoRemote { project: String },
+    #[error("failed to fetch {remote} into {mirror}: {source}")]
+    Fetch {
+        remote: String,
+        mirror: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("revision {rev:?} does not exist in {remote}: use a branch, tag or commit SHA of that repository (`git -C {remote} log --oneline` lists commits)")]
+    UnknownRev { rev: String, remote: String },
+    #[error("failed to read {what} at {sha}: {source}")]
+    Git {
+        what: String,
+        sha: String,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("{path} at {sha} is malformed: {message}")]
+    Malformed {
+        path: String,
+        sha: String,
+        message: String,
+    },
+    #[error("failed to write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An exclusive lock on a mirror (`<mirror>.lock` beside it), held until the file is dropped.
+fn lock(mirror: &Path) -> Result<std::fs::File, SnapshotError> {
+    let path = mirror.with_extension("lock");
+    let io = |source| SnapshotError::Io {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(path.parent().expect("mirrors live in a directory")).map_err(io)?;
+    let file = std::fs::File::create(&path).map_err(io)?;
+    // SAFETY: flock on a descriptor we own; released when the file is closed.
+    unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    Ok(file)
+}
+
+/// A project's bare mirror under `<home>/repos/`.
+pub struct Mirror {
+    repo: Repository,
+    remote: String,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("remote", &self.remote)
+            .field("path", &self.repo.path())
+            .finish()
+    }
+}
+
+/// Where a project's mirror lives.
+pub fn mirror_path(home: &Path, project_code: &str) -> PathBuf {
+    home.join("repos").join(format!("{project_code}.git"))
+}
+
+impl Mirror {
+    /// Opens (creating) the mirror of `remote` at `path`, without fetching.
+    pub fn open(path: &Path, remote: &str) -> Result<Mirror, SnapshotError> {
+        let git = |source| SnapshotError::Git {
+            what: format!("the mirror {}", path.display()),
+            sha: String::new(),
+            source,
+        };
+        let repo = match Repository::open_bare(path) {
+            Ok(repo) => repo,
+            Err(_) => {
+                // Two runners may create the first change of a project at once: one creates, the other waits.
+                let _lock = lock(path)?;
+                match Repository::open_bare(path) {
+                    Ok(repo) => repo,
+                    Err(_) => Repository::init_bare(path).map_err(git)?,
+                }
+            }
+        };
+        Ok(Mirror {
+            repo,
+            remote: remote.to_owned(),
+        })
+    }
+
+    /// Fetches every branch and tag, pruning what the remote deleted. Serialised across processes by a lock file,
+    /// since two runners may create changes of one project at once.
+    pub fn fetch(&self) -> Result<(), SnapshotError> {
+        let lock = lock(self.repo.path())?;
+        let fetch_error = |source| SnapshotError::Fetch {
+            remote: self.remote.clone(),
+            mirror: self.repo.path().to_owned(),
+            source,
+        };
+        let mut remote = self
+            .repo
+            .remote_anonymous(&self.remote)
+            .map_err(fetch_error)?;
+        let mut options = FetchOptions::new();
+        options
+            .prune(git2::FetchPrune::On)
+            .download_tags(git2::AutotagOption::All);
+        remote
+            .fetch(
+                &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+                Some(&mut options),
+                None,
+            )
+            .map_err(fetch_error)?;
+        drop(lock);
+        Ok(())
+    }
+
+    /// Resolves any revision git understands to a full commit SHA.
+    pub fn resolve(&self, rev: &str) -> Result<String, SnapshotError> {
+        let unknown = || SnapshotError::UnknownRev {
+            rev: rev.to_owned(),
+            remote: self.remote.clone(),
+        };
+        if rev.trim().is_empty() || rev.starts_with('-') {
+            return Err(unknown());
+        }
+        let object = self.repo.revparse_single(rev).map_err(|_| unknown())?;
+        let commit = object.peel_to_commit().map_err(|_| unknown())?;
+        Ok(commit.id().to_string())
+    }
+
+    fn commit(&self, sha: &str) -> Result<git2::Commit<'_>, SnapshotError> {
+        let git = |source| SnapshotError::Git {
+            what: "the commit".into(),
+            sha: sha.to_owned(),
+            source,
+        };
+        self.repo
+            .find_commit(Oid::from_str(sha).map_err(git)?)
+            .map_err(git)
+    }
+
+    /// A file of the tree at `sha`, if it exists (and is a file).
+    pub fn read_file(&self, sha: &str, path: &str) -> Result<Option<Vec<u8>>, SnapshotError> {
+        let commit = self.commit(sha)?;
+        let tree = commit.tree().map_err(|source| SnapshotError::Git {
+            what: "the tree".into(),
+            sha: sha.to_owned(),
+            source,
+        })?;
+        let Ok(entry) = tree.get_path(Path::new(path)) else {
+            return Ok(None);
+        };
+        match entry
+            .to_object(&self.repo)
+            .ok()
+            .and_then(|o| o.into_blob().ok())
+        {
+            Some(blob) => Ok(Some(blob.content().to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    /// `.opschain/properties.*` deep-merged with `.opschain/environments/<env>.*` at `sha` (JSON, TOML or YAML).
+    pub fn repository_properties(
+        &self,
+        sha: &str,
+        environment: &str,
+    ) -> Result<Value, SnapshotError> {
+        let mut merged = Value::Object(Default::default());
+        for stem in [
+            ".opschain/properties".to_owned(),
+            format!(".opschain/environments/{environment}"),
+        ] {
+            if let Some(layer) = self.properties_file(sha, &stem)? {
+                deep_merge(&mut merged, &layer);
+            }
+        }
+        Ok(merged)
+    }
+
+    fn properties_file(&self, sha: &str, stem: &str) -> Result<Option<Value>, SnapshotError> {
+        for extension in ["json", "toml", "yaml", "yml"] {
+            let path = format!("{stem}.{extension}");
+            let Some(bytes) = self.read_file(sha, &path)? else {
+                continue;
+            };
+            let malformed = |message: String| SnapshotError::Malformed {
+                path: path.clone(),
+                sha: sha.to_owned(),
+                message,
+            };
+            let text = String::from_utf8(bytes).map_err(|e| malformed(e.to_string()))?;
+            let value: Value = match extension {
+                "json" => serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?,
+                "toml" => toml::from_str(&text).map_err(|e| malformed(e.to_string()))?,
+                _ => serde_yaml_ng::from_str(&text).map_err(|e| malformed(e.to_string()))?,
+            };
+            if !value.is_object() {
+                return Err(malformed("properties must be an object".into()));
+            }
+            return Ok(Some(value));
+        }
+        Ok(None)
+    }
+
+    pub fn repository(&self) -> &Repository {
+        &self.repo
+    }
+}

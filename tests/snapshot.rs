@@ -1,0 +1,206 @@
+//! Mirrors, revisions and repo.tar against real git repositories.
+
+use runner::snapshot::{mirror_path, repo_tar, Mirror};
+use serde_json::json;
+use std::path::Path;
+use std::process::Command;
+
+/// A work repository with two commits on main, a `feature` branch and a `v1` tag on the first commit.
+struct Work {
+    dir: tempfile::TempDir,
+    first: String,
+    second: String,
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .env("GIT_AUTHOR_DATE", "2026-01-02T03:04:05Z")
+        .env("GIT_COMMITTER_DATE", "2026-01-02T03:04:05Z")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn work() -> Work {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    git(d, &["init", "-q", "-b", "main"]);
+    std::fs::create_dir_all(d.join(".opschain/environments")).unwrap();
+    std::fs::write(
+        d.join(".opschain/properties.json"),
+        r#"{"a": {"x": 1}, "list": [1]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        d.join(".opschain/environments/dev.yaml"),
+        "a:\n  y: 2\nlist: [2]\n",
+    )
+    .unwrap();
+    std::fs::write(d.join(".opschain/environments/prod.toml"), "[a]\nz = 3\n").unwrap();
+    std::fs::write(d.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    std::os::unix::fs::symlink("run.sh", d.join("link")).unwrap();
+    let mut perms = std::fs::metadata(d.join("run.sh")).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(d.join("run.sh"), perms).unwrap();
+    git(d, &["add", "-A"]);
+    git(d, &["commit", "-q", "-m", "first"]);
+    let first = git(d, &["rev-parse", "HEAD"]);
+    git(d, &["tag", "v1"]);
+    git(d, &["branch", "feature"]);
+    std::fs::write(d.join("second.txt"), "2").unwrap();
+    git(d, &["add", "-A"]);
+    git(d, &["commit", "-q", "-m", "second"]);
+    let second = git(d, &["rev-parse", "HEAD"]);
+    Work { dir, first, second }
+}
+
+fn mirror(home: &Path, work: &Work) -> Mirror {
+    let m = Mirror::open(
+        &mirror_path(home, "demo"),
+        work.dir.path().to_str().unwrap(),
+    )
+    .unwrap();
+    m.fetch().unwrap();
+    m
+}
+
+#[test]
+fn revisions_resolve_once_to_full_shas() {
+    let w = work();
+    let home = tempfile::tempdir().unwrap();
+    let m = mirror(home.path(), &w);
+    assert_eq!(m.resolve("main").unwrap(), w.second);
+    assert_eq!(m.resolve("feature").unwrap(), w.first);
+    assert_eq!(m.resolve("v1").unwrap(), w.first);
+    assert_eq!(m.resolve(&w.second[..7]).unwrap(), w.second);
+    assert_eq!(m.resolve(&w.first).unwrap(), w.first);
+    assert_eq!(m.resolve("main~1").unwrap(), w.first);
+    let err = m.resolve("no-such-branch").unwrap_err().to_string();
+    assert!(
+        err.contains("revision \"no-such-branch\" does not exist in"),
+        "{err}"
+    );
+    assert!(err.contains(w.dir.path().to_str().unwrap()), "{err}");
+    // A new commit on the branch is seen after the next fetch only.
+    std::fs::write(w.dir.path().join("third.txt"), "3").unwrap();
+    git(w.dir.path(), &["add", "-A"]);
+    git(w.dir.path(), &["commit", "-q", "-m", "third"]);
+    assert_eq!(m.resolve("main").unwrap(), w.second);
+    m.fetch().unwrap();
+    assert_ne!(m.resolve("main").unwrap(), w.second);
+}
+
+#[test]
+fn files_and_repository_properties_at_a_commit() {
+    let w = work();
+    let home = tempfile::tempdir().unwrap();
+    let m = mirror(home.path(), &w);
+    assert_eq!(
+        m.read_file(&w.first, "run.sh").unwrap().unwrap(),
+        b"#!/bin/sh\necho hi\n"
+    );
+    assert_eq!(m.read_file(&w.first, "second.txt").unwrap(), None);
+    assert_eq!(m.read_file(&w.second, "second.txt").unwrap().unwrap(), b"2");
+    assert_eq!(
+        m.read_file(&w.second, ".opschain").unwrap(),
+        None,
+        "a directory is not a file"
+    );
+    assert_eq!(
+        m.repository_properties(&w.first, "dev").unwrap(),
+        json!({"a": {"x": 1, "y": 2}, "list": [2]})
+    );
+    assert_eq!(
+        m.repository_properties(&w.first, "prod").unwrap(),
+        json!({"a": {"x": 1, "z": 3}, "list": [1]})
+    );
+    assert_eq!(
+        m.repository_properties(&w.first, "qa").unwrap(),
+        json!({"a": {"x": 1}, "list": [1]})
+    );
+
+    std::fs::write(w.dir.path().join(".opschain/properties.json"), "{\"a\": ").unwrap();
+    git(w.dir.path(), &["commit", "-q", "-am", "broken"]);
+    m.fetch().unwrap();
+    let broken = m.resolve("main").unwrap();
+    let err = m
+        .repository_properties(&broken, "dev")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(".opschain/properties.json at ") && err.contains("line 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn repo_tar_is_deterministic_complete_and_never_rewritten() {
+    let w = work();
+    let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ma, mb) = (mirror(home_a.path(), &w), mirror(home_b.path(), &w));
+    let a = repo_tar(&ma, &w.second, &home_a.path().join("cache")).unwrap();
+    let b = repo_tar(&mb, &w.second, &home_b.path().join("cache")).unwrap();
+    let bytes = std::fs::read(&a).unwrap();
+    assert_eq!(
+        bytes,
+        std::fs::read(&b).unwrap(),
+        "two builds of one SHA must be byte-identical"
+    );
+
+    let modified = std::fs::metadata(&a).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(
+        repo_tar(&ma, &w.second, &home_a.path().join("cache")).unwrap(),
+        a
+    );
+    assert_eq!(
+        std::fs::metadata(&a).unwrap().modified().unwrap(),
+        modified,
+        "the cached tar is not touched"
+    );
+
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    let mut paths = vec![];
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        let h = entry.header();
+        assert_eq!((h.uid().unwrap(), h.gid().unwrap()), (0, 0));
+        assert_eq!(h.mtime().unwrap(), 1767323045, "the commit time");
+        assert_eq!(h.username().unwrap(), Some(""));
+        let path = entry.path().unwrap().display().to_string();
+        if path == "run.sh" {
+            assert_eq!(h.mode().unwrap(), 0o755);
+        }
+        if path == "second.txt" {
+            assert_eq!(h.mode().unwrap(), 0o644);
+        }
+        if path == "link" {
+            assert_eq!(h.entry_type(), tar::EntryType::Symlink);
+        }
+        paths.push(path);
+    }
+    let mut sorted = paths.clone();
+    sorted.sort();
+    assert_eq!(paths, sorted);
+    assert!(paths.contains(&".git/HEAD".to_string()));
+
+    // Inside, it is a repository at that commit, with history and a clean work tree.
+    let out = tempfile::tempdir().unwrap();
+    tar::Archive::new(bytes.as_slice())
+        .unpack(out.path())
+        .unwrap();
+    assert_eq!(git(out.path(), &["log", "-1", "--format=%H"]), w.second);
+    assert_eq!(git(out.path(), &["log", "--format=%s"]), "second\nfirst");
+    assert_eq!(git(out.path(), &["status", "--porcelain"]), "");
+}
