@@ -1,0 +1,310 @@
+//! Step images: built from the change's commit with the repository's or the default Dockerfile, tagged by a
+//! content key so a step whose inputs did not change reuses the image without asking BuildKit anything, and
+//! single-flighted so parallel steps needing one image run one build.
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::{Mutex, OnceCell};
+use tokio_util::sync::CancellationToken;
+
+use crate::buildkit::{self, BuildError, BuildProgress, BuildRequest, DockerEndpoint};
+use crate::context::{self, ContextInputs};
+use crate::error::{Error, Result};
+use crate::events::{BuildStatus, Event};
+use crate::orchestrator::{step_context, EventTx, ImageRequest, PreparedImage, StepImages};
+use crate::snapshot::{mirror_path, repo_tar, Mirror};
+
+/// The image repository step images are tagged into.
+pub const STEP_IMAGE_REPOSITORY: &str = "runner-step";
+
+/// Identifies a step image by everything that goes into it.
+pub fn content_key(
+    dockerfile: &[u8],
+    git_sha: &str,
+    step_context_env: &[u8],
+    build_args: &BTreeMap<String, String>,
+    base_image_id: &str,
+) -> String {
+    let mut hash = Sha256::new();
+    for part in [
+        dockerfile,
+        git_sha.as_bytes(),
+        step_context_env,
+        base_image_id.as_bytes(),
+    ] {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part);
+    }
+    for (key, value) in build_args {
+        hash.update((key.len() as u64).to_le_bytes());
+        hash.update(key);
+        hash.update((value.len() as u64).to_le_bytes());
+        hash.update(value);
+    }
+    hex::encode(hash.finalize())
+}
+
+type Shared = Arc<OnceCell<std::result::Result<String, String>>>;
+
+/// Runs at most one build per content key at a time; callers asking for a key being built wait for that build.
+#[derive(Default)]
+pub struct SingleFlight {
+    inflight: Mutex<HashMap<String, Shared>>,
+}
+
+impl SingleFlight {
+    /// The result of `build` for `key`, shared with concurrent callers of the same key.
+    pub async fn run<F>(&self, key: &str, build: F) -> std::result::Result<String, String>
+    where
+        F: std::future::Future<Output = std::result::Result<String, String>>,
+    {
+        let cell = self
+            .inflight
+            .lock()
+            .await
+            .entry(key.to_owned())
+            .or_default()
+            .clone();
+        let result = cell.get_or_init(|| build).await.clone();
+        self.inflight.lock().await.remove(key);
+        result
+    }
+}
+
+/// Builds step images with the daemon's BuildKit.
+pub struct BuildKitImages {
+    home: PathBuf,
+    endpoint: DockerEndpoint,
+    docker: bollard::Docker,
+    base_image: String,
+    flights: SingleFlight,
+}
+
+impl BuildKitImages {
+    pub fn new(
+        home: PathBuf,
+        endpoint: DockerEndpoint,
+        docker: bollard::Docker,
+        base_image: String,
+    ) -> BuildKitImages {
+        BuildKitImages {
+            home,
+            endpoint,
+            docker,
+            base_image,
+            flights: SingleFlight::default(),
+        }
+    }
+
+    async fn image_id(&self, reference: &str) -> Option<String> {
+        self.docker
+            .inspect_image(reference)
+            .await
+            .ok()
+            .and_then(|i| i.id)
+    }
+
+    async fn prepare_inner(
+        &self,
+        request: ImageRequest<'_>,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> Result<PreparedImage> {
+        let id = request.identity;
+        let (home, project, sha) = (
+            self.home.clone(),
+            id.project.clone(),
+            id.change.git_sha.clone(),
+        );
+        let remote = project.git_remote.clone().unwrap_or_default();
+        // git work is blocking: off the async threads.
+        let (tar, dockerfile) = tokio::task::spawn_blocking(move || {
+            let mirror = Mirror::open(&mirror_path(&home, &project.code), &remote)?;
+            let tar = repo_tar(&mirror, &sha, &home.join("cache/repo-tars"))?;
+            let dockerfile = mirror.read_file(&sha, context::REPOSITORY_DOCKERFILE)?;
+            Ok::<_, crate::snapshot::SnapshotError>((tar, dockerfile))
+        })
+        .await
+        .expect("the snapshot task does not panic")?;
+        let base_id =
+            self.image_id(&self.base_image)
+                .await
+                .ok_or_else(|| BuildError::BaseImageMissing {
+                    message: format!("{} does not exist", self.base_image),
+                })?;
+        let mut values = step_context::context_values(&id);
+        if let Some(map) = values.as_object_mut() {
+            // Only what the image depends on: a change's steps, and later changes at the same commit with the same
+            // properties, share one image (no step, user, change id or action in what it is built from).
+            map.remove("step");
+            map.remove("user");
+            if let Some(change) = map.get_mut("change").and_then(|c| c.as_object_mut()) {
+                change.remove("id");
+                change.remove("action");
+            }
+        }
+        let plan = context::plan(&ContextInputs {
+            repository_dockerfile: dockerfile.as_deref(),
+            properties: request.properties,
+            context: &values,
+            git_rev: &id.change.git_rev,
+            git_sha: &id.change.git_sha,
+            base_runner: &self.base_image,
+        })?;
+        let key = content_key(
+            &plan.dockerfile,
+            &id.change.git_sha,
+            &plan.step_context_env,
+            &plan.build_args,
+            &base_id,
+        );
+        let reference = format!("{STEP_IMAGE_REPOSITORY}:{}", &key[..32]);
+        if self.image_id(&reference).await.is_some() {
+            return Ok(PreparedImage {
+                image: reference,
+                cached: true,
+            });
+        }
+        let secrets = BTreeMap::from([(
+            "opschain-build-env".to_owned(),
+            request.build_secrets.to_env_file(),
+        )]);
+        let dir = self.home.join("cache/contexts").join(&key[..32]);
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1);
+        let written = context::write(&plan, &tar, &dir, mtime)?;
+        let step_id = id.step_id.to_owned();
+        let build = async {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BuildProgress>();
+            let forward = tokio::spawn(async move {
+                while let Some(progress) = rx.recv().await {
+                    let event = match progress {
+                        BuildProgress::VertexStarted { name, .. } => Event::Build {
+                            step_id: step_id.clone(),
+                            vertex: name,
+                            status: BuildStatus::Started,
+                        },
+                        BuildProgress::VertexCompleted {
+                            name,
+                            cached,
+                            error,
+                            ..
+                        } => {
+                            let status = match (error, cached) {
+                                (Some(_), _) => BuildStatus::Failed,
+                                (None, true) => BuildStatus::Cached,
+                                (None, false) => BuildStatus::Completed,
+                            };
+                            Event::Build {
+                                step_id: step_id.clone(),
+                                vertex: name,
+                                status,
+                            }
+                        }
+                        BuildProgress::Log { line, .. } => Event::Log {
+                            step_id: step_id.clone(),
+                            stream: crate::executor::Stream::Stderr,
+                            line: format!("build: {line}"),
+                        },
+                    };
+                    let _ = events.send(event);
+                }
+            });
+            let request = BuildRequest {
+                context_dir: written.context_dir.clone(),
+                dockerfile_dir: written.dockerfile_dir.clone(),
+                dockerfile_name: "Dockerfile".into(),
+                build_args: plan.build_args.clone(),
+                labels: BTreeMap::from([("runner.content-key".to_owned(), key.clone())]),
+                tags: vec![reference.clone()],
+                secrets,
+            };
+            let built = buildkit::build(&self.endpoint, request, tx, cancel).await;
+            let _ = forward.await;
+            built
+                .map(|_| reference.clone())
+                .map_err(|e| crate::error::error_text(&e))
+        };
+        let image = self
+            .flights
+            .run(&key, build)
+            .await
+            .map_err(|message| Error::Build { message })?;
+        Ok(PreparedImage {
+            image,
+            cached: false,
+        })
+    }
+}
+
+impl StepImages for BuildKitImages {
+    fn prepare<'a>(
+        &'a self,
+        request: ImageRequest<'a>,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<PreparedImage>> {
+        self.prepare_inner(request, events, cancel).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn content_key_changes_with_every_input() {
+        let args = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
+        let base = content_key(b"FROM x", "sha", b"{}", &args, "img");
+        assert_eq!(base, content_key(b"FROM x", "sha", b"{}", &args, "img"));
+        let other_args = BTreeMap::from([("A".to_owned(), "2".to_owned())]);
+        for changed in [
+            content_key(b"FROM y", "sha", b"{}", &args, "img"),
+            content_key(b"FROM x", "sha2", b"{}", &args, "img"),
+            content_key(b"FROM x", "sha", b"{ }", &args, "img"),
+            content_key(b"FROM x", "sha", b"{}", &other_args, "img"),
+            content_key(b"FROM x", "sha", b"{}", &args, "img2"),
+            // Boundaries are part of the key: moving bytes between fields changes it.
+            content_key(b"FROM xs", "ha", b"{}", &args, "img"),
+        ] {
+            assert_ne!(changed, base);
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_build() {
+        let flights = Arc::new(SingleFlight::default());
+        let builds = Arc::new(AtomicUsize::new(0));
+        let callers: Vec<_> = (0..5)
+            .map(|_| {
+                let (flights, builds) = (flights.clone(), builds.clone());
+                tokio::spawn(async move {
+                    flights
+                        .run("k", async {
+                            builds.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            Ok("image".to_owned())
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for caller in callers {
+            assert_eq!(caller.await.unwrap().unwrap(), "image");
+        }
+        assert_eq!(builds.load(Ordering::SeqCst), 1);
+        // Once done, the key can be built again (e.g. after the image was removed).
+        flights
+            .run("k", async {
+                builds.fetch_add(1, Ordering::SeqCst);
+                Ok("again".into())
+            })
+            .await
+            .unwrap();
+        assert_eq!(builds.load(Ordering::SeqCst), 2);
+    }
+}
