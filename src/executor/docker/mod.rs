@@ -1,0 +1,394 @@
+//! The Docker backend: the thin layer that sends [`spec`]'s conversions to the daemon.
+
+mod services;
+pub mod spec;
+
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, DownloadFromContainerOptions,
+    KillContainerOptions, ListContainersOptions, RemoveContainerOptions, WaitContainerOptions,
+};
+use bollard::Docker;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use std::collections::HashMap;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Ended, Executor, ExecutorError, LeftOver, LeftOverKind, LogLine, StepOutcome, StepRun, Stream,
+    LABEL_CHANGE, LABEL_OWNER, LABEL_STEP, LABEL_STORE, STEP_RESULT_PATH,
+};
+
+/// Runs steps as containers of the local Docker Engine.
+#[derive(Clone, Debug)]
+pub struct DockerExecutor {
+    docker: Docker,
+    /// The daemon's socket on this host, for steps with `docker: socket`.
+    socket: String,
+}
+
+/// Connects to the daemon named by `DOCKER_HOST` (default the local socket) at the API version it speaks.
+pub async fn connect() -> Result<Docker, ExecutorError> {
+    let docker = Docker::connect_with_local_defaults()
+        .map_err(|e| ExecutorError::Unavailable(e.to_string()))?;
+    docker.negotiate_version().await.map_err(|e| {
+        ExecutorError::Unavailable(format!("{e} (is dockerd running? see tools/setup.sh)"))
+    })
+}
+
+impl DockerExecutor {
+    pub fn new(docker: Docker) -> DockerExecutor {
+        let socket = crate::buildkit::DockerEndpoint::from_env()
+            .socket
+            .to_string_lossy()
+            .into_owned();
+        DockerExecutor { docker, socket }
+    }
+
+    pub async fn connect() -> Result<DockerExecutor, ExecutorError> {
+        Ok(DockerExecutor::new(connect().await?))
+    }
+
+    fn failed(
+        run: &StepRun,
+        action: &'static str,
+    ) -> impl FnOnce(bollard::errors::Error) -> ExecutorError {
+        let step_id = run.step_id.clone();
+        move |e| ExecutorError::Container {
+            action,
+            step_id,
+            message: e.to_string(),
+        }
+    }
+
+    async fn run_in(
+        &self,
+        id: &str,
+        run: &StepRun,
+        logs: UnboundedSender<LogLine>,
+        cancel: CancellationToken,
+    ) -> Result<StepOutcome, ExecutorError> {
+        let docker = &self.docker;
+        let attached = docker
+            .attach_container(
+                id,
+                Some(AttachContainerOptions {
+                    stream: true,
+                    stdin: true,
+                    stdout: true,
+                    stderr: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(Self::failed(run, "attach to"))?;
+        docker
+            .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
+            .await
+            .map_err(Self::failed(run, "start"))?;
+
+        let mut input = attached.input;
+        let marker = uuid::Uuid::new_v4().simple().to_string();
+        let envelope = spec::stdin_envelope(run, &marker);
+        let feed_secrets = async move {
+            // A step that exits before reading stdin closes it under us: that is not an error of ours.
+            let _ = input.write_all(&envelope).await;
+            let _ = input.shutdown().await;
+        };
+        let result_slot = std::sync::Mutex::new(None);
+        let forward_output = forward_lines(attached.output, logs, &marker, &result_slot);
+        let wait = async {
+            let mut waits = docker.wait_container(id, None::<WaitContainerOptions>);
+            match waits.next().await {
+                Some(Ok(done)) => Ok(done.status_code),
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                    Ok(code)
+                }
+                Some(Err(e)) => Err(Self::failed(run, "wait for")(e)),
+                None => Ok(-1),
+            }
+        };
+        let deadline = async {
+            match run.timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+
+        let (exit_code, ended) = {
+            let work = async { tokio::join!(feed_secrets, forward_output, wait).2 };
+            tokio::pin!(work);
+            tokio::select! {
+                code = &mut work => (code?, Ended::Exited),
+                _ = deadline => (self.stop(id, run, &mut work).await?, Ended::TimedOut),
+                _ = cancel.cancelled() => (self.stop(id, run, &mut work).await?, Ended::Cancelled),
+            }
+        };
+
+        let result = match result_slot.into_inner().expect("no poisoning") {
+            Some(Ok(result)) => Some(result),
+            Some(Err(message)) => {
+                return Err(ExecutorError::BadResult {
+                    step_id: run.step_id.clone(),
+                    message,
+                })
+            }
+            // No result line (the agent was killed, or an image without our agent): read the file itself.
+            None => self.step_result(id, run).await?,
+        };
+        Ok(StepOutcome {
+            ended,
+            exit_code,
+            result,
+        })
+    }
+
+    /// SIGTERM, then SIGKILL once the grace period is over; returns the exit code.
+    async fn stop<F>(
+        &self,
+        id: &str,
+        run: &StepRun,
+        work: &mut std::pin::Pin<&mut F>,
+    ) -> Result<i64, ExecutorError>
+    where
+        F: std::future::Future<Output = Result<i64, ExecutorError>>,
+    {
+        let kill = |signal: &str| {
+            self.docker.kill_container(
+                id,
+                Some(KillContainerOptions {
+                    signal: signal.to_owned(),
+                }),
+            )
+        };
+        let _ = kill("SIGTERM").await;
+        tokio::select! {
+            code = work.as_mut() => code,
+            _ = tokio::time::sleep(run.stop_grace) => {
+                let _ = kill("SIGKILL").await;
+                work.as_mut().await
+            }
+        }
+    }
+
+    async fn step_result(
+        &self,
+        id: &str,
+        run: &StepRun,
+    ) -> Result<Option<serde_json::Value>, ExecutorError> {
+        let mut archive = Vec::new();
+        let mut chunks = self.docker.download_from_container(
+            id,
+            Some(DownloadFromContainerOptions {
+                path: STEP_RESULT_PATH.to_owned(),
+            }),
+        );
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Ok(bytes) => archive.extend_from_slice(&bytes),
+                // No step_result.json (e.g. the action killed the agent): the step simply left no result.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => return Ok(None),
+                Err(e) => return Err(Self::failed(run, "read step_result.json from")(e)),
+            }
+        }
+        spec::result_from_tar(&archive).map_err(|message| ExecutorError::BadResult {
+            step_id: run.step_id.clone(),
+            message,
+        })
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), bollard::errors::Error> {
+        match self
+            .docker
+            .remove_container(
+                id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            // Gone already, or being removed by someone else: either way it will not remain.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            }) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// Splits the multiplexed output into lines per stream.
+async fn forward_lines(
+    mut output: std::pin::Pin<
+        Box<
+            dyn futures::Stream<
+                    Item = Result<bollard::container::LogOutput, bollard::errors::Error>,
+                > + Send,
+        >,
+    >,
+    logs: UnboundedSender<LogLine>,
+    marker: &str,
+    result: &std::sync::Mutex<Option<Result<serde_json::Value, String>>>,
+) {
+    use bollard::container::LogOutput;
+    let mut partial: HashMap<Stream, Vec<u8>> = HashMap::new();
+    let emit = |stream: Stream, bytes: &[u8]| {
+        let line = String::from_utf8_lossy(bytes)
+            .trim_end_matches('\r')
+            .to_owned();
+        if stream == Stream::Stderr {
+            if let Some(parsed) = spec::result_line(&line, marker) {
+                *result.lock().expect("no poisoning") = Some(parsed);
+                return;
+            }
+        }
+        let _ = logs.send(LogLine { stream, line });
+    };
+    while let Some(Ok(chunk)) = output.next().await {
+        let (stream, message) = match chunk {
+            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                (Stream::Stdout, message)
+            }
+            LogOutput::StdErr { message } => (Stream::Stderr, message),
+            LogOutput::StdIn { .. } => continue,
+        };
+        let buffer = partial.entry(stream).or_default();
+        buffer.extend_from_slice(&message);
+        while let Some(newline) = buffer.iter().position(|b| *b == b'\n') {
+            let rest = buffer.split_off(newline + 1);
+            emit(stream, &buffer[..newline]);
+            *buffer = rest;
+        }
+    }
+    for (stream, rest) in partial {
+        if !rest.is_empty() {
+            emit(stream, &rest);
+        }
+    }
+}
+
+impl Executor for DockerExecutor {
+    fn run_step<'a>(
+        &'a self,
+        run: &'a StepRun,
+        logs: UnboundedSender<LogLine>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<StepOutcome, ExecutorError>> {
+        async move {
+            let with_services = !run.services.is_empty();
+            let outcome = async {
+                if with_services {
+                    services::start(&self.docker, run).await?;
+                }
+                let created = self
+                    .docker
+                    .create_container(
+                        Some(CreateContainerOptions {
+                            name: Some(spec::container_name(run)),
+                            ..Default::default()
+                        }),
+                        spec::container_body(run, &self.socket),
+                    )
+                    .await
+                    .map_err(Self::failed(run, "create"))?;
+                let outcome = self.run_in(&created.id, run, logs.clone(), cancel).await;
+                // Removed whatever happened above; a removal failure only matters if the step itself went well.
+                let removed = self.remove_container(&created.id).await;
+                let outcome = outcome?;
+                removed.map_err(Self::failed(run, "remove"))?;
+                Ok(outcome)
+            }
+            .await;
+            // Services and their network go on every path too, after the step container.
+            let torn_down = match with_services {
+                true => services::stop(&self.docker, run, &logs).await,
+                false => Ok(()),
+            };
+            let outcome = outcome?;
+            torn_down?;
+            Ok(outcome)
+        }
+        .boxed()
+    }
+
+    fn left_overs(&self) -> BoxFuture<'_, Result<Vec<LeftOver>, ExecutorError>> {
+        async move {
+            let containers = self
+                .docker
+                .list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(HashMap::from([(
+                        "label".to_owned(),
+                        vec![LABEL_OWNER.to_owned()],
+                    )])),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|e| ExecutorError::Unavailable(e.to_string()))?;
+            let mut found: Vec<LeftOver> = containers
+                .into_iter()
+                .filter_map(|c| {
+                    let labels = c.labels.unwrap_or_default();
+                    Some(LeftOver {
+                        kind: LeftOverKind::Container,
+                        id: c.id?,
+                        owner: labels.get(LABEL_OWNER).cloned().unwrap_or_default(),
+                        store: labels.get(LABEL_STORE).cloned().unwrap_or_default(),
+                        change_id: labels.get(LABEL_CHANGE).cloned().unwrap_or_default(),
+                        step_id: labels.get(LABEL_STEP).cloned().unwrap_or_default(),
+                    })
+                })
+                .collect();
+            let networks = self
+                .docker
+                .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
+                    filters: Some(HashMap::from([(
+                        "label".to_owned(),
+                        vec![LABEL_OWNER.to_owned()],
+                    )])),
+                }))
+                .await
+                .map_err(|e| ExecutorError::Unavailable(e.to_string()))?;
+            found.extend(networks.into_iter().filter_map(|n| {
+                let labels = n.labels.unwrap_or_default();
+                Some(LeftOver {
+                    kind: LeftOverKind::Network,
+                    id: n.id?,
+                    owner: labels.get(LABEL_OWNER).cloned().unwrap_or_default(),
+                    store: labels.get(LABEL_STORE).cloned().unwrap_or_default(),
+                    change_id: labels.get(LABEL_CHANGE).cloned().unwrap_or_default(),
+                    step_id: labels.get(LABEL_STEP).cloned().unwrap_or_default(),
+                })
+            }));
+            Ok(found)
+        }
+        .boxed()
+    }
+
+    fn remove<'a>(&'a self, left_over: &'a LeftOver) -> BoxFuture<'a, Result<(), ExecutorError>> {
+        async move {
+            let removed = match left_over.kind {
+                LeftOverKind::Container => self.remove_container(&left_over.id).await,
+                LeftOverKind::Network => match self.docker.remove_network(&left_over.id).await {
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404,
+                        ..
+                    }) => Ok(()),
+                    other => other,
+                },
+            };
+            removed.map_err(|e| ExecutorError::Container {
+                action: "remove",
+                step_id: left_over.step_id.clone(),
+                message: e.to_string(),
+            })
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,343 @@
+//! Pure conversion of a step into what the Docker API is sent, and of what it sends back into a result.
+//! Tested without a daemon.
+
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
+};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::Read;
+
+use crate::actions::{parse_memory, DockerAccess, Service};
+use crate::executor::{
+    StepRun, LABEL_CHANGE, LABEL_OWNER, LABEL_SERVICE, LABEL_STEP, LABEL_STORE, STEP_ROOT,
+};
+
+/// Tells the agent to read its envelope (step context, secrets, result marker) from stdin before it runs the action.
+pub const STDIN_ENVELOPE: &str = "OPSCHAIN_STDIN_ENVELOPE=1";
+
+pub fn container_name(run: &StepRun) -> String {
+    format!("runner-step-{}", run.step_id)
+}
+
+pub fn labels(run: &StepRun) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_OWNER.to_owned(), run.owner.clone()),
+        (LABEL_STORE.to_owned(), run.store.clone()),
+        (LABEL_CHANGE.to_owned(), run.change_id.clone()),
+        (LABEL_STEP.to_owned(), run.step_id.clone()),
+    ])
+}
+
+/// Where the host's daemon socket appears inside a step with `docker: socket`.
+pub const STEP_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// The container: the image's own entrypoint (the agent), stdin open for the secrets, nothing secret in `Env`.
+/// `host_socket` is the daemon's socket on this host, mounted for `docker: socket`.
+pub fn container_body(run: &StepRun, host_socket: &str) -> ContainerCreateBody {
+    let socket = run.docker == Some(DockerAccess::Socket);
+    let mut env = vec![STDIN_ENVELOPE.to_owned()];
+    if socket {
+        env.push(format!("DOCKER_HOST=unix://{STEP_DOCKER_SOCKET}"));
+    }
+    ContainerCreateBody {
+        image: Some(run.image.clone()),
+        labels: Some(labels(run)),
+        env: Some(env),
+        working_dir: Some(STEP_ROOT.to_owned()),
+        attach_stdin: Some(true),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        open_stdin: Some(true),
+        // Closing our end of the attach closes the process's stdin, so the agent sees EOF after the secrets.
+        stdin_once: Some(true),
+        tty: Some(false),
+        host_config: Some(HostConfig {
+            // docker-init as PID 1 forwards SIGTERM to the agent, so a stop is graceful rather than waiting out
+            // the grace period (PID 1 ignores signals it has no handler for).
+            init: Some(true),
+            network_mode: (!run.services.is_empty()).then(|| network_name(run)),
+            binds: socket.then(|| vec![format!("{host_socket}:{STEP_DOCKER_SOCKET}")]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The private network a step with services gets: services are reachable by name on it and nothing is published.
+pub fn network_name(run: &StepRun) -> String {
+    format!("runner-net-{}", run.step_id)
+}
+
+pub fn network_body(run: &StepRun) -> NetworkCreateRequest {
+    NetworkCreateRequest {
+        name: network_name(run),
+        driver: Some("bridge".into()),
+        labels: Some(labels(run)),
+        ..Default::default()
+    }
+}
+
+pub fn service_container_name(run: &StepRun, service: &str) -> String {
+    format!("runner-svc-{}-{service}", run.step_id)
+}
+
+/// The names a service answers to on the step's network: its own (as in Gitness) and `<ACTION>_<SERVICE>` (as
+/// Harness's `STEPGROUPID_STEPID`).
+pub fn service_aliases(run: &StepRun, service: &str) -> Vec<String> {
+    let action = run
+        .step_context
+        .pointer("/context/step/action")
+        .and_then(Value::as_str)
+        .unwrap_or("step");
+    let harness: String = format!("{action}_{service}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    vec![service.to_owned(), harness.to_uppercase()]
+}
+
+pub fn service_body(run: &StepRun, name: &str, service: &Service) -> ContainerCreateBody {
+    let mut labels = labels(run);
+    labels.insert(LABEL_SERVICE.to_owned(), name.to_owned());
+    let resources = service.resources.clone().unwrap_or_default();
+    ContainerCreateBody {
+        image: Some(service.image.clone()),
+        hostname: Some(name.to_owned()),
+        labels: Some(labels),
+        env: Some(
+            service
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+        ),
+        entrypoint: service.entrypoint.clone(),
+        cmd: service.command.clone(),
+        host_config: Some(HostConfig {
+            init: Some(true),
+            privileged: Some(service.privileged),
+            network_mode: Some(network_name(run)),
+            nano_cpus: resources.cpus.map(|c| (c * 1e9) as i64),
+            memory: resources
+                .memory
+                .as_deref()
+                .and_then(|m| parse_memory(m).ok()),
+            ..Default::default()
+        }),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                network_name(run),
+                EndpointSettings {
+                    aliases: Some(service_aliases(run, name)),
+                    ..Default::default()
+                },
+            )])),
+        }),
+        ..Default::default()
+    }
+}
+
+/// What the agent reads from stdin: the step context it writes to `step_context.json` before the action starts,
+/// the runner secrets, and the nonce of the line it prints `step_result.json` on. One write instead of an archive
+/// upload and download through the daemon (which mounts the container's filesystem each time).
+pub fn stdin_envelope(run: &StepRun, result_marker: &str) -> Vec<u8> {
+    let mut envelope = serde_json::to_vec(&serde_json::json!({
+        "step_context": run.step_context,
+        "secrets": run.secrets.0,
+        "result_marker": result_marker,
+    }))
+    .expect("a Value serialises");
+    envelope.push(b'\n');
+    envelope
+}
+
+/// Recognises the agent's result line, `[opschain-result <marker>] <json>`.
+pub fn result_line(line: &str, marker: &str) -> Option<Result<Value, String>> {
+    let rest = line
+        .strip_prefix("[opschain-result ")?
+        .strip_prefix(marker)?
+        .strip_prefix("] ")?;
+    Some(serde_json::from_str(rest).map_err(|e| e.to_string()))
+}
+
+/// Extracts `step_result.json` from the archive the daemon returns for it.
+pub fn result_from_tar(archive: &[u8]) -> Result<Option<Value>, String> {
+    let mut archive = tar::Archive::new(archive);
+    let entries = archive.entries().map_err(|e| e.to_string())?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        if entry.header().entry_type().is_file() {
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+            return serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| e.to_string());
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::SecretValues;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn run() -> StepRun {
+        StepRun {
+            change_id: "c1".into(),
+            step_id: "s1".into(),
+            owner: "o1".into(),
+            store: "st".into(),
+            image: "runner-step:abc".into(),
+            step_context: json!({"context": {"step": {"id": "s1"}}}),
+            secrets: SecretValues([("TOKEN".into(), "canary-value".into())].into()),
+            timeout: None,
+            stop_grace: Duration::from_secs(10),
+            services: Default::default(),
+            docker: None,
+        }
+    }
+
+    #[test]
+    fn container_carries_labels_and_no_secret() {
+        let body = container_body(&run(), "/var/run/docker.sock");
+        let labels = body.labels.clone().unwrap();
+        assert_eq!(labels["runner.owner"], "o1");
+        assert_eq!(labels["runner.store"], "st");
+        assert_eq!(labels["runner.change"], "c1");
+        assert_eq!(labels["runner.step"], "s1");
+        assert_eq!(body.image.as_deref(), Some("runner-step:abc"));
+        assert_eq!(body.open_stdin, Some(true));
+        assert_eq!(body.stdin_once, Some(true));
+        assert_eq!(body.host_config.as_ref().unwrap().init, Some(true));
+        assert_eq!(body.env.as_ref().unwrap(), &vec![STDIN_ENVELOPE.to_owned()]);
+        let everything = serde_json::to_string(&body).unwrap();
+        assert!(!everything.contains("canary-value"), "{everything}");
+        assert!(!everything.contains("TOKEN"), "{everything}");
+        assert_eq!(container_name(&run()), "runner-step-s1");
+    }
+
+    #[test]
+    fn docker_socket_access_mounts_the_hosts_socket_only_when_asked() {
+        let mut run = run();
+        let plain = container_body(&run, "/run/docker.sock");
+        assert_eq!(plain.host_config.unwrap().binds, None);
+        run.docker = Some(DockerAccess::Socket);
+        let body = container_body(&run, "/run/docker.sock");
+        assert_eq!(
+            body.host_config.unwrap().binds,
+            Some(vec!["/run/docker.sock:/var/run/docker.sock".to_owned()])
+        );
+        assert!(body
+            .env
+            .unwrap()
+            .contains(&"DOCKER_HOST=unix:///var/run/docker.sock".to_owned()));
+    }
+
+    #[test]
+    fn services_get_a_private_network_aliases_and_labels() {
+        let mut run = run();
+        run.step_context =
+            serde_json::json!({"context": {"step": {"id": "s1", "action": "integration-test"}}});
+        assert_eq!(
+            container_body(&run, "/var/run/docker.sock")
+                .host_config
+                .unwrap()
+                .network_mode,
+            None,
+            "no services, default network"
+        );
+        let db = Service {
+            image: "postgres:local".into(),
+            env: [("POSTGRES_PASSWORD".to_owned(), "x".to_owned())].into(),
+            resources: Some(crate::actions::Resources {
+                cpus: Some(0.5),
+                memory: Some("256Mi".into()),
+            }),
+            ..Default::default()
+        };
+        run.services.insert("db".into(), db.clone());
+        assert_eq!(
+            container_body(&run, "/var/run/docker.sock")
+                .host_config
+                .unwrap()
+                .network_mode
+                .as_deref(),
+            Some("runner-net-s1")
+        );
+        let body = service_body(&run, "db", &db);
+        let labels = body.labels.clone().unwrap();
+        assert_eq!(
+            (
+                labels["runner.service"].as_str(),
+                labels["runner.step"].as_str(),
+                labels["runner.owner"].as_str()
+            ),
+            ("db", "s1", "o1")
+        );
+        let host = body.host_config.clone().unwrap();
+        assert_eq!(
+            (host.nano_cpus, host.memory),
+            (Some(500_000_000), Some(256 << 20))
+        );
+        assert_eq!(host.port_bindings, None, "nothing is published on the host");
+        let aliases = body.networking_config.unwrap().endpoints_config.unwrap()["runner-net-s1"]
+            .aliases
+            .clone()
+            .unwrap();
+        assert_eq!(aliases, ["db", "INTEGRATION_TEST_DB"]);
+        assert_eq!(network_body(&run).labels.unwrap()["runner.change"], "c1");
+        assert_eq!(service_container_name(&run, "db"), "runner-svc-s1-db");
+    }
+
+    #[test]
+    fn envelope_carries_context_secrets_and_marker_and_the_result_line_is_recognised() {
+        let envelope: Value = serde_json::from_slice(&stdin_envelope(&run(), "n0nce")).unwrap();
+        assert_eq!(envelope["step_context"]["context"]["step"]["id"], "s1");
+        assert_eq!(envelope["secrets"]["TOKEN"], "canary-value");
+        assert_eq!(envelope["result_marker"], "n0nce");
+        assert_eq!(
+            result_line(r#"[opschain-result n0nce] {"a":1}"#, "n0nce"),
+            Some(Ok(serde_json::json!({"a": 1})))
+        );
+        assert_eq!(
+            result_line(r#"[opschain-result forged] {"a":1}"#, "n0nce"),
+            None
+        );
+        assert_eq!(result_line("ordinary output", "n0nce"), None);
+        assert!(matches!(
+            result_line("[opschain-result n0nce] {", "n0nce"),
+            Some(Err(_))
+        ));
+    }
+
+    #[test]
+    fn result_is_read_from_the_daemons_archive() {
+        let json = br#"{"steps": {}}"#;
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o644);
+        header.set_size(json.len() as u64);
+        builder
+            .append_data(&mut header, "step_result.json", json.as_slice())
+            .unwrap();
+        let tar = builder.into_inner().unwrap();
+        assert_eq!(
+            result_from_tar(&tar).unwrap(),
+            Some(serde_json::json!({"steps": {}}))
+        );
+        assert_eq!(
+            result_from_tar(&tar::Builder::new(Vec::new()).into_inner().unwrap()).unwrap(),
+            None
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! Runs one step in one discarded container (or, later, pod). The orchestrator only ever talks to [`Executor`];
+//! `docker` is the real backend, `fake` drives orchestration tests without a daemon.
+
+pub mod docker;
+pub mod fake;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use crate::actions::{DockerAccess, Service};
+use crate::secrets::SecretValues;
+use std::collections::BTreeMap;
+
+/// The labels every container, network and volume the runner creates carries.
+pub const LABEL_OWNER: &str = "runner.owner";
+pub const LABEL_CHANGE: &str = "runner.change";
+pub const LABEL_STEP: &str = "runner.step";
+/// Which data directory (store) the owning runner belongs to: runners of other data directories on the same daemon
+/// are not ours to judge, so the reaper only looks at its own store's containers.
+pub const LABEL_STORE: &str = "runner.store";
+/// On a service container: the service's name.
+pub const LABEL_SERVICE: &str = "runner.service";
+
+/// Where the step's repository and exchange files live inside the container.
+pub const STEP_ROOT: &str = "/opt/opschain";
+pub const STEP_CONTEXT_PATH: &str = "/opt/opschain/.opschain/step_context.json";
+pub const STEP_RESULT_PATH: &str = "/opt/opschain/.opschain/step_result.json";
+
+/// Everything needed to run one step.
+#[derive(Debug, Clone)]
+pub struct StepRun {
+    pub change_id: String,
+    pub step_id: String,
+    /// The id of the runner process that owns the container (its lease in the store).
+    pub owner: String,
+    /// The id of the data directory whose store holds that lease.
+    pub store: String,
+    /// The step's image, built from the change's commit.
+    pub image: String,
+    /// Written to [`STEP_CONTEXT_PATH`] before the container starts.
+    pub step_context: Value,
+    /// Runner secrets: reach the action's environment through the container's stdin, never its configuration.
+    pub secrets: SecretValues,
+    /// Stop the step after this long.
+    pub timeout: Option<Duration>,
+    /// Between SIGTERM and SIGKILL on timeout or cancel.
+    pub stop_grace: Duration,
+    /// Background services started before the step and removed after it.
+    pub services: BTreeMap<String, Service>,
+    /// Docker access for the step's action.
+    pub docker: Option<DockerAccess>,
+}
+
+/// Which output stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// One line of a step's output, as it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub stream: Stream,
+    pub line: String,
+}
+
+/// How the container's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Exited,
+    TimedOut,
+    Cancelled,
+}
+
+/// What a finished step left behind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutcome {
+    pub ended: Ended,
+    pub exit_code: i64,
+    /// `step_result.json`, if the step wrote one.
+    pub result: Option<Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("the Docker daemon is unreachable: {0}")]
+    Unavailable(String),
+    #[error("failed to {action} the container of step {step_id}: {message}")]
+    Container {
+        action: &'static str,
+        step_id: String,
+        message: String,
+    },
+    #[error("step {step_id} wrote a step_result.json that is not valid JSON: {message}")]
+    BadResult { step_id: String, message: String },
+    #[error("service {service:?} of step {step_id} {problem}{}", tail(log_tail))]
+    Service {
+        step_id: String,
+        service: String,
+        problem: String,
+        log_tail: Vec<String>,
+    },
+}
+
+fn tail(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("; its last log lines:\n  {}", lines.join("\n  "))
+    }
+}
+
+/// What kind of thing was left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeftOverKind {
+    Container,
+    Network,
+}
+
+/// A container or network the runner left behind, found by its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftOver {
+    pub kind: LeftOverKind,
+    pub id: String,
+    pub owner: String,
+    pub store: String,
+    pub change_id: String,
+    pub step_id: String,
+}
+
+/// The contract every backend keeps:
+///
+/// - [`run_step`](Executor::run_step) runs exactly one container from `run.image` with the labels
+///   [`LABEL_OWNER`], [`LABEL_STORE`], [`LABEL_CHANGE`], [`LABEL_STEP`]; puts `run.step_context` at [`STEP_CONTEXT_PATH`] before
+///   the process starts; hands `run.secrets` to the process without them appearing in the container's
+///   configuration; sends every output line to `logs` as it comes; and returns the exit code and
+///   [`STEP_RESULT_PATH`] if the step wrote it.
+/// - On `run.timeout` or `cancel` it sends SIGTERM, then SIGKILL after `run.stop_grace`, and reports
+///   [`Ended::TimedOut`] / [`Ended::Cancelled`].
+/// - Whatever happens — success, failure, timeout, cancel, an error of its own — the container is removed before
+///   `run_step` returns.
+/// - [`left_overs`](Executor::left_overs) lists labelled containers still present, and
+///   [`remove`](Executor::remove) removes one; the orchestrator decides which belong to dead runners.
+pub trait Executor: Send + Sync {
+    fn run_step<'a>(
+        &'a self,
+        run: &'a StepRun,
+        logs: UnboundedSender<LogLine>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<StepOutcome, ExecutorError>>;
+
+    fn left_overs(&self) -> BoxFuture<'_, Result<Vec<LeftOver>, ExecutorError>>;
+
+    fn remove<'a>(&'a self, left_over: &'a LeftOver) -> BoxFuture<'a, Result<(), ExecutorError>>;
+}
