@@ -1,0 +1,211 @@
+//! Typed events: what happens to a change, its steps, their builds and their output. The core emits these and
+//! never prints; the store keeps them (so a late watcher replays everything), the CLI renders them and the gRPC
+//! layer streams them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::executor::Stream;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeState {
+    Pending,
+    Queued,
+    Running,
+    Success,
+    Error,
+    Cancelled,
+}
+
+impl ChangeState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            ChangeState::Success | ChangeState::Error | ChangeState::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Pending,
+    Running,
+    Success,
+    Error,
+    Cancelled,
+    /// Not run because an earlier sibling failed in a sequential group.
+    Aborted,
+}
+
+impl StepState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, StepState::Pending | StepState::Running)
+    }
+}
+
+macro_rules! text_enum {
+    ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(<$t>::$v => $s),* }
+            }
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($s => Some(<$t>::$v),)* _ => None }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+text_enum!(ChangeState { Pending => "pending", Queued => "queued", Running => "running", Success => "success", Error => "error", Cancelled => "cancelled" });
+text_enum!(StepState { Pending => "pending", Running => "running", Success => "success", Error => "error", Cancelled => "cancelled", Aborted => "aborted" });
+
+/// The phases of a step that the log reports (seed 003: started, initialising, completing, finished).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    BuildStarted,
+    BuildFinished,
+    RunStarted,
+    Initialising,
+    Completing,
+    RunFinished,
+}
+
+/// One vertex of an image build changing state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStatus {
+    Started,
+    Cached,
+    Completed,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    ChangeState {
+        state: ChangeState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    StepState {
+        step_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent_id: Option<String>,
+        action: String,
+        state: StepState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    Phase {
+        step_id: String,
+        phase: Phase,
+        message: String,
+    },
+    Build {
+        step_id: String,
+        vertex: String,
+        status: BuildStatus,
+    },
+    Log {
+        step_id: String,
+        stream: Stream,
+        line: String,
+    },
+}
+
+/// An event as stored: numbered per change from 1, without gaps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub change_id: String,
+    pub seq: i64,
+    pub at: String,
+    pub event: Event,
+}
+
+/// Replaces every secret value in a text with `***`. Longest values first, so a secret that contains another is
+/// masked whole.
+#[derive(Debug, Clone, Default)]
+pub struct Masker {
+    values: Vec<String>,
+}
+
+impl Masker {
+    pub fn new<'a>(values: impl IntoIterator<Item = &'a str>) -> Masker {
+        let mut values: Vec<String> = values
+            .into_iter()
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+            .collect();
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        Masker { values }
+    }
+
+    pub fn mask(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for value in &self.values {
+            if out.contains(value.as_str()) {
+                out = out.replace(value.as_str(), "***");
+            }
+        }
+        out
+    }
+
+    /// Masks every string inside an event.
+    pub fn mask_event(&self, event: Event) -> Event {
+        if self.values.is_empty() {
+            return event;
+        }
+        let mut value = serde_json::to_value(&event).expect("events serialise");
+        mask_strings(self, &mut value);
+        serde_json::from_value(value).expect("masking keeps the shape")
+    }
+}
+
+fn mask_strings(masker: &Masker, value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) => *s = masker.mask(s),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| mask_strings(masker, v)),
+        serde_json::Value::Object(map) => map.values_mut().for_each(|v| mask_strings(masker, v)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_longest_first_and_inside_events() {
+        let m = Masker::new(["abc", "abcdef", ""]);
+        assert_eq!(m.mask("x abcdef y abc"), "x *** y ***");
+        let e = m.mask_event(Event::Log {
+            step_id: "s".into(),
+            stream: Stream::Stdout,
+            line: "token=abcdef".into(),
+        });
+        assert!(matches!(e, Event::Log { ref line, .. } if line == "token=***"));
+    }
+
+    #[test]
+    fn events_serialise_with_a_type_tag() {
+        let e = Event::ChangeState {
+            state: ChangeState::Running,
+            reason: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"change_state","state":"running"}"#
+        );
+        assert_eq!(StepState::parse("aborted"), Some(StepState::Aborted));
+        assert!(ChangeState::Cancelled.is_final() && !ChangeState::Queued.is_final());
+    }
+}

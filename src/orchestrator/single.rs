@@ -1,0 +1,244 @@
+//! One step for an external scheduler that owns its own change model (`StepRunnerService.RunStep`): build the
+//! image from the repository at the revision, run the action in one discarded container, hand back its
+//! `step_result.json`. Patches are not applied: the caller owns its properties.
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{step_context, EventTx, ImageRequest, Orchestrator, StepIdentity};
+use crate::error::{Error, Result};
+use crate::events::{ChangeState, Event, Phase};
+use crate::executor::{LogLine, StepRun};
+use crate::properties::{self, Layers};
+use crate::store::{Change, Environment, Project};
+
+/// What a scheduler asks for.
+#[derive(Debug, Clone)]
+pub struct SingleStep {
+    pub git_remote: String,
+    pub git_rev: String,
+    pub action: String,
+    /// seed 003's `step_context.json`: `context`, `project.properties`, `environment.properties`.
+    pub step_context: Value,
+}
+
+/// What the step left.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SingleStepOutcome {
+    pub exit_code: i64,
+    pub git_sha: String,
+    pub image: String,
+    pub image_cached: bool,
+    pub result: Option<Value>,
+}
+
+fn text<'a>(doc: &'a Value, pointer: &str, default: &'a str) -> &'a str {
+    doc.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or(default)
+}
+
+impl Orchestrator {
+    /// Runs one step outside any stored change; progress goes to `events` (step id: the context's, or a new one).
+    pub async fn run_single_step(
+        &self,
+        request: &SingleStep,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> Result<SingleStepOutcome> {
+        if request.git_remote.is_empty() || request.action.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: "RunStep request",
+                value: format!(
+                    "remote {:?}, action {:?}",
+                    request.git_remote, request.action
+                ),
+                expected: "give git_remote, git_rev and action",
+            });
+        }
+        let context = &request.step_context;
+        // The repository's mirror is keyed by its remote: schedulers need not register projects.
+        let key = {
+            use sha2::Digest;
+            hex::encode(&sha2::Sha256::digest(request.git_remote.as_bytes())[..6])
+        };
+        let project = Project {
+            id: 0,
+            code: format!("remote-{key}"),
+            name: text(context, "/context/project/name", "").to_owned(),
+            git_remote: Some(request.git_remote.clone()),
+            created_at: String::new(),
+        };
+        let environment = Environment {
+            id: 0,
+            project_code: project.code.clone(),
+            code: text(context, "/context/environment/code", "scheduler").to_owned(),
+            name: text(context, "/context/environment/name", "").to_owned(),
+            created_at: String::new(),
+        };
+        let rev = if request.git_rev.is_empty() {
+            "HEAD"
+        } else {
+            &request.git_rev
+        };
+        let sha = self.sources.resolve(&project, rev).await?;
+        let (manifest, path) = self.manifest(&project, &sha).await?;
+        let action = manifest.action(&path, &request.action)?.clone();
+        let change = Change {
+            id: text(context, "/context/change/id", "").to_owned(),
+            project: project.code.clone(),
+            environment: environment.code.clone(),
+            action: request.action.clone(),
+            git_rev: rev.to_owned(),
+            git_sha: sha.clone(),
+            state: ChangeState::Running,
+            reason: None,
+            owner: Some(self.owner.clone()),
+            cancel_requested: false,
+            created_at: String::new(),
+            started_at: None,
+            finished_at: None,
+        };
+        let step_id = match text(context, "/context/step/id", "") {
+            "" => uuid::Uuid::new_v4().to_string(),
+            id => id.to_owned(),
+        };
+        let identity = StepIdentity {
+            project: &project,
+            environment: &environment,
+            change: &change,
+            step_id: &step_id,
+            action: &request.action,
+        };
+        let project_props = context
+            .pointer("/project/properties")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        let environment_props = context
+            .pointer("/environment/properties")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        let repository = self
+            .sources
+            .repository_properties(&project, &sha, &environment.code)
+            .await?;
+        let view = properties::layered_view(&Layers {
+            repository_project: Some(&repository),
+            repository_environment: None,
+            project: Some(&project_props),
+            environment: Some(&environment_props),
+        });
+        let (build_secrets, runner_secrets) =
+            self.step_secrets(&project_props, &environment_props, "step context")?;
+        let masker = self.masker()?;
+        let emit = |event: Event| {
+            let _ = events.send(masker.mask_event(event));
+        };
+        let phase = |phase: Phase, message: String| {
+            emit(Event::Phase {
+                step_id: step_id.clone(),
+                phase,
+                message,
+            })
+        };
+
+        phase(
+            Phase::BuildStarted,
+            format!("building the runner image for step {}", request.action),
+        );
+        let (build_tx, mut build_rx) = mpsc::unbounded_channel::<Event>();
+        let forward_build = {
+            let (events, masker) = (events.clone(), masker.clone());
+            tokio::spawn(async move {
+                while let Some(event) = build_rx.recv().await {
+                    let _ = events.send(masker.mask_event(event));
+                }
+            })
+        };
+        let image = self
+            .images
+            .prepare(
+                ImageRequest {
+                    identity,
+                    properties: &view,
+                    build_secrets: &build_secrets,
+                },
+                build_tx,
+                cancel.clone(),
+            )
+            .await;
+        let _ = forward_build.await;
+        let image = image?;
+        phase(
+            Phase::BuildFinished,
+            format!(
+                "runner image {}{}",
+                image.image,
+                if image.cached { " (cached)" } else { "" }
+            ),
+        );
+
+        let mut step_context = step_context::step_context(
+            &identity,
+            &repository,
+            &project_props,
+            &environment_props,
+            &action,
+        );
+        if let Some(given) = context.get("context") {
+            step_context["context"] = given.clone();
+        }
+        let run = StepRun {
+            change_id: if change.id.is_empty() {
+                format!("runstep-{step_id}")
+            } else {
+                change.id.clone()
+            },
+            step_id: step_id.clone(),
+            owner: self.owner.clone(),
+            store: self.app.store.id().to_owned(),
+            image: image.image.clone(),
+            step_context,
+            secrets: runner_secrets,
+            timeout: action.timeout,
+            stop_grace: self.settings.stop_grace,
+            services: action.services.clone(),
+            docker: action.docker,
+        };
+        phase(
+            Phase::RunStarted,
+            format!("running step {} in a new container", request.action),
+        );
+        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<LogLine>();
+        let forward_logs = {
+            let (events, masker, step_id) = (events.clone(), masker.clone(), step_id.clone());
+            tokio::spawn(async move {
+                while let Some(LogLine { stream, line }) = log_rx.recv().await {
+                    let _ = events.send(masker.mask_event(Event::Log {
+                        step_id: step_id.clone(),
+                        stream,
+                        line,
+                    }));
+                }
+            })
+        };
+        let outcome = self.executor.run_step(&run, log_tx, cancel).await;
+        let _ = forward_logs.await;
+        let outcome = outcome?;
+        phase(
+            Phase::RunFinished,
+            format!(
+                "step {} finished with exit code {}",
+                request.action, outcome.exit_code
+            ),
+        );
+        Ok(SingleStepOutcome {
+            exit_code: outcome.exit_code,
+            git_sha: sha,
+            image: image.image,
+            image_cached: image.cached,
+            result: outcome.result,
+        })
+    }
+}

@@ -1,0 +1,64 @@
+//! Assembles the real components — git mirrors, the BuildKit image builder, the Docker executor — into an
+//! [`Orchestrator`] for the CLI and the server.
+
+use std::sync::Arc;
+
+use crate::app::App;
+use crate::buildkit::DockerEndpoint;
+use crate::error::Result;
+use crate::executor::docker::{self, DockerExecutor};
+use crate::image::base;
+use crate::image::step::BuildKitImages;
+use crate::orchestrator::{Orchestrator, Settings};
+use crate::snapshot::GitSources;
+
+/// The base runner image steps build `FROM`: `RUNNER_BASE_IMAGE` or the locally built default.
+pub fn base_image() -> String {
+    std::env::var("RUNNER_BASE_IMAGE").unwrap_or_else(|_| base::default_reference())
+}
+
+/// Settings from the environment: `RUNNER_STOP_GRACE` (e.g. `10s`).
+pub fn settings() -> Settings {
+    let mut settings = Settings::default();
+    if let Some(grace) = std::env::var("RUNNER_STOP_GRACE")
+        .ok()
+        .and_then(|g| crate::actions::parse_duration(&g).ok())
+    {
+        settings.stop_grace = grace;
+    }
+    settings
+}
+
+fn assemble(app: App, docker: bollard::Docker) -> Orchestrator {
+    let images = BuildKitImages::new(
+        app.home.clone(),
+        DockerEndpoint::from_env(),
+        docker.clone(),
+        base_image(),
+    );
+    let sources = GitSources {
+        home: app.home.clone(),
+    };
+    Orchestrator::new(
+        app,
+        Arc::new(sources),
+        Arc::new(images),
+        Arc::new(DockerExecutor::new(docker)),
+        settings(),
+    )
+}
+
+/// An orchestrator on the local Docker daemon; fails if the daemon does not answer.
+pub async fn local(app: App) -> Result<Orchestrator> {
+    let orchestrator = assemble(app, docker::connect().await?);
+    // Whatever a crashed runner left behind goes first.
+    orchestrator.reap().await?;
+    Ok(orchestrator)
+}
+
+/// An orchestrator for commands that touch only the store (e.g. cancel): no daemon is contacted.
+pub fn offline(app: App) -> Result<Orchestrator> {
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .map_err(|e| crate::executor::ExecutorError::Unavailable(e.to_string()))?;
+    Ok(assemble(app, docker))
+}

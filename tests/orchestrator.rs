@@ -1,0 +1,475 @@
+//! Orchestration without a daemon: the fake executor plays each action's container.
+
+mod support;
+
+use runner::app::App;
+use runner::events::{ChangeState, Event, StepState};
+use runner::executor::fake::{FakeExecutor, Script};
+use runner::orchestrator::{CreateChange, Orchestrator, Settings};
+use runner::store::Step;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use support::fakes::{FakeImages, FakeSources};
+use tokio_util::sync::CancellationToken;
+
+struct World {
+    _home: tempfile::TempDir,
+    orchestrator: Orchestrator,
+    executor: Arc<FakeExecutor>,
+}
+
+fn ok() -> Script {
+    Script::default()
+}
+
+fn fails() -> Script {
+    Script {
+        exit_code: 3,
+        ..Default::default()
+    }
+}
+
+fn patches(project: Value, environment: Value) -> Script {
+    Script {
+        result: Some(
+            json!({"project": {"properties_diff": project}, "environment": {"properties_diff": environment}}),
+        ),
+        ..Default::default()
+    }
+}
+
+async fn world(manifest: Value, scripts: Vec<(&str, Script)>) -> World {
+    let home = tempfile::tempdir().unwrap();
+    let app = App::open(home.path()).await.unwrap();
+    app.create_project("demo", "Demo", Some("/nowhere"))
+        .await
+        .unwrap();
+    app.create_environment("demo", "dev", "Dev").await.unwrap();
+    app.create_environment("demo", "prod", "Prod")
+        .await
+        .unwrap();
+    let executor = Arc::new(FakeExecutor {
+        scripts: scripts
+            .into_iter()
+            .map(|(a, s)| (a.to_owned(), s))
+            .collect::<HashMap<_, _>>(),
+        ..Default::default()
+    });
+    let sources = Arc::new(FakeSources {
+        manifest,
+        properties: json!({"from_repo": true}),
+    });
+    let settings = Settings {
+        poll: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let orchestrator = Orchestrator::new(
+        app,
+        sources,
+        Arc::new(FakeImages),
+        executor.clone(),
+        settings,
+    );
+    World {
+        _home: home,
+        orchestrator,
+        executor,
+    }
+}
+
+impl World {
+    async fn create(&self, env: &str, action: &str) -> String {
+        let request = CreateChange {
+            project: "demo".into(),
+            environment: env.into(),
+            git_rev: "main".into(),
+            action: action.into(),
+        };
+        self.orchestrator.create_change(&request).await.unwrap().id
+    }
+
+    async fn run(&self, action: &str) -> (ChangeState, Vec<Step>) {
+        let id = self.create("dev", action).await;
+        let change = self
+            .orchestrator
+            .run_change(&id, CancellationToken::new())
+            .await
+            .unwrap();
+        (
+            change.state,
+            self.orchestrator.app().store.steps(&id).await.unwrap(),
+        )
+    }
+
+    fn ran(&self) -> Vec<String> {
+        self.executor
+            .runs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.step_context["context"]["step"]["action"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+}
+
+fn states(steps: &[Step]) -> Vec<(String, StepState)> {
+    steps.iter().map(|s| (s.action.clone(), s.state)).collect()
+}
+
+fn tree() -> Value {
+    json!({"actions": {
+        "seq": {"steps": ["a", "b", "c"]},
+        "par": {"steps": ["a", "b", "c"], "run_as": "parallel"},
+        "a": {"run": "a"}, "b": {"run": "b"}, "c": {"run": "c"},
+        "lenient": {"steps": ["b", "c"], "run_as": "sequential"},
+        "soft": {"run": "soft", "ignore_failure": true},
+        "tolerant": {"steps": ["soft", "c"]},
+        "dynamic": {"run": "dynamic"},
+        "p1": {"run": "p1"}, "p2": {"run": "p2"}, "pp": {"steps": ["p1", "p2"], "run_as": "parallel"},
+        "slow": {"run": "slow"}, "timed": {"run": "slow", "timeout": "50ms"}
+    }})
+}
+
+#[tokio::test]
+async fn sequential_tree_stops_at_first_failure_and_aborts_the_rest() {
+    let w = world(tree(), vec![("a", ok()), ("b", fails()), ("c", ok())]).await;
+    let (state, steps) = w.run("seq").await;
+    assert_eq!(state, ChangeState::Error);
+    assert_eq!(
+        states(&steps),
+        [
+            ("seq".into(), StepState::Error),
+            ("a".into(), StepState::Success),
+            ("b".into(), StepState::Error),
+            ("c".into(), StepState::Aborted)
+        ]
+    );
+    assert_eq!(w.ran(), ["a", "b"]);
+    assert_eq!(steps[2].exit_code, None);
+    assert!(steps[2]
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("exited with code 3"));
+}
+
+#[tokio::test]
+async fn parallel_tree_lets_siblings_finish_and_fails_the_parent() {
+    let slow_ok = Script {
+        delay: Duration::from_millis(100),
+        ..ok()
+    };
+    let w = world(
+        tree(),
+        vec![("a", slow_ok.clone()), ("b", fails()), ("c", slow_ok)],
+    )
+    .await;
+    let (state, steps) = w.run("par").await;
+    assert_eq!(state, ChangeState::Error);
+    assert_eq!(
+        states(&steps),
+        [
+            ("par".into(), StepState::Error),
+            ("a".into(), StepState::Success),
+            ("b".into(), StepState::Error),
+            ("c".into(), StepState::Success)
+        ]
+    );
+    assert_eq!(w.ran().len(), 3);
+}
+
+#[tokio::test]
+async fn ignore_failure_keeps_the_parent_going() {
+    let w = world(tree(), vec![("soft", fails()), ("c", ok())]).await;
+    let (state, steps) = w.run("tolerant").await;
+    assert_eq!(state, ChangeState::Success);
+    assert_eq!(states(&steps)[1], ("soft".into(), StepState::Error));
+    assert_eq!(states(&steps)[2], ("c".into(), StepState::Success));
+}
+
+#[tokio::test]
+async fn dynamic_children_run_with_their_strategy_and_patches_apply() {
+    let dynamic = Script {
+        result: Some(json!({
+            "project": {"properties_diff": [{"op": "add", "path": "/deployed", "value": true}]},
+            "environment": {"properties_diff": []},
+            "step": {"properties": {"seen": 1}},
+            "steps": {"children": [{"action": "a"}, {"action": "b"}], "child_execution_strategy": "parallel"}
+        })),
+        ..ok()
+    };
+    let w = world(tree(), vec![("dynamic", dynamic), ("a", ok()), ("b", ok())]).await;
+    let (state, steps) = w.run("dynamic").await;
+    assert_eq!(state, ChangeState::Success, "{steps:?}");
+    assert_eq!(states(&steps).len(), 3);
+    assert_eq!(steps[0].children_strategy.as_deref(), Some("parallel"));
+    assert_eq!(steps[0].properties, Some(json!({"seen": 1})));
+    let app = w.orchestrator.app();
+    let props = app
+        .properties(
+            &runner::app::Scope::Project {
+                project: "demo".into(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(props.document, json!({"deployed": true}));
+    assert_eq!(props.version, 2);
+    assert!(matches!(
+        props.written_by,
+        runner::store::WrittenBy::Change { .. }
+    ));
+    // The step context carried the seed-003 sections and the repository properties.
+    let first = w.executor.runs.lock().unwrap()[0].clone();
+    assert_eq!(
+        first.step_context["repository"]["properties"],
+        json!({"from_repo": true})
+    );
+    assert_eq!(
+        first.step_context["context"]["change"]["git_sha"],
+        "sha-main"
+    );
+}
+
+#[tokio::test]
+async fn conflicting_parallel_patch_fails_with_a_report_and_applies_nothing() {
+    let p1 = Script {
+        delay: Duration::from_millis(10),
+        ..patches(
+            json!([{"op": "add", "path": "/version", "value": "1"}]),
+            json!([]),
+        )
+    };
+    let p2 = Script {
+        delay: Duration::from_millis(150),
+        ..patches(
+            json!([{"op": "add", "path": "/version", "value": "2"}]),
+            json!([{"op": "add", "path": "/e", "value": 1}]),
+        )
+    };
+    let w = world(tree(), vec![("p1", p1), ("p2", p2)]).await;
+    let (state, steps) = w.run("pp").await;
+    assert_eq!(state, ChangeState::Error);
+    let p2 = steps.iter().find(|s| s.action == "p2").unwrap();
+    assert_eq!(p2.state, StepState::Error);
+    let reason = p2.reason.as_deref().unwrap();
+    assert!(
+        reason.contains(
+            "conflicts with changes applied since version 1: /version (changed at /version)"
+        ),
+        "{reason}"
+    );
+    for part in ["\"base\"", "\"applied\"", "\"rejected\"", "\"current\""] {
+        assert!(reason.contains(part), "{reason}");
+    }
+    let app = w.orchestrator.app();
+    let env = app
+        .properties(
+            &runner::app::Scope::Environment {
+                project: "demo".into(),
+                environment: "dev".into(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        env.version, 1,
+        "the failed step's environment patch must not land"
+    );
+}
+
+#[tokio::test]
+async fn timeout_and_cancel_stop_the_step() {
+    let slow = Script {
+        delay: Duration::from_secs(30),
+        ..ok()
+    };
+    let w = world(tree(), vec![("slow", slow.clone()), ("timed", slow)]).await;
+    let (state, steps) = w.run("timed").await;
+    assert_eq!(state, ChangeState::Error);
+    assert!(steps[0]
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("timed out after 50ms"));
+
+    let id = w.create("dev", "slow").await;
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn({
+        let o = w.orchestrator.clone();
+        let (id, cancel) = (id.clone(), cancel.clone());
+        async move { o.run_change(&id, cancel).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Cancelling through the store, as `runner change cancel` from another process does.
+    w.orchestrator.cancel_change(&id).await.unwrap();
+    let change = tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(change.state, ChangeState::Cancelled);
+}
+
+#[tokio::test]
+async fn retry_reruns_from_the_failed_step_with_the_same_sha() {
+    let w = world(tree(), vec![("a", ok()), ("b", fails()), ("c", ok())]).await;
+    let id = w.create("dev", "seq").await;
+    w.orchestrator
+        .run_change(&id, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(w.ran(), ["a", "b"]);
+    w.orchestrator.prepare_retry(&id).await.unwrap();
+    let change = w
+        .orchestrator
+        .run_change(&id, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(change.state, ChangeState::Error, "b still fails");
+    assert_eq!(w.ran(), ["a", "b", "b"], "a is not run again");
+    assert_eq!(change.git_sha, "sha-main");
+    let err = w
+        .orchestrator
+        .prepare_retry(&w.create("dev", "a").await)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only a change that ended in error"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn changes_on_one_environment_queue_and_other_environments_do_not_wait() {
+    let slow = Script {
+        delay: Duration::from_millis(300),
+        ..ok()
+    };
+    let w = world(tree(), vec![("slow", slow)]).await;
+    let first = w.create("dev", "slow").await;
+    let second = w.create("dev", "slow").await;
+    let other = w.create("prod", "slow").await;
+    let start = std::time::Instant::now();
+    let run = |id: String| {
+        let o = w.orchestrator.clone();
+        tokio::spawn(async move {
+            (
+                o.run_change(&id, CancellationToken::new()).await.unwrap(),
+                std::time::Instant::now(),
+            )
+        })
+    };
+    let (h2, h1, h3) = (run(second.clone()), run(first.clone()), run(other.clone()));
+    let (c1, t1) = h1.await.unwrap();
+    let (c2, t2) = h2.await.unwrap();
+    let (c3, t3) = h3.await.unwrap();
+    assert!([c1.state, c2.state, c3.state]
+        .iter()
+        .all(|s| *s == ChangeState::Success));
+    // The second change on dev waited for the first (created earlier) although it was started first.
+    assert!(t2 > t1, "second finished before first");
+    assert!(c2.started_at.unwrap() >= c1.finished_at.unwrap());
+    // prod ran alongside.
+    assert!(t3.duration_since(start) < t2.duration_since(start));
+}
+
+#[tokio::test]
+async fn events_are_stored_in_order_and_the_reaper_fails_changes_of_dead_runners() {
+    let w = world(
+        tree(),
+        vec![(
+            "a",
+            Script {
+                output: vec!["hello".into()],
+                ..ok()
+            },
+        )],
+    )
+    .await;
+    let id = w.create("dev", "a").await;
+    w.orchestrator
+        .run_change(&id, CancellationToken::new())
+        .await
+        .unwrap();
+    let events = w
+        .orchestrator
+        .app()
+        .store
+        .events_after(&id, 0)
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>());
+    assert!(events
+        .iter()
+        .any(|e| matches!(&e.event, Event::Log { line, .. } if line == "hello")));
+    assert!(matches!(
+        events.last().unwrap().event,
+        Event::ChangeState {
+            state: ChangeState::Success,
+            ..
+        }
+    ));
+
+    // A change claimed by an owner that holds no lease (a killed runner) is failed by the next runner's reaper.
+    let store = &w.orchestrator.app().store;
+    let orphan = w.create("prod", "a").await;
+    assert!(store
+        .claim_environment(&orphan, "dead-runner")
+        .await
+        .unwrap());
+    let reaped = w.orchestrator.reap().await.unwrap();
+    assert_eq!(reaped.changes, std::slice::from_ref(&orphan));
+    let change = store.change(&orphan).await.unwrap();
+    assert_eq!(change.state, ChangeState::Error);
+    assert!(change.reason.unwrap().contains("dead-runner"));
+}
+
+#[tokio::test]
+async fn bad_requests_fail_before_anything_runs() {
+    let w = world(tree(), vec![]).await;
+    let request = |action: &str, env: &str| CreateChange {
+        project: "demo".into(),
+        environment: env.into(),
+        git_rev: "main".into(),
+        action: action.into(),
+    };
+    let err = w
+        .orchestrator
+        .create_change(&request("nope", "dev"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("action \"nope\" is not defined in .opschain/actions.json"),
+        "{err}"
+    );
+    let err = w
+        .orchestrator
+        .create_change(&request("a", "qa"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("environment \"qa\" does not exist"),
+        "{err}"
+    );
+    let cyclic = world(json!({"actions": {"x": {"steps": ["x"]}}}), vec![]).await;
+    let err = cyclic
+        .orchestrator
+        .create_change(&request("x", "dev"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("form a cycle: x -> x"), "{err}");
+    assert!(w.executor.runs.lock().unwrap().is_empty());
+}
