@@ -1,0 +1,248 @@
+//! The gRPC server (`runner serve`): project, change and step services over the same core as the CLI, plus
+//! health and reflection. [`run`] is the whole server as a library function; tests start it on an ephemeral port.
+
+mod changes;
+pub mod convert;
+mod projects;
+pub mod status;
+mod step_runner;
+
+/// Generated wire types and service stubs of `proto/runner/v1/runner.proto`.
+pub mod pb {
+    tonic::include_proto!("runner.v1");
+    /// The encoded descriptors, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/runner_descriptor.bin"));
+}
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Status};
+
+use crate::orchestrator::Orchestrator;
+
+/// How the server is run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Bearer token every call but health must carry. Required on a non-loopback address.
+    pub token: Option<String>,
+    /// How long running changes may take to finish after a shutdown signal before they are cancelled.
+    pub grace: Duration,
+    /// How often dead runners' containers are looked for while serving.
+    pub reap_every: Duration,
+    /// Serve TLS with this certificate and key (PEM) instead of plaintext.
+    pub tls: Option<TlsIdentity>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsIdentity(…)")
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            token: None,
+            grace: Duration::from_secs(30),
+            reap_every: Duration::from_secs(60),
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("refusing to listen on {addr} without a token: anyone who can reach it could run changes; give --token-file or RUNNER_TOKEN, or listen on 127.0.0.1")]
+    NoToken { addr: SocketAddr },
+    #[error("failed to read the listener address")]
+    Address(#[source] std::io::Error),
+    #[error("the gRPC server failed")]
+    Transport(#[source] tonic::transport::Error),
+    #[error("invalid TLS certificate or key: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("failed to set up reflection")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Core(#[from] crate::error::Error),
+}
+
+/// Checks `authorization: Bearer <token>` in constant time.
+#[derive(Clone)]
+struct Auth {
+    expected: Option<String>,
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+            })?;
+        let same = given.len() == expected.len()
+            && given
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "the bearer token is not valid for this server",
+            ))
+        }
+    }
+}
+
+/// Serves until `shutdown` completes; then stops accepting, lets running changes finish for `config.grace`, and
+/// cancels what is still running (SIGTERM, then SIGKILL, as a cancel does).
+pub async fn run(
+    listener: TcpListener,
+    orchestrator: Orchestrator,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let addr = listener.local_addr().map_err(ServerError::Address)?;
+    if !addr.ip().is_loopback() && config.token.is_none() {
+        return Err(ServerError::NoToken { addr });
+    }
+    // Bad TLS material fails before anything is started.
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(ServerError::Tls)?;
+    }
+    let stop = CancellationToken::new();
+    let lease = orchestrator.hold_lease(stop.child_token()).await?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<pb::change_service_server::ChangeServiceServer<changes::Changes>>()
+        .await;
+    {
+        // SERVING once the store is open (it is: we hold a lease in it) and the Docker daemon answered the reaper.
+        let (health, orchestrator, stop, every) = (
+            health.clone(),
+            orchestrator.clone(),
+            stop.clone(),
+            config.reap_every,
+        );
+        tokio::spawn(async move {
+            let mut serving = false;
+            loop {
+                match orchestrator.reap().await {
+                    Ok(reaped) if !serving => {
+                        tracing::info!(?reaped, "docker answered; serving");
+                        health.set_serving::<pb::change_service_server::ChangeServiceServer<changes::Changes>>().await;
+                        health.set_serving::<pb::project_service_server::ProjectServiceServer<projects::Projects>>().await;
+                        health
+                            .set_service_status("", tonic_health::ServingStatus::Serving)
+                            .await;
+                        serving = true;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reaping failed; is the Docker daemon up?")
+                    }
+                }
+                let wait = if serving {
+                    every
+                } else {
+                    Duration::from_secs(1)
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        });
+    }
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(ServerError::Reflection)?;
+    let auth = Auth {
+        expected: config.token.clone(),
+    };
+    let tasks = TaskTracker::new();
+    let stop_runs = CancellationToken::new();
+    let changes = changes::Changes {
+        orchestrator: orchestrator.clone(),
+        tasks: tasks.clone(),
+        stop_runs: stop_runs.clone(),
+        stop_watches: stop.clone(),
+    };
+    let projects = projects::Projects {
+        app: orchestrator.app().clone(),
+    };
+    let step_runner = step_runner::StepRunner {
+        orchestrator: orchestrator.clone(),
+        tasks: tasks.clone(),
+        stop_runs: stop_runs.clone(),
+    };
+
+    let signal = {
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
+    };
+    let served = builder
+        .add_service(health_service)
+        .add_service(InterceptedService::new(reflection, auth.clone()))
+        .add_service(InterceptedService::new(
+            pb::project_service_server::ProjectServiceServer::new(projects),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            pb::change_service_server::ChangeServiceServer::new(changes),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            pb::step_runner_service_server::StepRunnerServiceServer::new(step_runner),
+            auth,
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            signal,
+        )
+        .await;
+
+    stop.cancel();
+    tasks.close();
+    if tokio::time::timeout(config.grace, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; cancelling the changes still running");
+        stop_runs.cancel();
+        tasks.wait().await;
+    }
+    let _ = lease.await;
+    served.map_err(ServerError::Transport)
+}

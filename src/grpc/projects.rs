@@ -1,0 +1,144 @@
+//! `ProjectService`: thin handlers over [`App`].
+
+use tonic::{Request, Response, Status};
+
+use super::{convert, pb};
+use crate::app::{App, Scope};
+use crate::error::Error;
+use crate::properties;
+use crate::store::WrittenBy;
+
+pub struct Projects {
+    pub app: App,
+}
+
+fn scope(scope: Option<pb::Scope>) -> Result<Scope, Status> {
+    let scope = scope.ok_or_else(|| {
+        Status::invalid_argument("scope is required: give scope.project (and scope.environment)")
+    })?;
+    Ok(match scope.environment.is_empty() {
+        true => Scope::Project {
+            project: scope.project,
+        },
+        false => Scope::Environment {
+            project: scope.project,
+            environment: scope.environment,
+        },
+    })
+}
+
+#[tonic::async_trait]
+impl pb::project_service_server::ProjectService for Projects {
+    async fn create_project(
+        &self,
+        request: Request<pb::CreateProjectRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
+        let r = request.into_inner();
+        let remote = (!r.git_remote.is_empty()).then_some(r.git_remote.as_str());
+        Ok(Response::new(convert::project(
+            self.app.create_project(&r.code, &r.name, remote).await?,
+        )))
+    }
+
+    async fn list_projects(
+        &self,
+        _: Request<pb::ListProjectsRequest>,
+    ) -> Result<Response<pb::ListProjectsResponse>, Status> {
+        let projects = self.app.store.list_projects().await.map_err(Error::from)?;
+        Ok(Response::new(pb::ListProjectsResponse {
+            projects: projects.into_iter().map(convert::project).collect(),
+        }))
+    }
+
+    async fn set_git_remote(
+        &self,
+        request: Request<pb::SetGitRemoteRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
+        let r = request.into_inner();
+        let project = self
+            .app
+            .store
+            .set_git_remote(&r.project, &r.git_remote)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(convert::project(project)))
+    }
+
+    async fn create_environment(
+        &self,
+        request: Request<pb::CreateEnvironmentRequest>,
+    ) -> Result<Response<pb::Environment>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(convert::environment(
+            self.app
+                .create_environment(&r.project, &r.code, &r.name)
+                .await?,
+        )))
+    }
+
+    async fn list_environments(
+        &self,
+        request: Request<pb::ListEnvironmentsRequest>,
+    ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
+        let environments = self
+            .app
+            .store
+            .list_environments(&request.into_inner().project)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::ListEnvironmentsResponse {
+            environments: environments.into_iter().map(convert::environment).collect(),
+        }))
+    }
+
+    async fn get_properties(
+        &self,
+        request: Request<pb::GetPropertiesRequest>,
+    ) -> Result<Response<pb::PropertiesVersion>, Status> {
+        let r = request.into_inner();
+        let version = (r.version > 0).then_some(r.version);
+        Ok(Response::new(convert::properties(
+            self.app.properties(&scope(r.scope)?, version).await?,
+        )))
+    }
+
+    async fn set_properties(
+        &self,
+        request: Request<pb::SetPropertiesRequest>,
+    ) -> Result<Response<pb::PropertiesVersion>, Status> {
+        let r = request.into_inner();
+        let document =
+            properties::parse_document("document_json", &r.document_json).map_err(Error::from)?;
+        let written = self
+            .app
+            .set_properties(&scope(r.scope)?, document, r.if_version, WrittenBy::Api)
+            .await?;
+        Ok(Response::new(convert::properties(written)))
+    }
+
+    async fn patch_properties(
+        &self,
+        request: Request<pb::PatchPropertiesRequest>,
+    ) -> Result<Response<pb::PropertiesVersion>, Status> {
+        let r = request.into_inner();
+        let patch = properties::parse_patch("patch_json", &r.patch_json).map_err(Error::from)?;
+        let written = self
+            .app
+            .patch_properties(&scope(r.scope)?, &patch, r.if_version, WrittenBy::Api)
+            .await?;
+        Ok(Response::new(convert::properties(written)))
+    }
+
+    async fn properties_history(
+        &self,
+        request: Request<pb::PropertiesHistoryRequest>,
+    ) -> Result<Response<pb::PropertiesHistoryResponse>, Status> {
+        let versions = self
+            .app
+            .properties_history(&scope(request.into_inner().scope)?)
+            .await?;
+        Ok(Response::new(pb::PropertiesHistoryResponse {
+            versions: versions.into_iter().map(convert::properties).collect(),
+        }))
+    }
+}
