@@ -1,0 +1,485 @@
+//! `runner change …` and `runner step …`: create, follow, inspect, cancel and retry changes.
+
+use clap::Subcommand;
+use std::io::IsTerminal;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use super::remote::{status, Remote};
+use super::{render, Output};
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::events::{ChangeState, Event, EventRecord};
+use crate::grpc::{convert, pb};
+use crate::orchestrator::{CreateChange, Orchestrator};
+use crate::store::ChangeFilter;
+
+#[derive(Subcommand, Debug)]
+pub enum ChangeCommand {
+    /// Create a change and follow it to its end (exit 0 only if it succeeded).
+    Create {
+        #[arg(long, env = "RUNNER_PROJECT")]
+        project: String,
+        #[arg(long, env = "RUNNER_ENVIRONMENT")]
+        environment: String,
+        /// Branch, tag, SHA or any revision git understands; resolved once, now.
+        #[arg(long)]
+        git_rev: String,
+        /// The action (from .opschain/actions.json) to run.
+        #[arg(long)]
+        action: String,
+        /// Print the change id and return; the change runs in a background process.
+        #[arg(long)]
+        background: bool,
+    },
+    /// Show a change and its tree of steps.
+    Show { id: String },
+    /// List changes, newest first.
+    List {
+        #[arg(long, env = "RUNNER_PROJECT")]
+        project: Option<String>,
+        #[arg(long, env = "RUNNER_ENVIRONMENT")]
+        environment: Option<String>,
+    },
+    /// Print a change's log: phases, build progress and step output.
+    ShowLogs {
+        id: String,
+        /// Keep printing until the change ends.
+        #[arg(long)]
+        follow: bool,
+        /// Only this step's lines.
+        #[arg(long)]
+        step: Option<String>,
+        /// Only this background service's log lines.
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Stop a change: running steps get SIGTERM, then SIGKILL after the grace period.
+    Cancel { id: String },
+    /// Run a failed or cancelled change again at the same SHA, from the step that did not succeed.
+    Retry {
+        id: String,
+        #[arg(long)]
+        background: bool,
+    },
+    /// Run an existing change in this process (what --background starts).
+    #[command(hide = true)]
+    Run { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StepCommand {
+    /// Show a step: state, image, exit code, the properties it used and the versions it started from.
+    Show { id: String },
+}
+
+pub async fn change(app: App, cmd: ChangeCommand, out: Output) -> Result<()> {
+    match cmd {
+        ChangeCommand::Create {
+            project,
+            environment,
+            git_rev,
+            action,
+            background,
+        } => {
+            let orchestrator = crate::runtime::local(app).await?;
+            let change = orchestrator
+                .create_change(&CreateChange {
+                    project,
+                    environment,
+                    git_rev,
+                    action,
+                })
+                .await?;
+            if background {
+                spawn_background(&orchestrator, &change.id)?;
+                println!("{}", change.id);
+                return Ok(());
+            }
+            eprintln!(
+                "change {} created at {} ({})",
+                change.id, change.git_sha, change.git_rev
+            );
+            run_in_foreground(&orchestrator, &change.id, out).await
+        }
+        ChangeCommand::Retry { id, background } => {
+            let orchestrator = crate::runtime::local(app).await?;
+            orchestrator.prepare_retry(&id).await?;
+            if background {
+                spawn_background(&orchestrator, &id)?;
+                println!("{id}");
+                return Ok(());
+            }
+            run_in_foreground(&orchestrator, &id, out).await
+        }
+        ChangeCommand::Run { id } => {
+            let orchestrator = crate::runtime::local(app).await?;
+            run_in_foreground(&orchestrator, &id, Output::Text).await
+        }
+        ChangeCommand::Show { id } => {
+            let change = app.store.change(&id).await?;
+            let steps = app.store.steps(&id).await?;
+            render::change(out, &change, &steps);
+            Ok(())
+        }
+        ChangeCommand::List {
+            project,
+            environment,
+        } => {
+            let filter = ChangeFilter {
+                project,
+                environment,
+                ..Default::default()
+            };
+            render::changes(out, &app.store.list_changes(&filter).await?);
+            Ok(())
+        }
+        ChangeCommand::ShowLogs {
+            id,
+            follow,
+            step,
+            service,
+        } => show_logs(&app, &id, follow, &LogFilter { step, service }, out).await,
+        ChangeCommand::Cancel { id } => {
+            let orchestrator = crate::runtime::offline(app)?;
+            let change = orchestrator.cancel_change(&id).await?;
+            eprintln!("change {id}: cancel requested ({})", change.state);
+            Ok(())
+        }
+    }
+}
+
+pub async fn step(app: App, cmd: StepCommand, out: Output) -> Result<()> {
+    match cmd {
+        StepCommand::Show { id } => {
+            let step = app.store.step(&id).await?;
+            render::step(out, &step);
+            Ok(())
+        }
+    }
+}
+
+/// Starts `runner change run ID` as a detached process that outlives this one; its output goes to a log file.
+fn spawn_background(orchestrator: &Orchestrator, id: &str) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let home = &orchestrator.app().home;
+    let log_dir = home.join("logs");
+    let io = |source| Error::Home {
+        path: log_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&log_dir).map_err(io)?;
+    let log = std::fs::File::create(log_dir.join(format!("{id}.log"))).map_err(io)?;
+    let exe = std::env::current_exe().map_err(io)?;
+    std::process::Command::new(exe)
+        .args(["--home"])
+        .arg(home)
+        .args(["change", "run", id])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(io)?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(io)?;
+    Ok(())
+}
+
+/// Runs the change here, rendering its events as they happen; Ctrl-C cancels it.
+async fn run_in_foreground(orchestrator: &Orchestrator, id: &str, out: Output) -> Result<()> {
+    let mut events = orchestrator.subscribe();
+    let cancel = CancellationToken::new();
+    let lease = orchestrator.hold_lease(cancel.child_token()).await?;
+    let stop_lease = cancel.clone();
+    let ctrl_c = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        })
+    };
+    let run_cancel = CancellationToken::new();
+    let forward = {
+        let (cancel, run_cancel) = (cancel.clone(), run_cancel.clone());
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            run_cancel.cancel();
+        })
+    };
+    let id_owned = id.to_owned();
+    let render_task = tokio::spawn(async move {
+        let mut renderer = render::EventRenderer::new(out, std::io::stderr().is_terminal());
+        loop {
+            match events.recv().await {
+                Ok(record) if record.change_id == id_owned => {
+                    let done = matches!(record.event, Event::ChangeState { state, .. } if state.is_final());
+                    renderer.show(&record);
+                    if done {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    let change = orchestrator.run_change(id, run_cancel).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), render_task).await;
+    ctrl_c.abort();
+    forward.abort();
+    stop_lease.cancel();
+    let _ = lease.await;
+    outcome(change?)
+}
+
+/// Success only if the change succeeded; otherwise its state and a one-line reason (details, e.g. a conflict
+/// report, are in the log above and in `change show-logs`).
+fn outcome(change: crate::store::Change) -> Result<()> {
+    match change.state {
+        ChangeState::Success => Ok(()),
+        state => Err(Error::ChangeFailed {
+            id: change.id,
+            state: state.to_string(),
+            reason: change
+                .reason
+                .unwrap_or_default()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        }),
+    }
+}
+
+/// Which events `show-logs` prints.
+struct LogFilter {
+    step: Option<String>,
+    service: Option<String>,
+}
+
+impl LogFilter {
+    fn wants(&self, event: &Event) -> bool {
+        let step_ok = self
+            .step
+            .as_deref()
+            .is_none_or(|s| event_step(event) == Some(s));
+        let service_ok = match (&self.service, event) {
+            (None, _) => true,
+            // Service logs are kept as the step's lines `[service NAME] …`.
+            (Some(name), Event::Log { line, .. }) => {
+                line.starts_with(&format!("[service {name}] "))
+            }
+            (Some(_), _) => false,
+        };
+        step_ok && service_ok
+    }
+}
+
+async fn show_logs(
+    app: &App,
+    id: &str,
+    follow: bool,
+    filter: &LogFilter,
+    out: Output,
+) -> Result<()> {
+    app.store.change(id).await?;
+    let mut renderer = render::EventRenderer::new(out, false);
+    let mut after = 0;
+    loop {
+        let records: Vec<EventRecord> = app.store.events_after(id, after).await?;
+        for record in &records {
+            after = record.seq;
+            renderer.learn(record);
+            if filter.wants(&record.event) {
+                renderer.show(record);
+            }
+        }
+        if !follow || app.store.change(id).await?.state.is_final() && records.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn event_step(event: &Event) -> Option<&str> {
+    match event {
+        Event::StepState { step_id, .. }
+        | Event::Phase { step_id, .. }
+        | Event::Build { step_id, .. }
+        | Event::Log { step_id, .. } => Some(step_id),
+        Event::ChangeState { .. } => None,
+    }
+}
+
+/// `change …` against `runner serve`.
+pub async fn change_remote(remote: Remote, cmd: ChangeCommand, out: Output) -> Result<()> {
+    let mut changes = remote.changes();
+    match cmd {
+        ChangeCommand::Create {
+            project,
+            environment,
+            git_rev,
+            action,
+            background,
+        } => {
+            let request = pb::CreateChangeRequest {
+                project,
+                environment,
+                git_rev,
+                action,
+            };
+            let change = changes
+                .create_change(remote.request(request))
+                .await
+                .map_err(status)?
+                .into_inner();
+            if background {
+                println!("{}", change.id);
+                return Ok(());
+            }
+            eprintln!(
+                "change {} created at {} ({}) on {}",
+                change.id,
+                change.git_sha,
+                change.git_rev,
+                remote.url()
+            );
+            follow_remote(&remote, &change.id, out).await
+        }
+        ChangeCommand::Retry { id, background } => {
+            changes
+                .retry_change(remote.request(pb::RetryChangeRequest { id: id.clone() }))
+                .await
+                .map_err(status)?;
+            if background {
+                println!("{id}");
+                return Ok(());
+            }
+            follow_remote(&remote, &id, out).await
+        }
+        ChangeCommand::Run { .. } => Err(Error::InvalidArgument {
+            what: "command for --server",
+            value: "change run".into(),
+            expected: "the server runs the changes created through it",
+        }),
+        ChangeCommand::Show { id } => {
+            let detail = changes
+                .get_change(remote.request(pb::GetChangeRequest { id }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            let change = convert::change_from(detail.change.unwrap_or_default());
+            let steps: Vec<_> = detail.steps.into_iter().map(convert::step_from).collect();
+            render::change(out, &change, &steps);
+            Ok(())
+        }
+        ChangeCommand::List {
+            project,
+            environment,
+        } => {
+            let mut all = vec![];
+            let mut page_token = String::new();
+            loop {
+                let request = pb::ListChangesRequest {
+                    project: project.clone().unwrap_or_default(),
+                    environment: environment.clone().unwrap_or_default(),
+                    page_size: 200,
+                    page_token,
+                };
+                let page = changes
+                    .list_changes(remote.request(request))
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                all.extend(page.changes.into_iter().map(convert::change_from));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            render::changes(out, &all);
+            Ok(())
+        }
+        ChangeCommand::ShowLogs {
+            id,
+            follow,
+            step,
+            service,
+        } => {
+            let mut renderer = render::EventRenderer::new(out, false);
+            let filter = LogFilter { step, service };
+            watch_remote(&remote, &id, !follow, |record| {
+                renderer.learn(record);
+                if filter.wants(&record.event) {
+                    renderer.show(record);
+                }
+            })
+            .await
+        }
+        ChangeCommand::Cancel { id } => {
+            let change = changes
+                .cancel_change(remote.request(pb::CancelChangeRequest { id: id.clone() }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            eprintln!("change {id}: cancel requested ({})", change.state);
+            Ok(())
+        }
+    }
+}
+
+/// `step …` against `runner serve`.
+pub async fn step_remote(remote: Remote, cmd: StepCommand, out: Output) -> Result<()> {
+    match cmd {
+        StepCommand::Show { id } => {
+            let step = remote
+                .changes()
+                .get_step(remote.request(pb::GetStepRequest { id }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            render::step(out, &convert::step_from(step));
+            Ok(())
+        }
+    }
+}
+
+/// Streams a change's events (the history, then live ones unless `history_only`) into `show`.
+async fn watch_remote(
+    remote: &Remote,
+    id: &str,
+    history_only: bool,
+    mut show: impl FnMut(&EventRecord),
+) -> Result<()> {
+    let request = pb::WatchChangeRequest {
+        id: id.to_owned(),
+        after_seq: 0,
+        history_only,
+    };
+    let mut stream = remote
+        .changes()
+        .watch_change(remote.request(request))
+        .await
+        .map_err(status)?
+        .into_inner();
+    while let Some(event) = stream.message().await.map_err(status)? {
+        if let Some(record) = convert::record_from(event) {
+            show(&record);
+        }
+    }
+    Ok(())
+}
+
+/// Follows a change the server runs to its end; succeeds only if the change did.
+async fn follow_remote(remote: &Remote, id: &str, out: Output) -> Result<()> {
+    let mut renderer = render::EventRenderer::new(out, std::io::stderr().is_terminal());
+    watch_remote(remote, id, false, |record| renderer.show(record)).await?;
+    let detail = remote
+        .changes()
+        .get_change(remote.request(pb::GetChangeRequest { id: id.to_owned() }))
+        .await
+        .map_err(status)?
+        .into_inner();
+    outcome(convert::change_from(detail.change.unwrap_or_default()))
+}

@@ -1,0 +1,560 @@
+//! The `runner` command line: parses flags (clap), calls the core API, renders results and events.
+//! Exit codes: 0 success, 1 a failure the user can act on, 2 a usage error (clap's).
+
+mod bench;
+mod change;
+mod remote;
+mod render;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crate::app::{default_home, App, Scope};
+use crate::error::{Error, Result};
+use crate::properties;
+use crate::secrets::{self, SecretValues};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "runner",
+    version,
+    about = "Runs OpsChain-style changes: one freshly built image and one discarded container per step"
+)]
+pub struct Cli {
+    /// Data directory (store, secrets, repository mirrors, image build cache).
+    #[arg(long, global = true, env = "RUNNER_HOME")]
+    home: Option<PathBuf>,
+    /// Send project, environment, properties, change and step commands to this `runner serve` (e.g.
+    /// http://127.0.0.1:50051) instead of the local data directory.
+    #[arg(long, global = true, env = "RUNNER_SERVER")]
+    server: Option<String>,
+    /// Bearer token for --server.
+    #[arg(long, global = true, env = "RUNNER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// --server.
+    #[arg(long, global = true, env = "RUNNER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Output format of read commands.
+    #[arg(long, global = true, env = "RUNNER_OUTPUT", value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Projects and their properties.
+    #[command(subcommand)]
+    Project(ProjectCommand),
+    /// Environments of a project and their properties.
+    #[command(subcommand)]
+    Environment(EnvironmentCommand),
+    /// Named secrets for image builds and steps (values are never printed).
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Changes: run an action of the project's repository against an environment.
+    #[command(subcommand)]
+    Change(change::ChangeCommand),
+    /// Steps of changes.
+    #[command(subcommand)]
+    Step(change::StepCommand),
+    /// Runner images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Helpers for working on a project repository.
+    #[command(subcommand)]
+    Dev(DevCommand),
+    /// Serve the gRPC API (and run the changes created through it).
+    Serve(ServeArgs),
+    /// Benchmarks against the docker CLI, measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Build the base runner image offline from runner-image/ (skipped when its inputs did not change).
+    BuildBase,
+}
+
+#[derive(Subcommand, Debug)]
+enum DevCommand {
+    /// Write the default step runner Dockerfile to .opschain/Dockerfile of the current repository.
+    CreateDockerfile {
+        /// Overwrite an existing .opschain/Dockerfile.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "RUNNER_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: std::net::SocketAddr,
+    /// File holding the bearer token clients must send (required off loopback).
+    #[arg(long, env = "RUNNER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// How long running changes may take to finish after SIGTERM/SIGINT before they are cancelled.
+    #[arg(long, default_value = "30s", value_parser = crate::actions::parse_duration)]
+    grace: std::time::Duration,
+    /// Serve TLS with this PEM certificate (with --tls-key).
+    #[arg(long, env = "RUNNER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "RUNNER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ProjectArg {
+    /// Project code.
+    #[arg(long, env = "RUNNER_PROJECT")]
+    project: String,
+}
+
+#[derive(Args, Debug)]
+struct EnvironmentArgs {
+    #[command(flatten)]
+    project: ProjectArg,
+    /// Environment code.
+    #[arg(long, env = "RUNNER_ENVIRONMENT")]
+    environment: String,
+}
+
+/// The properties verbs shared by projects and environments.
+#[derive(Subcommand, Debug)]
+enum PropertiesVerb<S: Args> {
+    /// Print the properties document (JSON, alone on stdout).
+    ShowProperties {
+        #[command(flatten)]
+        scope: S,
+        /// A past version instead of the current one.
+        #[arg(long)]
+        version: Option<i64>,
+    },
+    /// Replace the properties with a JSON document (`-` reads stdin).
+    SetProperties {
+        #[command(flatten)]
+        scope: S,
+        #[arg(long)]
+        file: PathBuf,
+        /// Fail unless this is still the current version.
+        #[arg(long)]
+        if_version: Option<i64>,
+    },
+    /// Apply an RFC 6902 JSON Patch (`-` reads stdin).
+    PatchProperties {
+        #[command(flatten)]
+        scope: S,
+        #[arg(long)]
+        file: PathBuf,
+        /// Fail unless this is still the current version.
+        #[arg(long)]
+        if_version: Option<i64>,
+    },
+    /// List every version of the properties.
+    PropertiesHistory {
+        #[command(flatten)]
+        scope: S,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProjectCommand {
+    /// Create a project.
+    Create {
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        name: String,
+        /// Git remote URL or local path of the project's repository.
+        #[arg(long)]
+        git_remote: Option<String>,
+    },
+    /// List projects.
+    List,
+    /// Set the git remote (URL or local path) of a project.
+    SetGitRemote {
+        #[command(flatten)]
+        project: ProjectArg,
+        #[arg(long)]
+        url: String,
+    },
+    #[command(flatten)]
+    Properties(PropertiesVerb<ProjectArg>),
+}
+
+#[derive(Subcommand, Debug)]
+enum EnvironmentCommand {
+    /// Create an environment in a project.
+    Create {
+        #[command(flatten)]
+        project: ProjectArg,
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// List a project's environments.
+    List {
+        #[command(flatten)]
+        project: ProjectArg,
+    },
+    #[command(flatten)]
+    Properties(PropertiesVerb<EnvironmentArgs>),
+}
+
+#[derive(Subcommand, Debug)]
+enum SecretCommand {
+    /// Add or replace keys of a secret (creating it).
+    Set {
+        name: String,
+        /// KEY=VALUE pairs.
+        entries: Vec<String>,
+        /// Read KEY=VALUE lines from this file.
+        #[arg(long)]
+        from_env_file: Option<PathBuf>,
+    },
+    /// List secrets with their keys (never values).
+    List,
+    /// Delete a secret.
+    Delete { name: String },
+}
+
+trait ToScope {
+    fn scope(&self) -> Scope;
+}
+
+impl ToScope for ProjectArg {
+    fn scope(&self) -> Scope {
+        Scope::Project {
+            project: self.project.clone(),
+        }
+    }
+}
+
+impl ToScope for EnvironmentArgs {
+    fn scope(&self) -> Scope {
+        Scope::Environment {
+            project: self.project.project.clone(),
+            environment: self.environment.clone(),
+        }
+    }
+}
+
+/// Entry point of the `runner` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", crate::error::error_text(&err));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let home = cli.home.clone().unwrap_or_else(default_home);
+    let out = cli.output;
+    match cli.command {
+        Command::Dev(DevCommand::CreateDockerfile { force }) => {
+            let cwd = std::env::current_dir().map_err(|source| Error::ReadFile {
+                path: ".".into(),
+                source,
+            })?;
+            let path = crate::context::write_default_dockerfile(&cwd, force)?;
+            println!("wrote {}", path.display());
+            Ok(())
+        }
+        Command::Image(ImageCommand::BuildBase) => build_base(&home).await,
+        Command::Serve(args) => serve(App::open(&home).await?, args).await,
+        Command::Bench(cmd) => bench::run(&home, cmd).await,
+        Command::Secret(_) if cli.server.is_some() => Err(Error::InvalidArgument {
+            what: "command for --server",
+            value: "secret".into(),
+            expected: "secrets never travel over the API: manage them with `runner secret` on the server's host",
+        }),
+        Command::Secret(cmd) => secret(&App::open(&home).await?, cmd),
+        Command::Change(cmd) => match &cli.server {
+            Some(url) => change::change_remote(remote::Remote::connect(url, cli.token.clone(), cli.tls_ca.as_deref()).await?, cmd, out).await,
+            None => change::change(App::open(&home).await?, cmd, out).await,
+        },
+        Command::Step(cmd) => match &cli.server {
+            Some(url) => change::step_remote(remote::Remote::connect(url, cli.token.clone(), cli.tls_ca.as_deref()).await?, cmd, out).await,
+            None => change::step(App::open(&home).await?, cmd, out).await,
+        },
+        Command::Project(cmd) => project(&backend(&cli.server, cli.token.clone(), cli.tls_ca.as_deref(), &home).await?, cmd, out).await,
+        Command::Environment(cmd) => environment(&backend(&cli.server, cli.token.clone(), cli.tls_ca.as_deref(), &home).await?, cmd, out).await,
+    }
+}
+
+async fn backend(
+    server: &Option<String>,
+    token: Option<String>,
+    tls_ca: Option<&Path>,
+    home: &Path,
+) -> Result<remote::Backend> {
+    Ok(match server {
+        Some(url) => remote::Backend::Remote(remote::Remote::connect(url, token, tls_ca).await?),
+        None => remote::Backend::Local(App::open(home).await?),
+    })
+}
+
+async fn project(app: &remote::Backend, cmd: ProjectCommand, out: Output) -> Result<()> {
+    match cmd {
+        ProjectCommand::Create {
+            code,
+            name,
+            git_remote,
+        } => {
+            let project = app
+                .create_project(&code, &name, git_remote.as_deref())
+                .await?;
+            render::created(out, "project", &project.code, &project);
+        }
+        ProjectCommand::List => render::projects(out, &app.list_projects().await?),
+        ProjectCommand::SetGitRemote { project, url } => {
+            let project = app.set_git_remote(&project.project, &url).await?;
+            render::created(out, "git remote of project", &project.code, &project);
+        }
+        ProjectCommand::Properties(verb) => properties_verb(app, verb, out).await?,
+    }
+    Ok(())
+}
+
+async fn environment(app: &remote::Backend, cmd: EnvironmentCommand, out: Output) -> Result<()> {
+    match cmd {
+        EnvironmentCommand::Create {
+            project,
+            code,
+            name,
+        } => {
+            let env = app
+                .create_environment(&project.project, &code, &name)
+                .await?;
+            render::created(
+                out,
+                "environment",
+                &format!("{}/{}", env.project_code, env.code),
+                &env,
+            );
+        }
+        EnvironmentCommand::List { project } => {
+            render::environments(out, &app.list_environments(&project.project).await?)
+        }
+        EnvironmentCommand::Properties(verb) => properties_verb(app, verb, out).await?,
+    }
+    Ok(())
+}
+
+async fn properties_verb<S: Args + ToScope>(
+    app: &remote::Backend,
+    verb: PropertiesVerb<S>,
+    out: Output,
+) -> Result<()> {
+    match verb {
+        PropertiesVerb::ShowProperties { scope, version } => {
+            let props = app.properties(&scope.scope(), version).await?;
+            render::json(&props.document);
+        }
+        PropertiesVerb::SetProperties {
+            scope,
+            file,
+            if_version,
+        } => {
+            let text = read_input(&file)?;
+            let document = properties::parse_document(&file.display().to_string(), &text)?;
+            let written = app
+                .set_properties(&scope.scope(), document, if_version)
+                .await?;
+            render::version_written(out, &written);
+        }
+        PropertiesVerb::PatchProperties {
+            scope,
+            file,
+            if_version,
+        } => {
+            let text = read_input(&file)?;
+            let patch = properties::parse_patch(&file.display().to_string(), &text)?;
+            let written = app
+                .patch_properties(&scope.scope(), &patch, if_version)
+                .await?;
+            render::version_written(out, &written);
+        }
+        PropertiesVerb::PropertiesHistory { scope } => {
+            render::history(out, &app.properties_history(&scope.scope()).await?)
+        }
+    }
+    Ok(())
+}
+
+fn secret(app: &App, cmd: SecretCommand) -> Result<()> {
+    match cmd {
+        SecretCommand::Set {
+            name,
+            entries,
+            from_env_file,
+        } => {
+            let mut values = match &from_env_file {
+                Some(path) => secrets::read_env_file(path)?,
+                None => SecretValues::default(),
+            };
+            for entry in &entries {
+                let (key, value) = secrets::parse_entry(entry)?;
+                values.0.insert(key, value);
+            }
+            if values.0.is_empty() {
+                return Err(Error::InvalidArgument {
+                    what: "secret entries",
+                    value: String::new(),
+                    expected: "give KEY=VALUE pairs or --from-env-file FILE",
+                });
+            }
+            let keys = values.0.len();
+            app.secrets.set(&name, values)?;
+            eprintln!("secret {name}: {keys} key(s) set");
+        }
+        SecretCommand::List => {
+            for (name, keys) in app.secrets.list()? {
+                println!("{name}\t{}", keys.join(","));
+            }
+        }
+        SecretCommand::Delete { name } => {
+            app.secrets.delete(&name)?;
+            eprintln!("secret {name} deleted");
+        }
+    }
+    Ok(())
+}
+
+async fn build_base(home: &Path) -> Result<()> {
+    std::fs::create_dir_all(home).map_err(|source| Error::Home {
+        path: home.to_owned(),
+        source,
+    })?;
+    let docker = crate::executor::docker::connect().await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let printer = tokio::spawn(async move {
+        while let Some(progress) = rx.recv().await {
+            if let crate::buildkit::BuildProgress::VertexCompleted { name, cached, .. } = progress {
+                eprintln!("build: {name}{}", if cached { " (cached)" } else { "" });
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let image = crate::image::base::build_base(
+        home,
+        &crate::buildkit::DockerEndpoint::from_env(),
+        &docker,
+        &crate::image::base::BaseImageInputs::from_env(),
+        &crate::runtime::base_image(),
+        tx,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await?;
+    let _ = printer.await;
+    let what = if image.built { "built" } else { "up to date" };
+    eprintln!(
+        "base runner image {} {what} in {:.2} s",
+        image.reference,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", image.image_id);
+    Ok(())
+}
+
+async fn serve(app: App, args: ServeArgs) -> Result<()> {
+    let token = match (&args.token_file, std::env::var("RUNNER_TOKEN").ok()) {
+        (Some(path), _) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| Error::ReadFile {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        (None, token) => token.filter(|t| !t.is_empty()),
+    };
+    let orchestrator = crate::runtime::local(app).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| Error::Home {
+            path: args.listen.to_string().into(),
+            source,
+        })?;
+    eprintln!("serving the runner API on {}", args.listen);
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM can be handled");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| Error::ReadFile {
+            path: path.clone(),
+            source,
+        })
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::grpc::TlsIdentity {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+        }),
+        _ => None,
+    };
+    let config = crate::grpc::ServerConfig {
+        tls,
+        token,
+        grace: args.grace,
+        ..Default::default()
+    };
+    crate::grpc::run(listener, orchestrator, config, shutdown)
+        .await
+        .map_err(|e| Error::Server {
+            message: crate::error::error_text(&e),
+        })
+}
+
+/// Reads a file, or stdin for `-`.
+fn read_input(path: &Path) -> Result<String> {
+    let read_error = |source| Error::ReadFile {
+        path: path.to_owned(),
+        source,
+    };
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(read_error)?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(path).map_err(read_error)
+    }
+}
