@@ -1,0 +1,845 @@
+//! End to end on the real daemon: the `runner` binary runs real steps in real containers.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use support::Demo;
+
+async fn docker() -> bollard::Docker {
+    bollard::Docker::connect_with_local_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap()
+}
+
+/// Containers (running or not) carrying `label=value`.
+async fn labelled(label: &str, value: &str) -> Vec<bollard::models::ContainerSummary> {
+    let filters = HashMap::from([("label".to_owned(), vec![format!("{label}={value}")])]);
+    docker()
+        .await
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+}
+
+fn steps(demo: &Demo, id: &str) -> Vec<(String, String)> {
+    let shown = demo.json(&["change", "show", id]);
+    shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["action"].as_str().unwrap().to_owned(),
+                s["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn demo_change_succeeds_and_leaves_the_expected_properties() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    demo.ok(&[
+        "secret",
+        "set",
+        "opschain-build-env",
+        "BUILD_TOKEN=build-canary-1f3e",
+    ]);
+    let (ok, stdout, stderr) = demo.change("dev", "deploy");
+    assert!(ok, "{stdout}\n{stderr}");
+    let sha = support::git(&demo.repo, &["rev-parse", "HEAD"]);
+    // The custom Dockerfile ran with the build args and the build secret; the step saw the repository's .git.
+    assert!(
+        stdout.contains(&format!("built from {sha} (main) by runner")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("build secrets: present"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("building commit {sha}")),
+        "{stdout}"
+    );
+    // opschain.env from repository and environment properties, opschain.files from the environment's.
+    assert!(
+        stdout.contains("mode=development name=demo-app"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("listen=8080"), "{stdout}");
+    assert!(!stdout.contains("build-canary-1f3e"));
+
+    let env: Value = serde_json::from_str(&demo.ok(&[
+        "environment",
+        "show-properties",
+        "--project",
+        "demo",
+        "--environment",
+        "dev",
+    ]))
+    .unwrap();
+    let mut expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            support::workspace_root().join("fixtures/demo-properties/dev.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    expected["release"] = json!({"version": "1.0.0"});
+    assert_eq!(env, expected);
+    let project: Value =
+        serde_json::from_str(&demo.ok(&["project", "show-properties", "--project", "demo"]))
+            .unwrap();
+    assert_eq!(
+        project,
+        json!({"app": {"owner": "platform-team"}, "last_release": "dev"})
+    );
+
+    let id = demo.last_change();
+    let all: Vec<String> = steps(&demo, &id)
+        .into_iter()
+        .map(|(a, s)| format!("{a}:{s}"))
+        .collect();
+    assert_eq!(
+        all,
+        [
+            "deploy:success",
+            "build:success",
+            "configure:success",
+            "checks:success",
+            "release:success",
+            "check_disk:success",
+            "check_network:success"
+        ]
+    );
+    // One image for the change's steps: the first step built it, every later one reused it.
+    let shown = demo.json(&["change", "show", &id]);
+    let images: Vec<(String, bool)> = shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| !s["image_id"].is_null())
+        .map(|s| {
+            (
+                s["image_id"].as_str().unwrap().to_owned(),
+                s["image_cached"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(images.len(), 5);
+    assert!(images.iter().all(|(i, _)| *i == images[0].0));
+    assert!(images[1..].iter().all(|(_, cached)| *cached));
+    // The step records what it used.
+    let release = shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["action"] == "release")
+        .unwrap();
+    let step = demo.json(&["step", "show", release["id"].as_str().unwrap()]);
+    assert_eq!(step["properties"]["app"]["name"], "demo-app");
+    assert_eq!(step["environment_version"], 2);
+    assert!(
+        labelled("runner.change", &id).await_blocking().is_empty(),
+        "step containers are discarded"
+    );
+}
+
+/// Lets the sync tests call the async container listing.
+trait Blocking<T> {
+    fn await_blocking(self) -> T;
+}
+impl<F: std::future::Future> Blocking<F::Output> for F {
+    fn await_blocking(self) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(self)
+    }
+}
+
+#[test]
+fn sequential_stops_at_the_first_failure_and_parallel_lets_siblings_finish() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let (ok, stdout, stderr) = demo.change("dev", "sequence_with_failure");
+    assert!(!ok);
+    assert!(
+        stderr.contains("error: change") && stderr.contains("step fail exited with code 3"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("about to fail"),
+        "the step's stderr is in the log: {stdout}"
+    );
+    let sequential = steps(&demo, &demo.last_change());
+    assert_eq!(
+        sequential,
+        [
+            ("sequence_with_failure".into(), "error".into()),
+            ("check_disk".into(), "success".into()),
+            ("fail".into(), "error".into()),
+            ("check_network".into(), "aborted".into())
+        ]
+    );
+
+    let (ok, _, _) = demo.change("dev", "parallel_with_failure");
+    assert!(!ok);
+    let parallel = steps(&demo, &demo.last_change());
+    assert_eq!(
+        parallel,
+        [
+            ("parallel_with_failure".into(), "error".into()),
+            ("check_disk".into(), "success".into()),
+            ("fail".into(), "error".into()),
+            ("check_network".into(), "success".into())
+        ]
+    );
+}
+
+#[test]
+fn conflicting_parallel_patch_fails_with_the_report() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let (ok, stdout, stderr) = demo.change("dev", "conflicting");
+    assert!(!ok, "{stdout}");
+    // Whichever sibling finished first landed its patch; the other was refused.
+    let states = steps(&demo, &demo.last_change());
+    let winner = match (&states[1].1[..], &states[2].1[..]) {
+        ("success", "error") => "a",
+        ("error", "success") => "b",
+        other => panic!("expected one success and one conflict, got {other:?}"),
+    };
+    let logs = demo.ok(&["change", "show-logs", &demo.last_change()]);
+    assert!(
+        logs.contains(
+            "conflicts with changes applied since version 2: /release (changed at /release)"
+        ),
+        "{logs}\n{stderr}"
+    );
+    for part in ["\"base\"", "\"applied\"", "\"rejected\"", "\"current\""] {
+        assert!(logs.contains(part), "{logs}");
+    }
+    let env: Value = serde_json::from_str(&demo.ok(&[
+        "environment",
+        "show-properties",
+        "--project",
+        "demo",
+        "--environment",
+        "dev",
+    ]))
+    .unwrap();
+    assert_eq!(
+        env["release"]["version"], winner,
+        "only the first patch landed"
+    );
+}
+
+#[test]
+fn dynamic_children_run() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let (ok, stdout, stderr) = demo.change("dev", "fan_out");
+    assert!(ok, "{stdout}\n{stderr}");
+    let states = steps(&demo, &demo.last_change());
+    assert_eq!(
+        states,
+        [
+            ("fan_out".into(), "success".into()),
+            ("check_disk".into(), "success".into()),
+            ("check_network".into(), "success".into())
+        ]
+    );
+    assert!(stdout.contains("disk ok") && stdout.contains("network ok"));
+}
+
+#[test]
+fn retry_reruns_at_the_same_sha_after_a_new_commit() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let first_sha = support::git(&demo.repo, &["rev-parse", "HEAD"]);
+    let (ok, _, _) = demo.change("dev", "gated");
+    assert!(!ok, "gated fails until allowed");
+    let id = demo.last_change();
+    std::fs::write(demo.repo.join("new.txt"), "new").unwrap();
+    support::git(&demo.repo, &["add", "-A"]);
+    support::git(&demo.repo, &["commit", "-q", "-m", "a new commit on main"]);
+    let patch = r#"[{"op": "add", "path": "/allowed", "value": true}]"#;
+    let mut child = demo
+        .command(&[
+            "environment",
+            "patch-properties",
+            "--project",
+            "demo",
+            "--environment",
+            "dev",
+            "--file",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), patch.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+    let out = demo.run(&["change", "retry", &id]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("running commit {first_sha}")),
+        "{stdout}"
+    );
+    assert_eq!(
+        demo.json(&["change", "show", &id])["change"]["git_sha"],
+        first_sha.as_str()
+    );
+}
+
+#[test]
+fn cancel_leaves_no_container() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let id = demo
+        .ok(&[
+            "change",
+            "create",
+            "--project",
+            "demo",
+            "--environment",
+            "dev",
+            "--git-rev",
+            "main",
+            "--action",
+            "sleep",
+            "--background",
+        ])
+        .trim()
+        .to_owned();
+    wait_for("the step container", Duration::from_secs(60), || {
+        !labelled("runner.change", &id).await_blocking().is_empty()
+    });
+    demo.ok(&["change", "cancel", &id]);
+    wait_for("the change to end", Duration::from_secs(30), || {
+        demo.json(&["change", "show", &id])["change"]["state"] != "running"
+    });
+    assert_eq!(
+        demo.json(&["change", "show", &id])["change"]["state"],
+        "cancelled"
+    );
+    assert!(labelled("runner.change", &id).await_blocking().is_empty());
+}
+
+#[test]
+fn runner_secret_canary_is_absent_from_inspect_logs_and_store() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let canary = "runner-canary-93b1d7";
+    demo.ok(&[
+        "secret",
+        "set",
+        "opschain-runner-env",
+        &format!("DEMO_TOKEN={canary}"),
+    ]);
+    let id = demo
+        .ok(&[
+            "change",
+            "create",
+            "--project",
+            "demo",
+            "--environment",
+            "dev",
+            "--git-rev",
+            "main",
+            "--action",
+            "show_secret",
+            "--background",
+        ])
+        .trim()
+        .to_owned();
+    wait_for("the step container", Duration::from_secs(60), || {
+        !labelled("runner.change", &id).await_blocking().is_empty()
+    });
+    let container = labelled("runner.change", &id).await_blocking().remove(0);
+    let inspect = async {
+        docker()
+            .await
+            .inspect_container(container.id.as_deref().unwrap(), None)
+            .await
+            .unwrap()
+    }
+    .await_blocking();
+    let inspected = serde_json::to_string(&inspect).unwrap();
+    assert!(
+        !inspected.contains(canary),
+        "docker inspect shows the secret"
+    );
+    assert!(inspected.contains("runner.owner"));
+    wait_for("the change to end", Duration::from_secs(60), || {
+        demo.json(&["change", "show", &id])["change"]["state"] == "success"
+    });
+    let logs = demo.ok(&["change", "show-logs", &id]);
+    assert!(
+        logs.contains("token is ***"),
+        "the secret reached the step, masked in its log: {logs}"
+    );
+    assert!(!logs.contains(canary));
+    for file in ["runner.db", "runner.db-wal"] {
+        let bytes = std::fs::read(demo.home.path().join(file)).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(canary),
+            "{file} holds the secret"
+        );
+    }
+    let background_log =
+        std::fs::read_to_string(demo.home.path().join(format!("logs/{id}.log"))).unwrap();
+    assert!(!background_log.contains(canary));
+}
+
+#[test]
+fn kill_dash_nine_then_restart_reaps_the_container_and_fails_the_change() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let mut child = demo
+        .command(&[
+            "change",
+            "create",
+            "--project",
+            "demo",
+            "--environment",
+            "dev",
+            "--git-rev",
+            "main",
+            "--action",
+            "sleep",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut id = String::new();
+    wait_for("the step container", Duration::from_secs(60), || {
+        let list = demo.json(&["change", "list"]);
+        if let Some(change) = list.as_array().and_then(|l| l.first()) {
+            id = change["id"].as_str().unwrap().to_owned();
+            return !labelled("runner.change", &id).await_blocking().is_empty();
+        }
+        false
+    });
+    child.kill().unwrap(); // SIGKILL: no cleanup runs
+    child.wait().unwrap();
+    assert!(
+        !labelled("runner.change", &id).await_blocking().is_empty(),
+        "the container outlived its runner"
+    );
+    // The next runner to start cleans up.
+    let (ok, _, stderr) = demo.change("prod", "noop");
+    assert!(ok, "{stderr}");
+    assert!(labelled("runner.change", &id).await_blocking().is_empty());
+    let change = demo.json(&["change", "show", &id]);
+    assert_eq!(change["change"]["state"], "error");
+    assert!(
+        change["change"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("died"),
+        "{change}"
+    );
+}
+
+#[test]
+fn two_runners_on_different_environments_run_side_by_side() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let children: Vec<_> = ["dev", "prod"]
+        .iter()
+        .map(|env| {
+            demo.command(&[
+                "change",
+                "create",
+                "--project",
+                "demo",
+                "--environment",
+                env,
+                "--git-rev",
+                "main",
+                "--action",
+                "show_secret",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "neither runner disturbs the other: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Their steps overlapped in time: each started before the other finished.
+    let list = demo.json(&["change", "list"]);
+    let spans: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let steps = demo.json(&["change", "show", c["id"].as_str().unwrap()]);
+            let step = &steps["steps"][0];
+            (
+                step["started_at"].as_str().unwrap().to_owned(),
+                step["finished_at"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        spans[0].0 < spans[1].1 && spans[1].0 < spans[0].1,
+        "{spans:?}"
+    );
+}
+
+#[test]
+fn a_step_past_its_timeout_is_stopped_and_removed() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let started = Instant::now();
+    let (ok, stdout, stderr) = demo.change("dev", "too_slow");
+    assert!(!ok);
+    assert!(
+        stderr.contains("step too_slow timed out after 2s"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("starting"), "{stdout}");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the step was stopped, not waited for"
+    );
+    assert!(labelled("runner.change", &demo.last_change())
+        .await_blocking()
+        .is_empty());
+}
+
+#[test]
+fn changes_through_runner_serve_with_server_flag() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = demo
+        .command(&["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client_home = tempfile::tempdir().unwrap();
+    let remote = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+            .args(args)
+            .env("RUNNER_HOME", client_home.path())
+            .env("RUNNER_SERVER", format!("http://127.0.0.1:{port}"))
+            .output()
+            .unwrap()
+    };
+    wait_for("runner serve", Duration::from_secs(30), || {
+        remote(&["project", "list"]).status.success()
+    });
+    let out = remote(&[
+        "change",
+        "create",
+        "--project",
+        "demo",
+        "--environment",
+        "dev",
+        "--git-rev",
+        "main",
+        "--action",
+        "deploy",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("mode=development name=demo-app") && stdout.contains("released"),
+        "{stdout}"
+    );
+    let list: Value =
+        serde_json::from_slice(&remote(&["change", "list", "--output", "json"]).stdout).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+    let shown: Value =
+        serde_json::from_slice(&remote(&["change", "show", &id, "--output", "json"]).stdout)
+            .unwrap();
+    assert_eq!(shown["change"]["state"], "success");
+    assert_eq!(shown["steps"].as_array().unwrap().len(), 7);
+    let release = shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["action"] == "release")
+        .unwrap();
+    let step: Value = serde_json::from_slice(
+        &remote(&[
+            "step",
+            "show",
+            release["id"].as_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(step["state"], "success");
+    assert_eq!(step["environment_version"], 2);
+    let logs = String::from_utf8_lossy(&remote(&["change", "show-logs", &id]).stdout).into_owned();
+    assert!(logs.contains("[release] released"), "{logs}");
+    // The same as the local view of the server's data directory.
+    assert_eq!(logs, demo.ok(&["change", "show-logs", &id]));
+    let failed = remote(&[
+        "change",
+        "create",
+        "--project",
+        "demo",
+        "--environment",
+        "dev",
+        "--git-rev",
+        "main",
+        "--action",
+        "fail",
+    ]);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("step fail exited with code 3"));
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// Networks (the runner's only other resource) carrying `label=value`.
+async fn labelled_networks(label: &str, value: &str) -> Vec<bollard::models::Network> {
+    let filters = HashMap::from([("label".to_owned(), vec![format!("{label}={value}")])]);
+    docker()
+        .await
+        .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
+            filters: Some(filters),
+        }))
+        .await
+        .unwrap()
+}
+
+fn nothing_left(id: &str) {
+    assert!(
+        labelled("runner.change", id).await_blocking().is_empty(),
+        "containers left for {id}"
+    );
+    assert!(
+        labelled_networks("runner.change", id)
+            .await_blocking()
+            .is_empty(),
+        "networks left for {id}"
+    );
+}
+
+#[test]
+fn a_step_reaches_its_services_and_they_are_removed_after() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let (ok, stdout, stderr) = demo.change("dev", "with_service");
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout.matches("hello-from-web").count(),
+        2,
+        "by name and by alias: {stdout}"
+    );
+    assert!(
+        stdout.contains("[service web] web is starting"),
+        "the service's log is kept with the step: {stdout}"
+    );
+    let id = demo.last_change();
+    let step = demo.json(&["change", "show", &id])["steps"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let service_log = demo.ok(&[
+        "change",
+        "show-logs",
+        &id,
+        "--step",
+        &step,
+        "--service",
+        "web",
+    ]);
+    assert_eq!(
+        service_log.trim(),
+        "[with_service] [service web] web is starting",
+        "{service_log}"
+    );
+    nothing_left(&id);
+    // Two steps with a service of the same name, in parallel: each has its own network.
+    let (ok, stdout, stderr) = demo.change("dev", "services_in_parallel");
+    assert!(ok, "{stdout}\n{stderr}");
+    nothing_left(&demo.last_change());
+}
+
+#[test]
+fn readiness_is_probed_not_slept_and_a_service_that_never_gets_ready_fails_the_step() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let (ok, stdout, stderr) = demo.change("dev", "slow_service");
+    assert!(
+        ok,
+        "the probe waited for the slow service: {stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("hello-from-web"));
+    nothing_left(&demo.last_change());
+    let (ok, _, stderr) = demo.change("dev", "never_ready");
+    assert!(!ok);
+    assert!(
+        stderr.contains("service \"web\" of step")
+            && stderr.contains("was not ready after 2s: port 8080 never accepted a connection"),
+        "{stderr}"
+    );
+    let logs = demo.ok(&["change", "show-logs", &demo.last_change()]);
+    assert!(
+        logs.contains("web is starting but will never listen"),
+        "the failure shows the service's log: {logs}"
+    );
+    nothing_left(&demo.last_change());
+}
+
+#[test]
+fn services_are_removed_on_cancel_and_after_kill_dash_nine() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let id = demo
+        .ok(&[
+            "change",
+            "create",
+            "--project",
+            "demo",
+            "--environment",
+            "dev",
+            "--git-rev",
+            "main",
+            "--action",
+            "service_sleep",
+            "--background",
+        ])
+        .trim()
+        .to_owned();
+    wait_for("the step container", Duration::from_secs(60), || {
+        labelled("runner.change", &id).await_blocking().len() == 2
+    });
+    demo.ok(&["change", "cancel", &id]);
+    wait_for("the change to end", Duration::from_secs(30), || {
+        demo.json(&["change", "show", &id])["change"]["state"] != "running"
+    });
+    nothing_left(&id);
+
+    let mut child = demo
+        .command(&[
+            "change",
+            "create",
+            "--project",
+            "demo",
+            "--environment",
+            "dev",
+            "--git-rev",
+            "main",
+            "--action",
+            "service_sleep",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut killed = String::new();
+    wait_for("the second step container", Duration::from_secs(60), || {
+        killed = demo.last_change();
+        killed != id && labelled("runner.change", &killed).await_blocking().len() == 2
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!labelled_networks("runner.change", &killed)
+        .await_blocking()
+        .is_empty());
+    let (ok, _, stderr) = demo.change("prod", "noop");
+    assert!(ok, "{stderr}");
+    nothing_left(&killed);
+}
+
+#[test]
+fn docker_socket_steps_reach_the_host_daemon_and_dind_is_refused_clearly() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let (ok, stdout, stderr) = demo.change("dev", "docker_socket");
+    assert!(ok, "{stdout}\n{stderr}");
+    let host = async { docker().await.version().await.unwrap().version.unwrap() }.await_blocking();
+    assert!(stdout.contains(&format!("server {host}")), "{stdout}");
+
+    std::fs::write(
+        demo.repo.join(".opschain/actions.json"),
+        r#"{"actions": {"nested": {"run": "docker ps", "docker": "dind"}}}"#,
+    )
+    .unwrap();
+    support::git(&demo.repo, &["commit", "-qam", "ask for dind"]);
+    let (ok, _, stderr) = demo.change("dev", "nested");
+    assert!(!ok);
+    assert!(
+        stderr
+            .contains("`docker: dind`, which this runner cannot provide yet: use `docker: socket`"),
+        "{stderr}"
+    );
+}

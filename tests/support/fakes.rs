@@ -1,0 +1,63 @@
+//! Fakes of the orchestrator's seams, for tests that need no git repository and no daemon.
+#![allow(dead_code)]
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use runner::orchestrator::{EventTx, ImageRequest, PreparedImage, Sources, StepImages};
+use runner::store::Project;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// Serves one manifest (and repository properties) for every revision; `rev` resolves to "sha-<rev>".
+pub struct FakeSources {
+    pub manifest: Value,
+    pub properties: Value,
+}
+
+impl Sources for FakeSources {
+    fn resolve<'a>(
+        &'a self,
+        _: &'a Project,
+        rev: &'a str,
+    ) -> BoxFuture<'a, runner::error::Result<String>> {
+        async move { Ok(format!("sha-{rev}")) }.boxed()
+    }
+    fn read_file<'a>(
+        &'a self,
+        _: &'a Project,
+        _: &'a str,
+        path: &'a str,
+    ) -> BoxFuture<'a, runner::error::Result<Option<Vec<u8>>>> {
+        let found =
+            (path == ".opschain/actions.json").then(|| self.manifest.to_string().into_bytes());
+        async move { Ok(found) }.boxed()
+    }
+    fn repository_properties<'a>(
+        &'a self,
+        _: &'a Project,
+        _: &'a str,
+        _: &'a str,
+    ) -> BoxFuture<'a, runner::error::Result<Value>> {
+        async move { Ok(self.properties.clone()) }.boxed()
+    }
+}
+
+pub struct FakeImages;
+
+impl StepImages for FakeImages {
+    fn prepare<'a>(
+        &'a self,
+        request: ImageRequest<'a>,
+        _: EventTx,
+        _: CancellationToken,
+    ) -> BoxFuture<'a, runner::error::Result<PreparedImage>> {
+        let image = format!("fake:{}", request.identity.action);
+        async move {
+            Ok(PreparedImage {
+                image,
+                cached: false,
+            })
+        }
+        .boxed()
+    }
+}
