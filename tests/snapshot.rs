@@ -204,3 +204,38 @@ fn repo_tar_is_deterministic_complete_and_never_rewritten() {
     assert_eq!(git(out.path(), &["log", "--format=%s"]), "second\nfirst");
     assert_eq!(git(out.path(), &["status", "--porcelain"]), "");
 }
+
+/// Parallel steps of one change ask for the same repo.tar at once (CI once failed here: two builders shared a
+/// temporary file and the loser's rename found it gone).
+#[test]
+fn concurrent_requests_for_one_sha_all_get_the_same_tar() {
+    let w = work();
+    let home = tempfile::tempdir().unwrap();
+    let cache = home.path().join("cache");
+    mirror(home.path(), &w);
+    let tars: Vec<_> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, sha) = (&cache, &w.second);
+                let remote = w.dir.path().to_str().unwrap();
+                let path = mirror_path(home.path(), "demo");
+                s.spawn(move || {
+                    let m = Mirror::open(&path, remote).unwrap();
+                    let tar = repo_tar(&m, sha, cache).expect("every request gets the tar");
+                    std::fs::read(tar).unwrap()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert!(tars.windows(2).all(|p| p[0] == p[1]));
+    let leftovers: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "no temporary files left: {leftovers:?}"
+    );
+}

@@ -47,9 +47,9 @@ pub enum SnapshotError {
     },
 }
 
-/// An exclusive lock on a mirror (`<mirror>.lock` beside it), held until the file is dropped.
-fn lock(mirror: &Path) -> Result<std::fs::File, SnapshotError> {
-    let path = mirror.with_extension("lock");
+/// An exclusive lock on a mirror or a cached file (`<path>.lock` beside it), held until the file is dropped.
+fn lock(guarded: &Path) -> Result<std::fs::File, SnapshotError> {
+    let path = guarded.with_extension("lock");
     let io = |source| SnapshotError::Io {
         path: path.clone(),
         source,

@@ -31,6 +31,11 @@ pub fn repo_tar(mirror: &Mirror, sha: &str, cache_dir: &Path) -> Result<PathBuf,
         move |source| SnapshotError::Io { path, source }
     };
     std::fs::create_dir_all(cache_dir).map_err(io(cache_dir))?;
+    // Parallel steps of one change ask for the same SHA at once: one builds, the others wait and reuse it.
+    let _building = super::lock(&path)?;
+    if path.exists() {
+        return Ok(path);
+    }
     let repo = mirror.repository();
     let git = |what: &str| {
         let (what, sha) = (what.to_owned(), sha.to_owned());
@@ -133,14 +138,14 @@ pub fn repo_tar(mirror: &Mirror, sha: &str, cache_dir: &Path) -> Result<PathBuf,
         );
     }
 
-    let tmp = cache_dir.join(format!(".{sha}.{}.tmp", std::process::id()));
+    let tmp = cache_dir.join(format!(".{sha}.{}.tmp", uuid::Uuid::new_v4()));
     let written = write_tar(repo, &entries, mtime, &tmp);
     let _ = std::fs::remove_dir_all(&scratch);
     written.map_err(|source| SnapshotError::Io {
         path: tmp.clone(),
         source,
     })?;
-    // Another process may have finished the same SHA meanwhile: its bytes are ours, either rename wins.
+    // The rename is atomic, so a reader never sees half a tar, even one that skipped the lock.
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
     Ok(path)
 }
