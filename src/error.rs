@@ -121,9 +121,10 @@ impl Error {
             | Error::BaseImage(BaseImageError::Docker(_)) => Unavailable,
             Error::BuildKit(BuildError::Cancelled) => Internal,
             Error::BuildKit(_) | Error::Build { .. } => InvalidInput,
-            Error::BaseImage(BaseImageError::Build(BuildError::DaemonUnreachable { .. })) => {
-                Unavailable
-            }
+            Error::BaseImage(BaseImageError::Build {
+                source: BuildError::DaemonUnreachable { .. },
+                ..
+            }) => Unavailable,
             Error::BaseImage(_) => InvalidInput,
             Error::Server { .. } => Unavailable,
             Error::Remote { code, .. } => match code {

@@ -671,6 +671,19 @@ async fn labelled_networks(label: &str, value: &str) -> Vec<bollard::models::Net
         .unwrap()
 }
 
+async fn labelled_volumes(label: &str, value: &str) -> Vec<bollard::models::Volume> {
+    let filters = HashMap::from([("label".to_owned(), vec![format!("{label}={value}")])]);
+    docker()
+        .await
+        .list_volumes(Some(bollard::query_parameters::ListVolumesOptions {
+            filters: Some(filters),
+        }))
+        .await
+        .unwrap()
+        .volumes
+        .unwrap_or_default()
+}
+
 fn nothing_left(id: &str) {
     assert!(
         labelled("runner.change", id).await_blocking().is_empty(),
@@ -681,6 +694,12 @@ fn nothing_left(id: &str) {
             .await_blocking()
             .is_empty(),
         "networks left for {id}"
+    );
+    assert!(
+        labelled_volumes("runner.change", id)
+            .await_blocking()
+            .is_empty(),
+        "volumes left for {id}"
     );
 }
 
@@ -760,6 +779,20 @@ fn services_are_removed_on_cancel_and_after_kill_dash_nine() {
     if !support::docker_available() {
         return;
     }
+    removed_on_cancel_and_after_kill_dash_nine("service_sleep");
+}
+
+#[test]
+fn a_dind_daemon_and_its_volumes_are_removed_on_cancel_and_after_kill_dash_nine() {
+    if !support::docker_available() {
+        return;
+    }
+    removed_on_cancel_and_after_kill_dash_nine("dind_sleep");
+}
+
+/// `action` runs a long step beside one service container: cancel, then `kill -9` of the runner and a restart,
+/// must each leave no container, network or volume of the change.
+fn removed_on_cancel_and_after_kill_dash_nine(action: &str) {
     let demo = Demo::new();
     let id = demo
         .ok(&[
@@ -772,7 +805,7 @@ fn services_are_removed_on_cancel_and_after_kill_dash_nine() {
             "--git-rev",
             "main",
             "--action",
-            "service_sleep",
+            action,
             "--background",
         ])
         .trim()
@@ -797,7 +830,7 @@ fn services_are_removed_on_cancel_and_after_kill_dash_nine() {
             "--git-rev",
             "main",
             "--action",
-            "service_sleep",
+            action,
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -813,13 +846,22 @@ fn services_are_removed_on_cancel_and_after_kill_dash_nine() {
     assert!(!labelled_networks("runner.change", &killed)
         .await_blocking()
         .is_empty());
+    if action == "dind_sleep" {
+        assert_eq!(
+            labelled_volumes("runner.change", &killed)
+                .await_blocking()
+                .len(),
+            2,
+            "the daemon's storage and socket volumes outlived the killed runner"
+        );
+    }
     let (ok, _, stderr) = demo.change("prod", "noop");
     assert!(ok, "{stderr}");
     nothing_left(&killed);
 }
 
 #[test]
-fn docker_socket_steps_reach_the_host_daemon_and_dind_is_refused_clearly() {
+fn docker_socket_steps_reach_the_host_daemon() {
     if !support::docker_available() {
         return;
     }
@@ -828,18 +870,79 @@ fn docker_socket_steps_reach_the_host_daemon_and_dind_is_refused_clearly() {
     assert!(ok, "{stdout}\n{stderr}");
     let host = async { docker().await.version().await.unwrap().version.unwrap() }.await_blocking();
     assert!(stdout.contains(&format!("server {host}")), "{stdout}");
+}
 
+#[test]
+fn dind_steps_build_and_run_containers_in_a_daemon_of_their_own() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let (ok, stdout, stderr) = demo.change("dev", "docker_in_docker");
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("built-inside-dind"), "{stdout}");
+    assert!(
+        stdout.contains("images inside: 1"),
+        "the step's daemon starts empty: {stdout}"
+    );
+    let on_host = async {
+        docker()
+            .await
+            .inspect_image("runner-dind-probe:1")
+            .await
+            .is_ok()
+    }
+    .await_blocking();
+    assert!(!on_host, "what the step built stays in its own daemon");
+    nothing_left(&demo.last_change());
+}
+
+#[test]
+fn a_service_image_is_built_from_the_repository_at_the_changes_commit() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let (ok, stdout, stderr) = demo.change("dev", "built_service");
+    assert!(ok, "{stdout}\n{stderr}");
+    let sha = demo.json(&["change", "show", &demo.last_change()])["change"]["git_sha"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        stdout.contains("hello-from-a-built-service")
+            && stdout.contains(&format!("built at {sha}")),
+        "{stdout}"
+    );
+    nothing_left(&demo.last_change());
+
+    // A new commit changes the service: the next change builds it anew from that commit.
     std::fs::write(
-        demo.repo.join(".opschain/actions.json"),
-        r#"{"actions": {"nested": {"run": "docker ps", "docker": "dind"}}}"#,
+        demo.repo.join("services/web/index.html"),
+        "hello-from-the-second-commit\n",
     )
     .unwrap();
-    support::git(&demo.repo, &["commit", "-qam", "ask for dind"]);
-    let (ok, _, stderr) = demo.change("dev", "nested");
+    support::git(&demo.repo, &["commit", "-qam", "change the service"]);
+    let (ok, stdout, stderr) = demo.change("dev", "built_service");
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("hello-from-the-second-commit"), "{stdout}");
+
+    // A service whose Dockerfile is not in the repository fails the step, naming the path.
+    std::fs::write(
+        demo.repo.join(".opschain/actions.json"),
+        r#"{"actions": {"gone": {"run": "true", "services": {"web": {"build": "nowhere/Dockerfile"}}}}}"#,
+    )
+    .unwrap();
+    support::git(
+        &demo.repo,
+        &["commit", "-qam", "point at a missing Dockerfile"],
+    );
+    let (ok, _, stderr) = demo.change("dev", "gone");
     assert!(!ok);
     assert!(
-        stderr
-            .contains("`docker: dind`, which this runner cannot provide yet: use `docker: socket`"),
+        stderr.contains("failed to build the image of service \"web\" from nowhere/Dockerfile")
+            && stderr.contains("nowhere/Dockerfile does not exist at commit"),
         "{stderr}"
     );
+    nothing_left(&demo.last_change());
 }

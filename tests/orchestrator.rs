@@ -436,6 +436,45 @@ async fn events_are_stored_in_order_and_the_reaper_fails_changes_of_dead_runners
 }
 
 #[tokio::test]
+async fn service_images_are_built_and_dind_prepared_before_the_step_runs() {
+    let manifest = json!({"actions": {
+        "it": {"run": "it", "docker": "dind", "services": {
+            "api": {"build": "services/api/Dockerfile"},
+            "db": {"image": "local/db:1"}}},
+        "broken": {"run": "broken", "services": {"api": {"build": "missing/Dockerfile"}}}
+    }});
+    let w = world(manifest, vec![("it", ok()), ("broken", ok())]).await;
+    let (state, _) = w.run("it").await;
+    assert_eq!(state, ChangeState::Success);
+    let run = w.executor.runs.lock().unwrap()[0].clone();
+    assert_eq!(
+        run.services["api"].image.as_deref(),
+        Some("fake-service:api")
+    );
+    assert_eq!(run.services["db"].image.as_deref(), Some("local/db:1"));
+    assert_eq!(
+        run.docker,
+        Some(runner::executor::StepDocker::Dind {
+            image: "fake-dind".into()
+        })
+    );
+
+    let (state, steps) = w.run("broken").await;
+    assert_eq!(state, ChangeState::Error);
+    assert_eq!(
+        w.ran(),
+        ["it"],
+        "a step whose service cannot be built does not run"
+    );
+    let reason = steps[0].reason.clone().unwrap();
+    assert!(
+        reason.contains("failed to build the image of service \"api\" from missing/Dockerfile")
+            && reason.contains("does not exist"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
 async fn bad_requests_fail_before_anything_runs() {
     let w = world(tree(), vec![]).await;
     let request = |action: &str, env: &str| CreateChange {

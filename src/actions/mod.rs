@@ -56,16 +56,79 @@ pub enum DockerAccess {
     /// The host's daemon socket, bind-mounted: fast and shares the host's image cache, but gives the step root on
     /// the host.
     Socket,
-    /// A privileged daemon of the step's own, as a service.
+    /// A daemon of the step's own (Docker-in-Docker), started as the step's service `docker`: isolated from the
+    /// host's daemon and its cache, but the daemon's container runs with (nearly) every privilege.
     Dind,
+}
+
+/// The service name `docker: dind` takes for the step's own daemon (as GitLab's and Harness's dind services are
+/// reached at `docker`).
+pub const DIND_SERVICE: &str = "docker";
+
+/// A service image built from the repository at the change's commit, instead of a local image.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ServiceBuild {
+    /// A Dockerfile's path in the repository; the context is the repository's root.
+    Dockerfile(String),
+    Spec {
+        dockerfile: String,
+        /// A directory of the repository; its root by default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context: Option<String>,
+    },
+}
+
+impl ServiceBuild {
+    pub fn dockerfile(&self) -> &str {
+        match self {
+            ServiceBuild::Dockerfile(path)
+            | ServiceBuild::Spec {
+                dockerfile: path, ..
+            } => path,
+        }
+    }
+
+    pub fn context(&self) -> &str {
+        match self {
+            ServiceBuild::Spec {
+                context: Some(context),
+                ..
+            } => context,
+            _ => ".",
+        }
+    }
+}
+
+/// A path inside the repository: relative, and never leaving it.
+fn repository_path(path: &str) -> Result<(), String> {
+    let p = std::path::Path::new(path);
+    if path.trim().is_empty() {
+        return Err("is empty".into());
+    }
+    if p.is_absolute() {
+        return Err(format!(
+            "{path:?} is absolute: give a path inside the repository"
+        ));
+    }
+    if p.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(format!(
+            "{path:?} leaves the repository (`..`): give a path inside it"
+        ));
+    }
+    Ok(())
 }
 
 /// A background service of a step (seeds 000/001): its own container on the step's private network.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
-    /// A local image: there is no registry to pull from.
-    pub image: String,
+    /// A local image: there is no registry to pull from. Exactly one of `image` and `build` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Build the image from the repository at the change's commit, with the builder step images use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<ServiceBuild>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entrypoint: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -217,12 +280,14 @@ impl Manifest {
                     action: name.clone(),
                 });
             }
-            if action.docker == Some(DockerAccess::Dind) {
+            if action.docker == Some(DockerAccess::Dind)
+                && action.services.contains_key(DIND_SERVICE)
+            {
                 return Err(ManifestError::BadService {
                     path: path.to_owned(),
                     action: name.clone(),
-                    service: "docker".into(),
-                    problem: "uses `docker: dind`, which this runner cannot provide yet: use `docker: socket`".into(),
+                    service: DIND_SERVICE.into(),
+                    problem: "clashes with `docker: dind`, whose daemon is the service `docker`: rename the service".into(),
                 });
             }
             for (service_name, service) in &action.services {
@@ -239,10 +304,23 @@ impl Manifest {
                 if !valid_name {
                     return Err(bad("has an invalid name: use letters, digits, `-` and `_` (it becomes a hostname)".into()));
                 }
-                if service.image.trim().is_empty() {
-                    return Err(bad(
-                        "needs an `image` (a local one: there is no registry)".into()
-                    ));
+                match (&service.image, &service.build) {
+                    (Some(_), Some(_)) => {
+                        return Err(bad("has both `image` and `build`: give one".into()))
+                    }
+                    (None, None) => {
+                        return Err(bad("needs an `image` (a local one: there is no registry) or a `build` (a Dockerfile in the repository)".into()))
+                    }
+                    (Some(image), None) if image.trim().is_empty() => {
+                        return Err(bad("needs an `image` (a local one: there is no registry)".into()))
+                    }
+                    (None, Some(build)) => {
+                        repository_path(build.dockerfile())
+                            .map_err(|e| bad(format!("has a build Dockerfile path that {e}")))?;
+                        repository_path(build.context())
+                            .map_err(|e| bad(format!("has a build context that {e}")))?;
+                    }
+                    _ => {}
                 }
                 if let Some(policy) = &service.pull_policy {
                     if policy != "never" && policy != "if-not-present" {
@@ -469,6 +547,44 @@ mod tests {
         )
         .contains("nothing can be pulled"));
         assert!(err(r#"{"actions": {"it": {"services": {"db": {"image": "x", "resources": {"memory": "5X"}}}}}}"#).contains("invalid memory unit"));
+    }
+
+    #[test]
+    fn service_builds_and_dind_are_checked() {
+        let p = ".opschain/actions.json";
+        let m = Manifest::parse(
+            p,
+            br#"{"actions": {"it": {"run": "x", "docker": "dind", "services": {
+            "api": {"build": "services/api/Dockerfile"},
+            "web": {"build": {"dockerfile": "web/Dockerfile", "context": "web"}}}}}}"#,
+        )
+        .unwrap();
+        let it = &m.actions["it"];
+        assert_eq!(it.docker, Some(DockerAccess::Dind));
+        let api = it.services["api"].build.as_ref().unwrap();
+        assert_eq!(
+            (api.dockerfile(), api.context()),
+            ("services/api/Dockerfile", ".")
+        );
+        let web = it.services["web"].build.as_ref().unwrap();
+        assert_eq!((web.dockerfile(), web.context()), ("web/Dockerfile", "web"));
+
+        let err = |text: &str| Manifest::parse(p, text.as_bytes()).unwrap_err().to_string();
+        assert!(
+            err(r#"{"actions": {"it": {"services": {"db": {"image": "x", "build": "D"}}}}}"#)
+                .contains("has both `image` and `build`")
+        );
+        assert!(err(r#"{"actions": {"it": {"services": {"db": {}}}}}"#).contains("or a `build`"));
+        assert!(
+            err(r#"{"actions": {"it": {"services": {"db": {"build": "/etc/Dockerfile"}}}}}"#)
+                .contains("is absolute")
+        );
+        assert!(err(r#"{"actions": {"it": {"services": {"db": {"build": {"dockerfile": "D", "context": "../x"}}}}}}"#)
+            .contains("build context that \"../x\" leaves the repository"));
+        assert_eq!(
+            err(r#"{"actions": {"it": {"docker": "dind", "services": {"docker": {"image": "x"}}}}}"#),
+            "action \"it\" in .opschain/actions.json: service \"docker\" clashes with `docker: dind`, whose daemon is the service `docker`: rename the service"
+        );
     }
 
     #[test]

@@ -83,6 +83,9 @@ enum Command {
 enum ImageCommand {
     /// Build the base runner image offline from runner-image/ (skipped when its inputs did not change).
     BuildBase,
+    /// Build the Docker-in-Docker image for `docker: dind` steps offline from this machine's docker.io (the first
+    /// such step builds it too; skipped when its inputs did not change).
+    BuildDind,
 }
 
 #[derive(Subcommand, Debug)]
@@ -290,7 +293,8 @@ async fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", path.display());
             Ok(())
         }
-        Command::Image(ImageCommand::BuildBase) => build_base(&home).await,
+        Command::Image(ImageCommand::BuildBase) => build_image(&home, OfflineImage::Base).await,
+        Command::Image(ImageCommand::BuildDind) => build_image(&home, OfflineImage::Dind).await,
         Command::Serve(args) => serve(App::open(&home).await?, args).await,
         Command::Bench(cmd) => bench::run(&home, cmd).await,
         Command::Secret(_) if cli.server.is_some() => Err(Error::InvalidArgument {
@@ -451,7 +455,14 @@ fn secret(app: &App, cmd: SecretCommand) -> Result<()> {
     Ok(())
 }
 
-async fn build_base(home: &Path) -> Result<()> {
+/// The images the runner builds offline from this machine's files.
+#[derive(Clone, Copy)]
+enum OfflineImage {
+    Base,
+    Dind,
+}
+
+async fn build_image(home: &Path, which: OfflineImage) -> Result<()> {
     std::fs::create_dir_all(home).map_err(|source| Error::Home {
         path: home.to_owned(),
         source,
@@ -466,20 +477,41 @@ async fn build_base(home: &Path) -> Result<()> {
         }
     });
     let started = std::time::Instant::now();
-    let image = crate::image::base::build_base(
-        home,
-        &crate::buildkit::DockerEndpoint::from_env(),
-        &docker,
-        &crate::image::base::BaseImageInputs::from_env(),
-        &crate::runtime::base_image(),
-        tx,
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await?;
+    let endpoint = crate::buildkit::DockerEndpoint::from_env();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let inputs = crate::image::base::BaseImageInputs::from_env();
+    let (what, image) = match which {
+        OfflineImage::Base => (
+            "base runner image",
+            crate::image::base::build_base(
+                home,
+                &endpoint,
+                &docker,
+                &inputs,
+                &crate::runtime::base_image(),
+                tx,
+                cancel,
+            )
+            .await?,
+        ),
+        OfflineImage::Dind => (
+            "Docker-in-Docker image",
+            crate::image::dind::build_dind(
+                home,
+                &endpoint,
+                &docker,
+                &inputs.busybox,
+                &crate::image::dind::reference(),
+                tx,
+                cancel,
+            )
+            .await?,
+        ),
+    };
     let _ = printer.await;
-    let what = if image.built { "built" } else { "up to date" };
+    let how = if image.built { "built" } else { "up to date" };
     eprintln!(
-        "base runner image {} {what} in {:.2} s",
+        "{what} {} {how} in {:.2} s",
         image.reference,
         started.elapsed().as_secs_f64()
     );

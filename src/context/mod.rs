@@ -79,6 +79,19 @@ pub fn step_context_env(properties: &Value, context: &Value) -> Result<Value, Op
 }
 
 /// Decides the context's files and build args.
+/// The build arguments every image built from a change's commit gets (step images and service images alike).
+pub fn build_args(git_rev: &str, git_sha: &str, base_runner: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("GIT_REV".to_owned(), git_rev.to_owned()),
+        ("GIT_SHA".to_owned(), git_sha.to_owned()),
+        ("OPSCHAIN_BASE_RUNNER".to_owned(), base_runner.to_owned()),
+        (
+            "OPSCHAIN_VERSION".to_owned(),
+            env!("CARGO_PKG_VERSION").to_owned(),
+        ),
+    ])
+}
+
 pub fn plan(inputs: &ContextInputs) -> Result<ContextPlan, ContextError> {
     let (dockerfile_source, dockerfile) = match inputs.repository_dockerfile {
         Some(bytes) => (DockerfileSource::Repository, bytes.to_vec()),
@@ -90,18 +103,7 @@ pub fn plan(inputs: &ContextInputs) -> Result<ContextPlan, ContextError> {
     let env = step_context_env(inputs.properties, inputs.context)?;
     let mut step_context_env = serde_json::to_vec_pretty(&env).expect("a Value serialises");
     step_context_env.push(b'\n');
-    let build_args = BTreeMap::from([
-        ("GIT_REV".to_owned(), inputs.git_rev.to_owned()),
-        ("GIT_SHA".to_owned(), inputs.git_sha.to_owned()),
-        (
-            "OPSCHAIN_BASE_RUNNER".to_owned(),
-            inputs.base_runner.to_owned(),
-        ),
-        (
-            "OPSCHAIN_VERSION".to_owned(),
-            env!("CARGO_PKG_VERSION").to_owned(),
-        ),
-    ]);
+    let build_args = build_args(inputs.git_rev, inputs.git_sha, inputs.base_runner);
     Ok(ContextPlan {
         dockerfile_source,
         dockerfile,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use crate::actions::{DockerAccess, Service};
+use crate::actions::Service;
 use crate::secrets::SecretValues;
 use std::collections::BTreeMap;
 
@@ -48,10 +48,21 @@ pub struct StepRun {
     pub timeout: Option<Duration>,
     /// Between SIGTERM and SIGKILL on timeout or cancel.
     pub stop_grace: Duration,
-    /// Background services started before the step and removed after it.
+    /// Background services started before the step and removed after it; each has its `image` (services built
+    /// from the repository were built before the step was handed over).
     pub services: BTreeMap<String, Service>,
     /// Docker access for the step's action.
-    pub docker: Option<DockerAccess>,
+    pub docker: Option<StepDocker>,
+}
+
+/// How a step reaches a Docker daemon, with what that needs already prepared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepDocker {
+    /// The host's daemon socket, mounted into the step.
+    Socket,
+    /// A daemon of the step's own, run from `image` as the service [`crate::actions::DIND_SERVICE`], its storage
+    /// in a volume of the step's and its socket shared with the step through another.
+    Dind { image: String },
 }
 
 /// Which output stream a log line came from.
@@ -120,9 +131,10 @@ fn tail(lines: &[String]) -> String {
 pub enum LeftOverKind {
     Container,
     Network,
+    Volume,
 }
 
-/// A container or network the runner left behind, found by its labels.
+/// A container, network or volume the runner left behind, found by its labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeftOver {
     pub kind: LeftOverKind,
@@ -142,9 +154,12 @@ pub struct LeftOver {
 ///   [`STEP_RESULT_PATH`] if the step wrote it.
 /// - On `run.timeout` or `cancel` it sends SIGTERM, then SIGKILL after `run.stop_grace`, and reports
 ///   [`Ended::TimedOut`] / [`Ended::Cancelled`].
-/// - Whatever happens — success, failure, timeout, cancel, an error of its own — the container is removed before
-///   `run_step` returns.
-/// - [`left_overs`](Executor::left_overs) lists labelled containers still present, and
+/// - `run.services` (and, for [`StepDocker::Dind`], the step's own daemon) start before the step's container, on a
+///   private network of the step's, each reachable by its name; the step starts only once every service with a
+///   readiness probe passed it, and fails with the service's last log lines if one never does.
+/// - Whatever happens — success, failure, timeout, cancel, an error of its own — the container, its services,
+///   their network and volumes are removed before `run_step` returns; service logs go to `logs` first.
+/// - [`left_overs`](Executor::left_overs) lists labelled containers, networks and volumes still present, and
 ///   [`remove`](Executor::remove) removes one; the orchestrator decides which belong to dead runners.
 pub trait Executor: Send + Sync {
     fn run_step<'a>(

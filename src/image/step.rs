@@ -15,11 +15,15 @@ use crate::buildkit::{self, BuildError, BuildProgress, BuildRequest, DockerEndpo
 use crate::context::{self, ContextInputs};
 use crate::error::{Error, Result};
 use crate::events::{BuildStatus, Event};
-use crate::orchestrator::{step_context, EventTx, ImageRequest, PreparedImage, StepImages};
-use crate::snapshot::{mirror_path, repo_tar, Mirror};
+use crate::orchestrator::{
+    step_context, EventTx, ImageRequest, PreparedImage, ServiceImageRequest, StepImages,
+};
+use crate::snapshot::{mirror_path, repo_tar, repo_tree, Mirror};
 
 /// The image repository step images are tagged into.
 pub const STEP_IMAGE_REPOSITORY: &str = "runner-step";
+/// The image repository service images built from a repository are tagged into.
+pub const SERVICE_IMAGE_REPOSITORY: &str = "runner-service";
 
 /// Identifies a step image by everything that goes into it.
 pub fn content_key(
@@ -82,6 +86,8 @@ pub struct BuildKitImages {
     docker: bollard::Docker,
     base_image: String,
     flights: SingleFlight,
+    /// Whether this process made sure the dind image matches this machine's docker.io.
+    dind_checked: Mutex<bool>,
 }
 
 impl BuildKitImages {
@@ -97,6 +103,7 @@ impl BuildKitImages {
             docker,
             base_image,
             flights: SingleFlight::default(),
+            dind_checked: Mutex::new(false),
         }
     }
 
@@ -178,41 +185,7 @@ impl BuildKitImages {
         let written = context::write(&plan, &tar, &dir, mtime)?;
         let step_id = id.step_id.to_owned();
         let build = async {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BuildProgress>();
-            let forward = tokio::spawn(async move {
-                while let Some(progress) = rx.recv().await {
-                    let event = match progress {
-                        BuildProgress::VertexStarted { name, .. } => Event::Build {
-                            step_id: step_id.clone(),
-                            vertex: name,
-                            status: BuildStatus::Started,
-                        },
-                        BuildProgress::VertexCompleted {
-                            name,
-                            cached,
-                            error,
-                            ..
-                        } => {
-                            let status = match (error, cached) {
-                                (Some(_), _) => BuildStatus::Failed,
-                                (None, true) => BuildStatus::Cached,
-                                (None, false) => BuildStatus::Completed,
-                            };
-                            Event::Build {
-                                step_id: step_id.clone(),
-                                vertex: name,
-                                status,
-                            }
-                        }
-                        BuildProgress::Log { line, .. } => Event::Log {
-                            step_id: step_id.clone(),
-                            stream: crate::executor::Stream::Stderr,
-                            line: format!("build: {line}"),
-                        },
-                    };
-                    let _ = events.send(event);
-                }
-            });
+            let (tx, forward) = forward_progress(step_id, events);
             let request = BuildRequest {
                 context_dir: written.context_dir.clone(),
                 dockerfile_dir: written.dockerfile_dir.clone(),
@@ -240,7 +213,216 @@ impl BuildKitImages {
     }
 }
 
+/// Turns BuildKit's progress into the step's build events, until the sender is dropped.
+fn forward_progress(
+    step_id: String,
+    events: EventTx,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<BuildProgress>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BuildProgress>();
+    let forward = tokio::spawn(async move {
+        while let Some(progress) = rx.recv().await {
+            let event = match progress {
+                BuildProgress::VertexStarted { name, .. } => Event::Build {
+                    step_id: step_id.clone(),
+                    vertex: name,
+                    status: BuildStatus::Started,
+                },
+                BuildProgress::VertexCompleted {
+                    name,
+                    cached,
+                    error,
+                    ..
+                } => {
+                    let status = match (error, cached) {
+                        (Some(_), _) => BuildStatus::Failed,
+                        (None, true) => BuildStatus::Cached,
+                        (None, false) => BuildStatus::Completed,
+                    };
+                    Event::Build {
+                        step_id: step_id.clone(),
+                        vertex: name,
+                        status,
+                    }
+                }
+                BuildProgress::Log { line, .. } => Event::Log {
+                    step_id: step_id.clone(),
+                    stream: crate::executor::Stream::Stderr,
+                    line: format!("build: {line}"),
+                },
+            };
+            let _ = events.send(event);
+        }
+    });
+    (tx, forward)
+}
+
+impl BuildKitImages {
+    async fn prepare_service_inner(
+        &self,
+        request: ServiceImageRequest<'_>,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> Result<PreparedImage> {
+        let id = request.identity;
+        let (home, project, sha) = (
+            self.home.clone(),
+            id.project.clone(),
+            id.change.git_sha.clone(),
+        );
+        let remote = project.git_remote.clone().unwrap_or_default();
+        let tree = tokio::task::spawn_blocking(move || {
+            let mirror = Mirror::open(&mirror_path(&home, &project.code), &remote)?;
+            repo_tree(
+                &mirror,
+                &sha,
+                &home.join("cache/repo-tars"),
+                &home.join("cache/repo-trees"),
+            )
+        })
+        .await
+        .expect("the snapshot task does not panic")?;
+        let build = request.build;
+        let dockerfile_path = tree.join(build.dockerfile());
+        let dockerfile = std::fs::read(&dockerfile_path).map_err(|_| Error::Build {
+            message: format!(
+                "{} does not exist at commit {}: add it, or fix the service's `build`",
+                build.dockerfile(),
+                id.change.git_sha
+            ),
+        })?;
+        let context_dir = tree.join(build.context());
+        if !context_dir.is_dir() {
+            return Err(Error::Build {
+                message: format!(
+                    "the build context {} is not a directory at commit {}",
+                    build.context(),
+                    id.change.git_sha
+                ),
+            });
+        }
+        let base_id = self.image_id(&self.base_image).await.unwrap_or_default();
+        let build_args =
+            context::build_args(&id.change.git_rev, &id.change.git_sha, &self.base_image);
+        let key = content_key(
+            &dockerfile,
+            &id.change.git_sha,
+            format!("service context {}", build.context()).as_bytes(),
+            &build_args,
+            &base_id,
+        );
+        let reference = format!("{SERVICE_IMAGE_REPOSITORY}:{}", &key[..32]);
+        if self.image_id(&reference).await.is_some() {
+            return Ok(PreparedImage {
+                image: reference,
+                cached: true,
+            });
+        }
+        let (dockerfile_dir, dockerfile_name) = match dockerfile_path.parent() {
+            Some(dir) => (
+                dir.to_owned(),
+                dockerfile_path
+                    .file_name()
+                    .expect("a file")
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            None => (tree.clone(), build.dockerfile().to_owned()),
+        };
+        let request = BuildRequest {
+            context_dir,
+            dockerfile_dir,
+            dockerfile_name,
+            build_args,
+            labels: BTreeMap::from([("runner.content-key".to_owned(), key.clone())]),
+            tags: vec![reference.clone()],
+            secrets: BTreeMap::new(),
+        };
+        let (tx, forward) = forward_progress(id.step_id.to_owned(), events);
+        let build = async {
+            let built = buildkit::build(&self.endpoint, request, tx, cancel).await;
+            let _ = forward.await;
+            built
+                .map(|_| reference.clone())
+                .map_err(|e| crate::error::error_text(&e))
+        };
+        let image = self
+            .flights
+            .run(&key, build)
+            .await
+            .map_err(|message| Error::Build { message })?;
+        Ok(PreparedImage {
+            image,
+            cached: false,
+        })
+    }
+
+    async fn prepare_docker_daemon_inner(
+        &self,
+        step_id: &str,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> Result<PreparedImage> {
+        let reference = crate::image::dind::reference();
+        if *self.dind_checked.lock().await && self.image_id(&reference).await.is_some() {
+            return Ok(PreparedImage {
+                image: reference,
+                cached: true,
+            });
+        }
+        let (tx, forward) = forward_progress(step_id.to_owned(), events);
+        let build = async {
+            let built = crate::image::dind::build_dind(
+                &self.home,
+                &self.endpoint,
+                &self.docker,
+                &crate::image::base::BaseImageInputs::from_env().busybox,
+                &reference,
+                tx,
+                cancel,
+            )
+            .await;
+            let _ = forward.await;
+            built
+                .map(|image| image.reference)
+                .map_err(|e| crate::error::error_text(&e))
+        };
+        let image = self
+            .flights
+            .run("docker-daemon", build)
+            .await
+            .map_err(|message| Error::Build { message })?;
+        // Its inputs are this machine's docker.io: checked once per process, not on every step.
+        *self.dind_checked.lock().await = true;
+        Ok(PreparedImage {
+            image,
+            cached: false,
+        })
+    }
+}
+
 impl StepImages for BuildKitImages {
+    fn prepare_service<'a>(
+        &'a self,
+        request: ServiceImageRequest<'a>,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<PreparedImage>> {
+        self.prepare_service_inner(request, events, cancel).boxed()
+    }
+
+    fn prepare_docker_daemon<'a>(
+        &'a self,
+        step_id: &'a str,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<PreparedImage>> {
+        self.prepare_docker_daemon_inner(step_id, events, cancel)
+            .boxed()
+    }
+
     fn prepare<'a>(
         &'a self,
         request: ImageRequest<'a>,

@@ -4,6 +4,7 @@
 
 pub mod lease;
 pub mod patches;
+mod services;
 mod single;
 pub mod step_context;
 
@@ -18,7 +19,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::actions::{Action, Manifest, RunAs, MANIFEST_PATHS};
+use crate::actions::{Action, Manifest, RunAs, ServiceBuild, MANIFEST_PATHS};
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::events::{ChangeState, Event, EventRecord, Masker, Phase, StepState};
@@ -69,11 +70,36 @@ pub struct PreparedImage {
     pub cached: bool,
 }
 
-/// Builds (or reuses) the image a step runs in. Build progress goes to `events` as [`Event::Build`].
+/// A service image to build from the repository at the change's commit.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceImageRequest<'a> {
+    pub identity: StepIdentity<'a>,
+    pub service: &'a str,
+    pub build: &'a ServiceBuild,
+}
+
+/// Builds (or reuses) the images a step needs. Build progress goes to `events` as [`Event::Build`].
 pub trait StepImages: Send + Sync {
+    /// The image the step runs in.
     fn prepare<'a>(
         &'a self,
         request: ImageRequest<'a>,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<PreparedImage>>;
+
+    /// A service's image, built from the repository at the change's commit with the same builder.
+    fn prepare_service<'a>(
+        &'a self,
+        request: ServiceImageRequest<'a>,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<PreparedImage>>;
+
+    /// The image a `docker: dind` step's daemon runs from, built offline the first time it is needed.
+    fn prepare_docker_daemon<'a>(
+        &'a self,
+        step_id: &'a str,
         events: EventTx,
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<PreparedImage>>;
@@ -205,8 +231,8 @@ impl Orchestrator {
             |owner: &str| owner != self.owner && lease::owner_is_dead(owner, &leases, &host, now);
         let mut reaped = Reaped::default();
         let mut left_overs = self.executor.left_overs().await?;
-        // Containers first: a network cannot go while a container still uses it.
-        left_overs.sort_by_key(|l| l.kind == crate::executor::LeftOverKind::Network);
+        // Containers first: a network or volume in use cannot go.
+        left_overs.sort_by_key(|l| l.kind != crate::executor::LeftOverKind::Container);
         for left in left_overs {
             if left.store == store.id() && dead(&left.owner) {
                 self.executor.remove(&left).await?;
@@ -777,6 +803,20 @@ impl Orchestrator {
         store
             .set_step_image(&step.id, &image.image, image.cached)
             .await?;
+        let beside = match self
+            .prepare_beside(identity, action, events, &run.cancel)
+            .await
+        {
+            Ok(beside) => beside,
+            Err(e) if run.cancel.is_cancelled() => {
+                return fail(
+                    StepState::Cancelled,
+                    format!("cancelled while building: {}", crate::error::error_text(&e)),
+                )
+                .await
+            }
+            Err(e) => return fail(StepState::Error, crate::error::error_text(&e)).await,
+        };
         Self::phase(
             events,
             step,
@@ -805,8 +845,8 @@ impl Orchestrator {
             secrets: runner_secrets,
             timeout: action.timeout,
             stop_grace: self.settings.stop_grace,
-            services: action.services.clone(),
-            docker: action.docker,
+            services: beside.services,
+            docker: beside.docker,
         };
         Self::phase(
             events,

@@ -164,12 +164,20 @@ impl Orchestrator {
                     properties: &view,
                     build_secrets: &build_secrets,
                 },
-                build_tx,
+                build_tx.clone(),
                 cancel.clone(),
             )
             .await;
+        let image = match image {
+            Ok(image) => self
+                .prepare_beside(identity, &action, &build_tx, &cancel)
+                .await
+                .map(|beside| (image, beside)),
+            Err(e) => Err(e),
+        };
+        drop(build_tx);
         let _ = forward_build.await;
-        let image = image?;
+        let (image, beside) = image?;
         phase(
             Phase::BuildFinished,
             format!(
@@ -203,8 +211,8 @@ impl Orchestrator {
             secrets: runner_secrets,
             timeout: action.timeout,
             stop_grace: self.settings.stop_grace,
-            services: action.services.clone(),
-            docker: action.docker,
+            services: beside.services,
+            docker: beside.docker,
         };
         phase(
             Phase::RunStarted,

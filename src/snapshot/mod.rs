@@ -4,7 +4,7 @@
 mod repo_tar;
 mod sources;
 
-pub use repo_tar::repo_tar;
+pub use repo_tar::{repo_tar, repo_tree};
 pub use sources::GitSources;
 
 use git2::{FetchOptions, Oid, Repository};

@@ -150,6 +150,43 @@ pub fn repo_tar(mirror: &Mirror, sha: &str, cache_dir: &Path) -> Result<PathBuf,
     Ok(path)
 }
 
+/// `<cache_dir>/<sha>/`: the repository at `sha` unpacked from its repo.tar (in `tars`), for builds whose context is
+/// the repository itself (service images). Unpacked once; every entry keeps the tar's fixed mtime, so BuildKit's
+/// file sync sees nothing new on later builds.
+pub fn repo_tree(
+    mirror: &Mirror,
+    sha: &str,
+    tars: &Path,
+    cache_dir: &Path,
+) -> Result<PathBuf, SnapshotError> {
+    let path = cache_dir.join(sha);
+    if path.is_dir() {
+        return Ok(path);
+    }
+    let tar = repo_tar(mirror, sha, tars)?;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SnapshotError::Io { path, source }
+    };
+    std::fs::create_dir_all(cache_dir).map_err(io(cache_dir))?;
+    let _unpacking = super::lock(&path)?;
+    if path.is_dir() {
+        return Ok(path);
+    }
+    let scratch = tempdir_in(cache_dir)?;
+    let file = std::fs::File::open(&tar).map_err(io(&tar))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    archive.set_preserve_mtime(true);
+    archive.set_preserve_permissions(true);
+    let unpacked = archive.unpack(&scratch).map_err(io(&scratch));
+    if let Err(e) = unpacked {
+        let _ = std::fs::remove_dir_all(&scratch);
+        return Err(e);
+    }
+    std::fs::rename(&scratch, &path).map_err(io(&path))?;
+    Ok(path)
+}
+
 fn tempdir_in(dir: &Path) -> Result<PathBuf, SnapshotError> {
     let path = dir.join(format!(
         ".scratch-{}-{}",

@@ -3,7 +3,9 @@
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use runner::orchestrator::{EventTx, ImageRequest, PreparedImage, Sources, StepImages};
+use runner::orchestrator::{
+    EventTx, ImageRequest, PreparedImage, ServiceImageRequest, Sources, StepImages,
+};
 use runner::store::Project;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +44,7 @@ impl Sources for FakeSources {
     }
 }
 
+/// Names images after what they are for; a service build whose Dockerfile path contains "missing" fails.
 pub struct FakeImages;
 
 impl StepImages for FakeImages {
@@ -56,6 +59,43 @@ impl StepImages for FakeImages {
             Ok(PreparedImage {
                 image,
                 cached: false,
+            })
+        }
+        .boxed()
+    }
+
+    fn prepare_service<'a>(
+        &'a self,
+        request: ServiceImageRequest<'a>,
+        _: EventTx,
+        _: CancellationToken,
+    ) -> BoxFuture<'a, runner::error::Result<PreparedImage>> {
+        let dockerfile = request.build.dockerfile().to_owned();
+        let image = format!("fake-service:{}", request.service);
+        async move {
+            if dockerfile.contains("missing") {
+                return Err(runner::error::Error::Build {
+                    message: format!("{dockerfile} does not exist"),
+                });
+            }
+            Ok(PreparedImage {
+                image,
+                cached: false,
+            })
+        }
+        .boxed()
+    }
+
+    fn prepare_docker_daemon<'a>(
+        &'a self,
+        _: &'a str,
+        _: EventTx,
+        _: CancellationToken,
+    ) -> BoxFuture<'a, runner::error::Result<PreparedImage>> {
+        async move {
+            Ok(PreparedImage {
+                image: "fake-dind".into(),
+                cached: true,
             })
         }
         .boxed()

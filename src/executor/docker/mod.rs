@@ -281,7 +281,7 @@ impl Executor for DockerExecutor {
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<StepOutcome, ExecutorError>> {
         async move {
-            let with_services = !run.services.is_empty();
+            let with_services = spec::needs_network(run);
             let outcome = async {
                 if with_services {
                     services::start(&self.docker, run).await?;
@@ -366,6 +366,30 @@ impl Executor for DockerExecutor {
                     step_id: labels.get(LABEL_STEP).cloned().unwrap_or_default(),
                 })
             }));
+            let volumes = self
+                .docker
+                .list_volumes(Some(bollard::query_parameters::ListVolumesOptions {
+                    filters: Some(HashMap::from([(
+                        "label".to_owned(),
+                        vec![LABEL_OWNER.to_owned()],
+                    )])),
+                }))
+                .await
+                .map_err(|e| ExecutorError::Unavailable(e.to_string()))?;
+            found.extend(
+                volumes
+                    .volumes
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|v| LeftOver {
+                        kind: LeftOverKind::Volume,
+                        owner: v.labels.get(LABEL_OWNER).cloned().unwrap_or_default(),
+                        store: v.labels.get(LABEL_STORE).cloned().unwrap_or_default(),
+                        change_id: v.labels.get(LABEL_CHANGE).cloned().unwrap_or_default(),
+                        step_id: v.labels.get(LABEL_STEP).cloned().unwrap_or_default(),
+                        id: v.name,
+                    }),
+            );
             Ok(found)
         }
         .boxed()
@@ -376,6 +400,20 @@ impl Executor for DockerExecutor {
             let removed = match left_over.kind {
                 LeftOverKind::Container => self.remove_container(&left_over.id).await,
                 LeftOverKind::Network => match self.docker.remove_network(&left_over.id).await {
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404,
+                        ..
+                    }) => Ok(()),
+                    other => other,
+                },
+                LeftOverKind::Volume => match self
+                    .docker
+                    .remove_volume(
+                        &left_over.id,
+                        None::<bollard::query_parameters::RemoveVolumeOptions>,
+                    )
+                    .await
+                {
                     Err(bollard::errors::Error::DockerResponseServerError {
                         status_code: 404,
                         ..

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::spec;
-use crate::actions::{Readiness, Service};
-use crate::executor::{ExecutorError, LogLine, StepRun, Stream};
+use crate::actions::{Readiness, Service, DIND_SERVICE};
+use crate::executor::{ExecutorError, LogLine, StepDocker, StepRun, Stream};
 
 const DEFAULT_READINESS_TIMEOUT: Duration = Duration::from_secs(60);
 const PROBE_EVERY: Duration = Duration::from_millis(200);
@@ -24,8 +24,8 @@ fn failed(run: &StepRun, service: &str, problem: String, log_tail: Vec<String>) 
     }
 }
 
-/// Creates the network and starts every service; returns when all are ready. On failure, what was started is
-/// left for [`stop`] (which the caller always runs).
+/// Creates the network and starts every service (and the step's own daemon for `docker: dind`); returns when all
+/// are ready. On failure, what was started is left for [`stop`] (which the caller always runs).
 pub async fn start(docker: &Docker, run: &StepRun) -> Result<(), ExecutorError> {
     docker
         .create_network(spec::network_body(run))
@@ -38,35 +38,66 @@ pub async fn start(docker: &Docker, run: &StepRun) -> Result<(), ExecutorError> 
                 vec![],
             )
         })?;
+    let mut ready = vec![];
     for (name, service) in &run.services {
-        if docker.inspect_image(&service.image).await.is_err() {
+        let image = service.image.as_deref().unwrap_or_default();
+        if docker.inspect_image(image).await.is_err() {
             return Err(failed(
                 run,
                 name,
-                format!("needs image {:?}, which does not exist locally; no registry can be reached, so build or load it first (pull_policy {} cannot pull)", service.image, service.pull_policy.as_deref().unwrap_or("if-not-present")),
+                format!("needs image {image:?}, which does not exist locally; no registry can be reached, so build or load it first, or give the service a `build` (pull_policy {} cannot pull)", service.pull_policy.as_deref().unwrap_or("if-not-present")),
                 vec![],
             ));
         }
-        let options = CreateContainerOptions {
-            name: Some(spec::service_container_name(run, name)),
-            ..Default::default()
-        };
-        docker
-            .create_container(Some(options), spec::service_body(run, name, service))
-            .await
-            .map_err(|e| failed(run, name, format!("could not be created: {e}"), vec![]))?;
-        docker
-            .start_container(
-                &spec::service_container_name(run, name),
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
-            .await
-            .map_err(|e| failed(run, name, format!("could not be started: {e}"), vec![]))?;
+        create_and_start(docker, run, name, spec::service_body(run, name, service)).await?;
+        ready.push((name.clone(), service.clone()));
     }
-    for (name, service) in &run.services {
+    if let Some(StepDocker::Dind { image }) = &run.docker {
+        let volumes = spec::dind_volumes(run);
+        for volume in [&volumes.data, &volumes.socket] {
+            docker
+                .create_volume(spec::volume_body(run, volume))
+                .await
+                .map_err(|e| {
+                    failed(
+                        run,
+                        DIND_SERVICE,
+                        format!("could not get its volume {volume}: {e}"),
+                        vec![],
+                    )
+                })?;
+        }
+        create_and_start(docker, run, DIND_SERVICE, spec::dind_body(run, image)).await?;
+        ready.push((DIND_SERVICE.to_owned(), spec::dind_service(image)));
+    }
+    for (name, service) in &ready {
         wait_ready(docker, run, name, service).await?;
     }
     Ok(())
+}
+
+async fn create_and_start(
+    docker: &Docker,
+    run: &StepRun,
+    name: &str,
+    body: bollard::models::ContainerCreateBody,
+) -> Result<(), ExecutorError> {
+    let container = spec::service_container_name(run, name);
+    let options = CreateContainerOptions {
+        name: Some(container.clone()),
+        ..Default::default()
+    };
+    docker
+        .create_container(Some(options), body)
+        .await
+        .map_err(|e| failed(run, name, format!("could not be created: {e}"), vec![]))?;
+    docker
+        .start_container(
+            &container,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        )
+        .await
+        .map_err(|e| failed(run, name, format!("could not be started: {e}"), vec![]))
 }
 
 async fn wait_ready(
@@ -166,14 +197,14 @@ async fn log_tail(docker: &Docker, container: &str) -> Vec<String> {
 }
 
 /// Keeps each service's log with the step (lines `[service NAME] …`; a service's exit code fails nothing), then
-/// removes the services and the network.
+/// removes the services, the network and the step's volumes.
 pub async fn stop(
     docker: &Docker,
     run: &StepRun,
     logs: &UnboundedSender<LogLine>,
 ) -> Result<(), ExecutorError> {
     let mut first_error = None;
-    for name in run.services.keys() {
+    for name in &spec::service_names(run) {
         let container = spec::service_container_name(run, name);
         for line in logs_of(docker, &container).await {
             let _ = logs.send(LogLine {
@@ -214,6 +245,31 @@ pub async fn stop(
                 format!("could not be removed: {e}"),
                 vec![],
             ));
+        }
+    }
+    if matches!(run.docker, Some(StepDocker::Dind { .. })) {
+        let volumes = spec::dind_volumes(run);
+        for volume in [&volumes.data, &volumes.socket] {
+            match docker
+                .remove_volume(
+                    volume,
+                    None::<bollard::query_parameters::RemoveVolumeOptions>,
+                )
+                .await
+            {
+                Ok(())
+                | Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => {}
+                Err(e) => {
+                    first_error.get_or_insert(failed(
+                        run,
+                        DIND_SERVICE,
+                        format!("could not have its volume {volume} removed: {e}"),
+                        vec![],
+                    ));
+                }
+            }
         }
     }
     first_error.map_or(Ok(()), Err)

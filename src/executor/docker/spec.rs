@@ -2,15 +2,17 @@
 //! Tested without a daemon.
 
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
+    ContainerCreateBody, EndpointSettings, HostConfig, HostConfigCgroupnsModeEnum, Mount,
+    MountType, NetworkCreateRequest, NetworkingConfig, VolumeCreateRequest,
 };
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::Read;
 
-use crate::actions::{parse_memory, DockerAccess, Service};
+use crate::actions::{parse_memory, Readiness, Service, DIND_SERVICE};
 use crate::executor::{
-    StepRun, LABEL_CHANGE, LABEL_OWNER, LABEL_SERVICE, LABEL_STEP, LABEL_STORE, STEP_ROOT,
+    StepDocker, StepRun, LABEL_CHANGE, LABEL_OWNER, LABEL_SERVICE, LABEL_STEP, LABEL_STORE,
+    STEP_ROOT,
 };
 
 /// Tells the agent to read its envelope (step context, secrets, result marker) from stdin before it runs the action.
@@ -35,10 +37,14 @@ pub const STEP_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// The container: the image's own entrypoint (the agent), stdin open for the secrets, nothing secret in `Env`.
 /// `host_socket` is the daemon's socket on this host, mounted for `docker: socket`.
 pub fn container_body(run: &StepRun, host_socket: &str) -> ContainerCreateBody {
-    let socket = run.docker == Some(DockerAccess::Socket);
+    let socket = run.docker == Some(StepDocker::Socket);
+    let dind = matches!(run.docker, Some(StepDocker::Dind { .. }));
     let mut env = vec![STDIN_ENVELOPE.to_owned()];
     if socket {
         env.push(format!("DOCKER_HOST=unix://{STEP_DOCKER_SOCKET}"));
+    }
+    if dind {
+        env.push(format!("DOCKER_HOST=unix://{DIND_SOCKET_DIR}/docker.sock"));
     }
     ContainerCreateBody {
         image: Some(run.image.clone()),
@@ -56,12 +62,27 @@ pub fn container_body(run: &StepRun, host_socket: &str) -> ContainerCreateBody {
             // docker-init as PID 1 forwards SIGTERM to the agent, so a stop is graceful rather than waiting out
             // the grace period (PID 1 ignores signals it has no handler for).
             init: Some(true),
-            network_mode: (!run.services.is_empty()).then(|| network_name(run)),
+            network_mode: needs_network(run).then(|| network_name(run)),
             binds: socket.then(|| vec![format!("{host_socket}:{STEP_DOCKER_SOCKET}")]),
+            mounts: dind.then(|| vec![volume_mount(&dind_volumes(run).socket, DIND_SOCKET_DIR)]),
             ..Default::default()
         }),
         ..Default::default()
     }
+}
+
+/// A step gets a network of its own when something runs beside it.
+pub fn needs_network(run: &StepRun) -> bool {
+    !run.services.is_empty() || matches!(run.docker, Some(StepDocker::Dind { .. }))
+}
+
+/// Every service container of the step, by name: the action's services and, for `docker: dind`, its daemon.
+pub fn service_names(run: &StepRun) -> Vec<String> {
+    let mut names: Vec<String> = run.services.keys().cloned().collect();
+    if matches!(run.docker, Some(StepDocker::Dind { .. })) {
+        names.push(DIND_SERVICE.to_owned());
+    }
+    names
 }
 
 /// The private network a step with services gets: services are reachable by name on it and nothing is published.
@@ -108,7 +129,7 @@ pub fn service_body(run: &StepRun, name: &str, service: &Service) -> ContainerCr
     labels.insert(LABEL_SERVICE.to_owned(), name.to_owned());
     let resources = service.resources.clone().unwrap_or_default();
     ContainerCreateBody {
-        image: Some(service.image.clone()),
+        image: service.image.clone(),
         hostname: Some(name.to_owned()),
         labels: Some(labels),
         env: Some(
@@ -142,6 +163,86 @@ pub fn service_body(run: &StepRun, name: &str, service: &Service) -> ContainerCr
         }),
         ..Default::default()
     }
+}
+
+/// Where the step's own daemon puts its socket, in the volume the step mounts at the same place.
+pub const DIND_SOCKET_DIR: &str = "/run/dind";
+/// Where the daemon keeps images and containers: a volume, since overlay2 cannot stack on the container's own
+/// overlay root.
+pub const DIND_DATA_DIR: &str = "/var/lib/docker";
+
+/// The two volumes of a `docker: dind` step.
+pub struct DindVolumes {
+    pub data: String,
+    pub socket: String,
+}
+
+pub fn dind_volumes(run: &StepRun) -> DindVolumes {
+    DindVolumes {
+        data: format!("runner-dind-{}-data", run.step_id),
+        socket: format!("runner-dind-{}-socket", run.step_id),
+    }
+}
+
+pub fn volume_body(run: &StepRun, name: &str) -> VolumeCreateRequest {
+    VolumeCreateRequest {
+        name: Some(name.to_owned()),
+        labels: Some(labels(run)),
+        ..Default::default()
+    }
+}
+
+fn volume_mount(volume: &str, target: &str) -> Mount {
+    Mount {
+        typ: Some(MountType::VOLUME),
+        source: Some(volume.to_owned()),
+        target: Some(target.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// How the step's daemon is told apart from a user's service: readiness is its API answering on the socket.
+pub fn dind_service(image: &str) -> Service {
+    Service {
+        image: Some(image.to_owned()),
+        readiness: Some(Readiness::Exec(vec![
+            "docker".into(),
+            "--host".into(),
+            format!("unix://{DIND_SOCKET_DIR}/docker.sock"),
+            "version".into(),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// The step's own Docker daemon. `privileged` would be the usual way, but it asks for every capability, and
+/// daemons that run sandboxed themselves (as on these machines, which lack CAP_SYS_RESOURCE) refuse it with
+/// "unable to apply caps". So the container gets every capability but that one, no seccomp or AppArmor profile,
+/// no masked or read-only /proc paths, and its own cgroup namespace, whose hierarchies the image's entrypoint mounts writable;
+/// that is what dockerd and runc need. It is still root on the host in all but name: the README says so.
+pub fn dind_body(run: &StepRun, image: &str) -> ContainerCreateBody {
+    let service = dind_service(image);
+    let mut body = service_body(run, DIND_SERVICE, &service);
+    let volumes = dind_volumes(run);
+    let host = body.host_config.get_or_insert_with(Default::default);
+    host.privileged = Some(false);
+    host.cap_add = Some(vec!["ALL".into()]);
+    host.cap_drop = Some(vec!["SYS_RESOURCE".into()]);
+    host.security_opt = Some(vec![
+        "seccomp=unconfined".into(),
+        "apparmor=unconfined".into(),
+    ]);
+    // The API's form of the CLI's `--security-opt systempaths=unconfined`: no masked or read-only /proc paths.
+    host.masked_paths = Some(vec![]);
+    host.readonly_paths = Some(vec![]);
+    host.cgroupns_mode = Some(HostConfigCgroupnsModeEnum::PRIVATE);
+    host.mounts = Some(vec![
+        volume_mount(&volumes.data, DIND_DATA_DIR),
+        volume_mount(&volumes.socket, DIND_SOCKET_DIR),
+    ]);
+    // docker-init would sit between the entrypoint's dockerd and its shims; dockerd reaps its own children.
+    host.init = Some(false);
+    body
 }
 
 /// What the agent reads from stdin: the step context it writes to `step_context.json` before the action starts,
@@ -231,7 +332,7 @@ mod tests {
         let mut run = run();
         let plain = container_body(&run, "/run/docker.sock");
         assert_eq!(plain.host_config.unwrap().binds, None);
-        run.docker = Some(DockerAccess::Socket);
+        run.docker = Some(StepDocker::Socket);
         let body = container_body(&run, "/run/docker.sock");
         assert_eq!(
             body.host_config.unwrap().binds,
@@ -257,7 +358,7 @@ mod tests {
             "no services, default network"
         );
         let db = Service {
-            image: "postgres:local".into(),
+            image: Some("postgres:local".into()),
             env: [("POSTGRES_PASSWORD".to_owned(), "x".to_owned())].into(),
             resources: Some(crate::actions::Resources {
                 cpus: Some(0.5),
@@ -297,6 +398,86 @@ mod tests {
         assert_eq!(aliases, ["db", "INTEGRATION_TEST_DB"]);
         assert_eq!(network_body(&run).labels.unwrap()["runner.change"], "c1");
         assert_eq!(service_container_name(&run, "db"), "runner-svc-s1-db");
+    }
+
+    #[test]
+    fn dind_runs_a_daemon_of_the_steps_own_sharing_only_its_socket() {
+        let mut run = run();
+        run.docker = Some(StepDocker::Dind {
+            image: "runner/opschain-dind:1".into(),
+        });
+        assert!(needs_network(&run));
+        assert_eq!(service_names(&run), ["docker"]);
+
+        let step = container_body(&run, "/var/run/docker.sock");
+        assert!(step
+            .env
+            .as_ref()
+            .unwrap()
+            .contains(&"DOCKER_HOST=unix:///run/dind/docker.sock".to_owned()));
+        let host = step.host_config.unwrap();
+        assert_eq!(host.binds, None, "the host's socket is not mounted");
+        assert_eq!(host.privileged, None, "the step itself stays unprivileged");
+        assert_eq!(host.network_mode.as_deref(), Some("runner-net-s1"));
+        let mounts = host.mounts.unwrap();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].source.as_deref(), Some("runner-dind-s1-socket"));
+        assert_eq!(mounts[0].target.as_deref(), Some("/run/dind"));
+
+        let daemon = dind_body(&run, "runner/opschain-dind:1");
+        assert_eq!(daemon.image.as_deref(), Some("runner/opschain-dind:1"));
+        assert_eq!(daemon.hostname.as_deref(), Some("docker"));
+        let labels = daemon.labels.clone().unwrap();
+        assert_eq!(
+            (
+                labels["runner.service"].as_str(),
+                labels["runner.step"].as_str()
+            ),
+            ("docker", "s1")
+        );
+        let host = daemon.host_config.unwrap();
+        assert_eq!(host.cap_add, Some(vec!["ALL".to_owned()]));
+        assert_eq!(host.cap_drop, Some(vec!["SYS_RESOURCE".to_owned()]));
+        assert!(host
+            .security_opt
+            .unwrap()
+            .contains(&"seccomp=unconfined".to_owned()));
+        assert_eq!(
+            host.cgroupns_mode,
+            Some(HostConfigCgroupnsModeEnum::PRIVATE)
+        );
+        assert_eq!(
+            (host.masked_paths.clone(), host.readonly_paths.clone()),
+            (Some(vec![]), Some(vec![]))
+        );
+        assert_eq!(host.port_bindings, None, "nothing is published on the host");
+        let targets: Vec<_> = host
+            .mounts
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.source.unwrap(), m.target.unwrap()))
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                (
+                    "runner-dind-s1-data".to_owned(),
+                    "/var/lib/docker".to_owned()
+                ),
+                ("runner-dind-s1-socket".to_owned(), "/run/dind".to_owned())
+            ]
+        );
+        let volume = volume_body(&run, "runner-dind-s1-data");
+        assert_eq!(volume.labels.unwrap()["runner.owner"], "o1");
+        assert_eq!(
+            dind_service("i").readiness,
+            Some(Readiness::Exec(vec![
+                "docker".into(),
+                "--host".into(),
+                "unix:///run/dind/docker.sock".into(),
+                "version".into()
+            ]))
+        );
     }
 
     #[test]
