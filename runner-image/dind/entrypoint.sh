@@ -25,4 +25,5 @@ else
     done
 fi
 
-exec dockerd --host=unix:///run/dind/docker.sock "$@"
+# Warnings and errors only: the info lines would bury what matters in the step's log.
+exec dockerd --host=unix:///run/dind/docker.sock --log-level=warn "$@"

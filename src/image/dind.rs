@@ -240,7 +240,7 @@ mod tests {
     fn the_entrypoint_starts_dockerd_on_the_shared_socket() {
         // The executor mounts the socket volume at /run/dind and probes /run/dind/docker.sock.
         let socket = format!(
-            "exec dockerd --host=unix://{}/docker.sock",
+            "exec dockerd --host=unix://{}/docker.sock ",
             crate::executor::docker::spec::DIND_SOCKET_DIR
         );
         assert!(ENTRYPOINT.contains(&socket));

@@ -183,33 +183,17 @@ impl BuildKitImages {
         let dir = self.home.join("cache/contexts").join(&key[..32]);
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1);
         let written = context::write(&plan, &tar, &dir, mtime)?;
-        let step_id = id.step_id.to_owned();
-        let build = async {
-            let (tx, forward) = forward_progress(step_id, events);
-            let request = BuildRequest {
-                context_dir: written.context_dir.clone(),
-                dockerfile_dir: written.dockerfile_dir.clone(),
-                dockerfile_name: "Dockerfile".into(),
-                build_args: plan.build_args.clone(),
-                labels: BTreeMap::from([("runner.content-key".to_owned(), key.clone())]),
-                tags: vec![reference.clone()],
-                secrets,
-            };
-            let built = buildkit::build(&self.endpoint, request, tx, cancel).await;
-            let _ = forward.await;
-            built
-                .map(|_| reference.clone())
-                .map_err(|e| crate::error::error_text(&e))
+        let request = BuildRequest {
+            context_dir: written.context_dir.clone(),
+            dockerfile_dir: written.dockerfile_dir.clone(),
+            dockerfile_name: "Dockerfile".into(),
+            build_args: plan.build_args.clone(),
+            labels: BTreeMap::from([("runner.content-key".to_owned(), key.clone())]),
+            tags: vec![reference],
+            secrets,
         };
-        let image = self
-            .flights
-            .run(&key, build)
+        self.build_once(&key, request, id.step_id, events, cancel)
             .await
-            .map_err(|message| Error::Build { message })?;
-        Ok(PreparedImage {
-            image,
-            cached: false,
-        })
     }
 }
 
@@ -337,20 +321,34 @@ impl BuildKitImages {
             dockerfile_name,
             build_args,
             labels: BTreeMap::from([("runner.content-key".to_owned(), key.clone())]),
-            tags: vec![reference.clone()],
+            tags: vec![reference],
             secrets: BTreeMap::new(),
         };
-        let (tx, forward) = forward_progress(id.step_id.to_owned(), events);
+        self.build_once(&key, request, id.step_id, events, cancel)
+            .await
+    }
+
+    /// Runs `request` (which tags one image) unless a build of `key` is under way, then shares that build's result.
+    async fn build_once(
+        &self,
+        key: &str,
+        request: BuildRequest,
+        step_id: &str,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> Result<PreparedImage> {
+        let reference = request.tags[0].clone();
+        let (tx, forward) = forward_progress(step_id.to_owned(), events);
         let build = async {
             let built = buildkit::build(&self.endpoint, request, tx, cancel).await;
             let _ = forward.await;
             built
-                .map(|_| reference.clone())
+                .map(|_| reference)
                 .map_err(|e| crate::error::error_text(&e))
         };
         let image = self
             .flights
-            .run(&key, build)
+            .run(key, build)
             .await
             .map_err(|message| Error::Build { message })?;
         Ok(PreparedImage {

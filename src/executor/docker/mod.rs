@@ -201,25 +201,23 @@ impl DockerExecutor {
     }
 
     async fn remove_container(&self, id: &str) -> Result<(), bollard::errors::Error> {
-        match self
-            .docker
-            .remove_container(
-                id,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    v: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-        {
-            // Gone already, or being removed by someone else: either way it will not remain.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404 | 409,
-                ..
-            }) => Ok(()),
-            other => other,
-        }
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        gone(self.docker.remove_container(id, Some(options)).await)
+    }
+}
+
+/// A removal that found nothing to remove (404), or the thing already being removed (409), did its job.
+fn gone(result: Result<(), bollard::errors::Error>) -> Result<(), bollard::errors::Error> {
+    match result {
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404 | 409,
+            ..
+        }) => Ok(()),
+        other => other,
     }
 }
 
@@ -399,27 +397,15 @@ impl Executor for DockerExecutor {
         async move {
             let removed = match left_over.kind {
                 LeftOverKind::Container => self.remove_container(&left_over.id).await,
-                LeftOverKind::Network => match self.docker.remove_network(&left_over.id).await {
-                    Err(bollard::errors::Error::DockerResponseServerError {
-                        status_code: 404,
-                        ..
-                    }) => Ok(()),
-                    other => other,
-                },
-                LeftOverKind::Volume => match self
-                    .docker
-                    .remove_volume(
-                        &left_over.id,
-                        None::<bollard::query_parameters::RemoveVolumeOptions>,
-                    )
-                    .await
-                {
-                    Err(bollard::errors::Error::DockerResponseServerError {
-                        status_code: 404,
-                        ..
-                    }) => Ok(()),
-                    other => other,
-                },
+                LeftOverKind::Network => gone(self.docker.remove_network(&left_over.id).await),
+                LeftOverKind::Volume => gone(
+                    self.docker
+                        .remove_volume(
+                            &left_over.id,
+                            None::<bollard::query_parameters::RemoveVolumeOptions>,
+                        )
+                        .await,
+                ),
             };
             removed.map_err(|e| ExecutorError::Container {
                 action: "remove",

@@ -217,58 +217,34 @@ pub async fn stop(
             v: true,
             ..Default::default()
         };
-        match docker.remove_container(&container, Some(options)).await {
-            Ok(())
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404 | 409,
-                ..
-            }) => {}
-            Err(e) => {
-                first_error.get_or_insert(failed(
-                    run,
-                    name,
-                    format!("could not be removed: {e}"),
-                    vec![],
-                ));
-            }
-        }
-    }
-    match docker.remove_network(&spec::network_name(run)).await {
-        Ok(())
-        | Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => {}
-        Err(e) => {
+        if let Err(e) = super::gone(docker.remove_container(&container, Some(options)).await) {
             first_error.get_or_insert(failed(
                 run,
-                "(network)",
+                name,
                 format!("could not be removed: {e}"),
                 vec![],
             ));
         }
     }
+    if let Err(e) = super::gone(docker.remove_network(&spec::network_name(run)).await) {
+        first_error.get_or_insert(failed(
+            run,
+            "(network)",
+            format!("could not be removed: {e}"),
+            vec![],
+        ));
+    }
     if matches!(run.docker, Some(StepDocker::Dind { .. })) {
         let volumes = spec::dind_volumes(run);
         for volume in [&volumes.data, &volumes.socket] {
-            match docker
-                .remove_volume(
-                    volume,
-                    None::<bollard::query_parameters::RemoveVolumeOptions>,
-                )
-                .await
-            {
-                Ok(())
-                | Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }) => {}
-                Err(e) => {
-                    first_error.get_or_insert(failed(
-                        run,
-                        DIND_SERVICE,
-                        format!("could not have its volume {volume} removed: {e}"),
-                        vec![],
-                    ));
-                }
+            let options = None::<bollard::query_parameters::RemoveVolumeOptions>;
+            if let Err(e) = super::gone(docker.remove_volume(volume, options).await) {
+                first_error.get_or_insert(failed(
+                    run,
+                    DIND_SERVICE,
+                    format!("could not have its volume {volume} removed: {e}"),
+                    vec![],
+                ));
             }
         }
     }
