@@ -772,6 +772,20 @@ fn readiness_is_probed_not_slept_and_a_service_that_never_gets_ready_fails_the_s
         "the failure shows the service's log: {logs}"
     );
     nothing_left(&demo.last_change());
+
+    // One that exits is not waited for until its 10 minute readiness timeout: the step fails with its exit code.
+    let (ok, stdout, stderr) = demo.change("dev", "service_exits");
+    assert!(!ok);
+    assert!(
+        stderr.contains("service \"web\" of step")
+            && stderr.contains("exited with code 4 before it was ready"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("  web cannot start: no config"),
+        "the reason carries the service's last log lines: {stdout}"
+    );
+    nothing_left(&demo.last_change());
 }
 
 #[test]

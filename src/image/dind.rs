@@ -57,12 +57,16 @@ const PROGRAMS: [(&str, &[&str]); 8] = [
 /// The iptables modules (`libxt_*.so`), which iptables loads by name and ldd does not list.
 const XTABLES_DIRS: [&str; 2] = ["/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/xtables"];
 
-fn find(candidates: &[&str]) -> Option<PathBuf> {
-    candidates.iter().map(PathBuf::from).find(|p| p.exists())
+fn find(host: &Path, candidates: &[&str]) -> Option<PathBuf> {
+    candidates
+        .iter()
+        .map(|c| host.join(c.trim_start_matches('/')))
+        .find(|p| p.exists())
 }
 
-/// Stages the root filesystem under `dir/rootfs` and returns the content key of everything in it.
-pub fn stage(busybox: &Path, dir: &Path) -> Result<String, OfflineImageError> {
+/// Stages the root filesystem under `dir/rootfs` from the programs installed under `host` (`/` but in tests) and
+/// returns the content key of everything in it.
+pub fn stage(busybox: &Path, host: &Path, dir: &Path) -> Result<String, OfflineImageError> {
     if !busybox.exists() {
         return Err(OfflineImageError::MissingInput {
             what: "busybox",
@@ -95,7 +99,7 @@ pub fn stage(busybox: &Path, dir: &Path) -> Result<String, OfflineImageError> {
     let mut links: Vec<(String, PathBuf)> = vec![];
     let mut libraries = vec![];
     for (target, candidates) in PROGRAMS {
-        let Some(found) = find(candidates) else {
+        let Some(found) = find(host, candidates) else {
             return Err(OfflineImageError::MissingInput {
                 what: "a Docker daemon program",
                 path: candidates[0].into(),
@@ -126,7 +130,12 @@ pub fn stage(busybox: &Path, dir: &Path) -> Result<String, OfflineImageError> {
         }
         libraries.extend(shared_libraries(&real));
     }
-    if let Some(xtables) = XTABLES_DIRS.iter().map(Path::new).find(|d| d.is_dir()) {
+    if let Some((xtables, target_dir)) = XTABLES_DIRS
+        .iter()
+        .map(|d| (host.join(d.trim_start_matches('/')), d))
+        .find(|(d, _)| d.is_dir())
+    {
+        let xtables = xtables.as_path();
         let mut modules: Vec<PathBuf> = std::fs::read_dir(xtables)
             .map_err(stage_err(xtables))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -136,7 +145,8 @@ pub fn stage(busybox: &Path, dir: &Path) -> Result<String, OfflineImageError> {
         for module in modules {
             // Some modules are symlinks to others: copy what they point at, under their own name.
             let real = std::fs::canonicalize(&module).map_err(stage_err(&module))?;
-            file(&real, &module.to_string_lossy(), 0o644)?;
+            let name = module.file_name().expect("a file").to_string_lossy();
+            file(&real, &format!("{target_dir}/{name}"), 0o644)?;
             libraries.extend(shared_libraries(&real));
         }
     }
@@ -210,7 +220,7 @@ pub async fn build_dind(
     let dir = home.join("dind-image");
     let (busybox_path, dir_path) = (busybox.to_owned(), dir.clone());
     // Staging reads ~200 MB: off the async threads.
-    let key = tokio::task::spawn_blocking(move || stage(&busybox_path, &dir_path))
+    let key = tokio::task::spawn_blocking(move || stage(&busybox_path, Path::new("/"), &dir_path))
         .await
         .expect("staging does not panic")?;
     build_if_changed(endpoint, docker, &dir, &key, reference, progress, cancel).await
@@ -223,17 +233,36 @@ mod tests {
     #[test]
     fn missing_busybox_says_what_to_install() {
         let dir = tempfile::tempdir().unwrap();
-        let err = stage(&dir.path().join("nope"), dir.path())
+        let err = stage(&dir.path().join("nope"), Path::new("/"), dir.path())
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("busybox not found") && err.contains("busybox-static"),
             "{err}"
         );
-        let err = stage(Path::new("/usr/bin/git"), dir.path())
+        let err = stage(Path::new("/usr/bin/git"), Path::new("/"), dir.path())
             .unwrap_err()
             .to_string();
         assert!(err.contains("is not a static binary"), "{err}");
+    }
+
+    #[test]
+    fn a_machine_without_docker_io_is_told_to_install_it() {
+        let busybox = Path::new("/bin/busybox");
+        if !busybox.exists() {
+            // tools/setup.sh installs it; without it the check above already fails first.
+            assert!(std::env::var_os("CI").is_none(), "CI has busybox-static");
+            return;
+        }
+        let (host, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let err = stage(busybox, host.path(), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a Docker daemon program not found at /usr/sbin/dockerd")
+                && err.contains("apt-get install docker.io"),
+            "{err}"
+        );
     }
 
     #[test]

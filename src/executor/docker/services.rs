@@ -118,6 +118,15 @@ async fn wait_ready(
         if probe(docker, run, &container, readiness).await {
             return Ok(());
         }
+        // A service that exited will never get ready: say so now rather than at the deadline.
+        if let Some(code) = exit_code(docker, &container).await {
+            return Err(failed(
+                run,
+                name,
+                format!("exited with code {code} before it was ready"),
+                log_tail(docker, &container).await,
+            ));
+        }
         if Instant::now() >= deadline {
             let probe = match readiness {
                 Readiness::Tcp(port) => format!("port {port} never accepted a connection"),
@@ -134,6 +143,19 @@ async fn wait_ready(
             ));
         }
         tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+/// The exit code of a container that is no longer running; `None` while it runs (or cannot be inspected).
+async fn exit_code(docker: &Docker, container: &str) -> Option<i64> {
+    let state = docker
+        .inspect_container(container, None)
+        .await
+        .ok()?
+        .state?;
+    match state.running {
+        Some(false) => Some(state.exit_code.unwrap_or(-1)),
+        _ => None,
     }
 }
 
