@@ -18,7 +18,7 @@ use crate::events::{BuildStatus, Event};
 use crate::orchestrator::{
     step_context, EventTx, ImageRequest, PreparedImage, ServiceImageRequest, StepImages,
 };
-use crate::snapshot::{mirror_path, repo_tar, repo_tree, Mirror};
+use crate::snapshot::{on_mirror, repo_tar, repo_tree};
 
 /// The image repository step images are tagged into.
 pub const STEP_IMAGE_REPOSITORY: &str = "runner-step";
@@ -122,21 +122,13 @@ impl BuildKitImages {
         cancel: CancellationToken,
     ) -> Result<PreparedImage> {
         let id = request.identity;
-        let (home, project, sha) = (
-            self.home.clone(),
-            id.project.clone(),
-            id.change.git_sha.clone(),
-        );
-        let remote = project.git_remote.clone().unwrap_or_default();
-        // git work is blocking: off the async threads.
-        let (tar, dockerfile) = tokio::task::spawn_blocking(move || {
-            let mirror = Mirror::open(&mirror_path(&home, &project.code), &remote)?;
-            let tar = repo_tar(&mirror, &sha, &home.join("cache/repo-tars"))?;
+        let (home, sha) = (self.home.clone(), id.change.git_sha.clone());
+        let (tar, dockerfile) = on_mirror(&self.home, id.project, move |mirror| {
+            let tar = repo_tar(mirror, &sha, &home.join("cache/repo-tars"))?;
             let dockerfile = mirror.read_file(&sha, context::REPOSITORY_DOCKERFILE)?;
-            Ok::<_, crate::snapshot::SnapshotError>((tar, dockerfile))
+            Ok((tar, dockerfile))
         })
-        .await
-        .expect("the snapshot task does not panic")?;
+        .await?;
         let base_id =
             self.image_id(&self.base_image)
                 .await
@@ -251,23 +243,16 @@ impl BuildKitImages {
         cancel: CancellationToken,
     ) -> Result<PreparedImage> {
         let id = request.identity;
-        let (home, project, sha) = (
-            self.home.clone(),
-            id.project.clone(),
-            id.change.git_sha.clone(),
-        );
-        let remote = project.git_remote.clone().unwrap_or_default();
-        let tree = tokio::task::spawn_blocking(move || {
-            let mirror = Mirror::open(&mirror_path(&home, &project.code), &remote)?;
+        let (home, sha) = (self.home.clone(), id.change.git_sha.clone());
+        let tree = on_mirror(&self.home, id.project, move |mirror| {
             repo_tree(
-                &mirror,
+                mirror,
                 &sha,
                 &home.join("cache/repo-tars"),
                 &home.join("cache/repo-trees"),
             )
         })
-        .await
-        .expect("the snapshot task does not panic")?;
+        .await?;
         let build = request.build;
         let dockerfile_path = tree.join(build.dockerfile());
         let dockerfile = std::fs::read(&dockerfile_path).map_err(|_| Error::Build {

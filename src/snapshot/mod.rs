@@ -5,7 +5,7 @@ mod repo_tar;
 mod sources;
 
 pub use repo_tar::{repo_tar, repo_tree};
-pub use sources::GitSources;
+pub use sources::{on_mirror, GitSources};
 
 use git2::{FetchOptions, Oid, Repository};
 use serde_json::Value;

@@ -3,7 +3,7 @@
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{mirror_path, Mirror, SnapshotError};
 use crate::error::Result;
@@ -16,24 +16,32 @@ pub struct GitSources {
     pub home: PathBuf,
 }
 
+/// Runs `work` on the project's mirror under `home` on a blocking thread (git2 is synchronous).
+pub fn on_mirror<T: Send + 'static>(
+    home: &Path,
+    project: &Project,
+    work: impl FnOnce(&Mirror) -> std::result::Result<T, SnapshotError> + Send + 'static,
+) -> BoxFuture<'static, Result<T>> {
+    let path = mirror_path(home, &project.code);
+    let remote = project.git_remote.clone();
+    let code = project.code.clone();
+    async move {
+        let remote = remote.ok_or(SnapshotError::NoRemote { project: code })?;
+        let done = tokio::task::spawn_blocking(move || work(&Mirror::open(&path, &remote)?))
+            .await
+            .expect("git work does not panic")?;
+        Ok(done)
+    }
+    .boxed()
+}
+
 impl GitSources {
-    /// Runs `work` on the project's mirror on a blocking thread (git2 is synchronous).
     fn with_mirror<T: Send + 'static>(
         &self,
         project: &Project,
         work: impl FnOnce(&Mirror) -> std::result::Result<T, SnapshotError> + Send + 'static,
     ) -> BoxFuture<'static, Result<T>> {
-        let path = mirror_path(&self.home, &project.code);
-        let remote = project.git_remote.clone();
-        let code = project.code.clone();
-        async move {
-            let remote = remote.ok_or(SnapshotError::NoRemote { project: code })?;
-            let done = tokio::task::spawn_blocking(move || work(&Mirror::open(&path, &remote)?))
-                .await
-                .expect("git work does not panic")?;
-            Ok(done)
-        }
-        .boxed()
+        on_mirror(&self.home, project, work)
     }
 }
 
