@@ -330,19 +330,7 @@ fn cancel_leaves_no_container() {
     }
     let demo = Demo::new();
     let id = demo
-        .ok(&[
-            "change",
-            "create",
-            "--project",
-            "demo",
-            "--environment",
-            "dev",
-            "--git-rev",
-            "main",
-            "--action",
-            "sleep",
-            "--background",
-        ])
+        .ok(&support::create_args("dev", "sleep", &["--background"]))
         .trim()
         .to_owned();
     wait_for("the step container", Duration::from_secs(60), || {
@@ -373,19 +361,11 @@ fn runner_secret_canary_is_absent_from_inspect_logs_and_store() {
         &format!("DEMO_TOKEN={canary}"),
     ]);
     let id = demo
-        .ok(&[
-            "change",
-            "create",
-            "--project",
-            "demo",
-            "--environment",
+        .ok(&support::create_args(
             "dev",
-            "--git-rev",
-            "main",
-            "--action",
             "show_secret",
-            "--background",
-        ])
+            &["--background"],
+        ))
         .trim()
         .to_owned();
     wait_for("the step container", Duration::from_secs(60), || {
@@ -434,18 +414,7 @@ fn kill_dash_nine_then_restart_reaps_the_container_and_fails_the_change() {
     }
     let demo = Demo::new();
     let mut child = demo
-        .command(&[
-            "change",
-            "create",
-            "--project",
-            "demo",
-            "--environment",
-            "dev",
-            "--git-rev",
-            "main",
-            "--action",
-            "sleep",
-        ])
+        .command(&support::create_args("dev", "sleep", &[]))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -489,22 +458,11 @@ fn two_runners_on_different_environments_run_side_by_side() {
     let children: Vec<_> = ["dev", "prod"]
         .iter()
         .map(|env| {
-            demo.command(&[
-                "change",
-                "create",
-                "--project",
-                "demo",
-                "--environment",
-                env,
-                "--git-rev",
-                "main",
-                "--action",
-                "show_secret",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+            demo.command(&support::create_args(env, "show_secret", &[]))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
         })
         .collect();
     for child in children {
@@ -588,18 +546,7 @@ fn changes_through_runner_serve_with_server_flag() {
     wait_for("runner serve", Duration::from_secs(30), || {
         remote(&["project", "list"]).status.success()
     });
-    let out = remote(&[
-        "change",
-        "create",
-        "--project",
-        "demo",
-        "--environment",
-        "dev",
-        "--git-rev",
-        "main",
-        "--action",
-        "deploy",
-    ]);
+    let out = remote(&support::create_args("dev", "deploy", &[]));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -641,18 +588,7 @@ fn changes_through_runner_serve_with_server_flag() {
     assert!(logs.contains("[release] released"), "{logs}");
     // The same as the local view of the server's data directory.
     assert_eq!(logs, demo.ok(&["change", "show-logs", &id]));
-    let failed = remote(&[
-        "change",
-        "create",
-        "--project",
-        "demo",
-        "--environment",
-        "dev",
-        "--git-rev",
-        "main",
-        "--action",
-        "fail",
-    ]);
+    let failed = remote(&support::create_args("dev", "fail", &[]));
     assert_eq!(failed.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&failed.stderr).contains("step fail exited with code 3"));
     let _ = server.kill();
@@ -809,19 +745,7 @@ fn a_dind_daemon_and_its_volumes_are_removed_on_cancel_and_after_kill_dash_nine(
 fn removed_on_cancel_and_after_kill_dash_nine(action: &str) {
     let demo = Demo::new();
     let id = demo
-        .ok(&[
-            "change",
-            "create",
-            "--project",
-            "demo",
-            "--environment",
-            "dev",
-            "--git-rev",
-            "main",
-            "--action",
-            action,
-            "--background",
-        ])
+        .ok(&support::create_args("dev", action, &["--background"]))
         .trim()
         .to_owned();
     wait_for("the step container", Duration::from_secs(60), || {
@@ -834,18 +758,7 @@ fn removed_on_cancel_and_after_kill_dash_nine(action: &str) {
     nothing_left(&id);
 
     let mut child = demo
-        .command(&[
-            "change",
-            "create",
-            "--project",
-            "demo",
-            "--environment",
-            "dev",
-            "--git-rev",
-            "main",
-            "--action",
-            action,
-        ])
+        .command(&support::create_args("dev", action, &[]))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -209,18 +209,7 @@ impl Demo {
 
     /// `change create` in the foreground on `env`; returns (success, stdout, stderr).
     pub fn change(&self, env: &str, action: &str) -> (bool, String, String) {
-        let out = self.run(&[
-            "change",
-            "create",
-            "--project",
-            "demo",
-            "--environment",
-            env,
-            "--git-rev",
-            "main",
-            "--action",
-            action,
-        ]);
+        let out = self.run(&create_args(env, action, &[]));
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -241,4 +230,22 @@ impl Demo {
             .unwrap()
             .to_owned()
     }
+}
+
+/// The arguments of `runner change create` for the demo project at `main`, then `extra`.
+pub fn create_args<'a>(env: &'a str, action: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "change",
+        "create",
+        "--project",
+        "demo",
+        "--environment",
+        env,
+        "--git-rev",
+        "main",
+        "--action",
+        action,
+    ];
+    args.extend_from_slice(extra);
+    args
 }
