@@ -1,6 +1,10 @@
 //! Leases of live runner processes, and the reaper that cleans up after dead ones.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+use super::Orchestrator;
+use crate::error::Result;
 
 /// How long a lease lives without renewal, and how often it is renewed.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -51,6 +55,32 @@ pub fn owner_is_dead(owner: &str, leases: &[Lease], this_host: &str, now_ms: i64
         None => true,
         Some(lease) if lease.expires_at < now_ms => true,
         Some(lease) => lease.host == this_host && !pid_alive(lease.pid),
+    }
+}
+
+impl Orchestrator {
+    /// Takes this process's lease and keeps renewing it until `stop` is cancelled; then drops it.
+    pub async fn hold_lease(&self, stop: CancellationToken) -> Result<tokio::task::JoinHandle<()>> {
+        let store = self.app.store.clone();
+        let (owner, host, pid) = (self.owner.clone(), hostname(), std::process::id());
+        let renew = move |store: crate::store::Store, owner: String, host: String| async move {
+            let expires = now_ms() + LEASE_TTL.as_millis() as i64;
+            store.renew_lease(&owner, &host, pid, expires).await
+        };
+        renew(store.clone(), owner.clone(), host.clone()).await?;
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(LEASE_RENEW) => {
+                        if let Err(e) = renew(store.clone(), owner.clone(), host.clone()).await {
+                            tracing::warn!(error = %e, "failed to renew the runner lease");
+                        }
+                    }
+                }
+            }
+            let _ = store.drop_lease(&owner).await;
+        }))
     }
 }
 

@@ -1,0 +1,207 @@
+//! A change's life in its environment's queue: created, queued until its environment is free (one change at a
+//! time, in creation order), driven to its end, cancelled or retried.
+
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{lease, CreateChange, EventTx, Orchestrator, Run};
+use crate::error::{Error, Result};
+use crate::events::{ChangeState, Event, Masker, StepState};
+use crate::store::{Change, StepFinish};
+
+impl Orchestrator {
+    /// Creates a change: resolves the revision to a SHA once (everything after uses that SHA, retries included)
+    /// and checks the action exists, before anything runs.
+    pub async fn create_change(&self, request: &CreateChange) -> Result<Change> {
+        let store = &self.app.store;
+        let project = store.project(&request.project).await?;
+        let environment = store
+            .environment(&request.project, &request.environment)
+            .await?;
+        let sha = self.sources.resolve(&project, &request.git_rev).await?;
+        let (manifest, path) = self.manifest(&project, &sha).await?;
+        manifest.action(&path, &request.action)?;
+        let id = uuid::Uuid::new_v4().to_string();
+        store
+            .create_change(&crate::store::NewChange {
+                id: &id,
+                project_id: project.id,
+                environment_id: environment.id,
+                action: &request.action,
+                git_rev: &request.git_rev,
+                git_sha: &sha,
+                root_step_id: &uuid::Uuid::new_v4().to_string(),
+            })
+            .await?;
+        let record = store
+            .append_event(
+                &id,
+                &Event::ChangeState {
+                    state: ChangeState::Pending,
+                    reason: None,
+                },
+            )
+            .await?;
+        let _ = self.live.send(record);
+        Ok(store.change(&id).await?)
+    }
+
+    /// Asks a change to stop. A change no live runner is running is cancelled at once.
+    pub async fn cancel_change(&self, id: &str) -> Result<Change> {
+        let store = &self.app.store;
+        let change = store.change(id).await?;
+        if change.state.is_final() {
+            return Ok(change);
+        }
+        store.request_cancel(id).await?;
+        let leases = store.leases().await?;
+        let orphaned = match change.owner.as_deref() {
+            None => true,
+            Some(owner) => {
+                owner != self.owner
+                    && lease::owner_is_dead(owner, &leases, &lease::hostname(), lease::now_ms())
+            }
+        };
+        if orphaned && matches!(change.state, ChangeState::Pending | ChangeState::Queued) {
+            let (tx, recorder) = self.recorder(id, Masker::default());
+            for step in store
+                .steps(id)
+                .await?
+                .iter()
+                .filter(|s| !s.state.is_final())
+            {
+                self.finish_step(&tx, step, StepState::Cancelled, StepFinish::default())
+                    .await?;
+            }
+            store
+                .set_change_state(
+                    id,
+                    ChangeState::Cancelled,
+                    Some("cancelled before it started"),
+                )
+                .await?;
+            let _ = tx.send(Event::ChangeState {
+                state: ChangeState::Cancelled,
+                reason: Some("cancelled before it started".into()),
+            });
+            drop(tx);
+            let _ = recorder.await;
+        }
+        Ok(store.change(id).await?)
+    }
+
+    /// Makes a failed or cancelled change runnable again, at the same SHA; steps that succeeded are kept.
+    pub async fn prepare_retry(&self, id: &str) -> Result<Change> {
+        let store = &self.app.store;
+        let change = store.change(id).await?;
+        if !change.state.is_final() || change.state == ChangeState::Success {
+            return Err(Error::InvalidArgument {
+                what: "change state",
+                value: change.state.to_string(),
+                expected: "only a change that ended in error or was cancelled can be retried",
+            });
+        }
+        store.reset_change(id).await?;
+        Ok(store.change(id).await?)
+    }
+
+    /// Runs a created (or retried) change to its end: waits for its environment, runs its step tree, and
+    /// returns the change in its final state. `cancel` (or `runner change cancel` from anywhere) stops it.
+    pub async fn run_change(&self, id: &str, cancel: CancellationToken) -> Result<Change> {
+        let span = tracing::info_span!("change", change_id = %id);
+        self.run_change_inner(id, cancel).instrument(span).await
+    }
+
+    async fn run_change_inner(&self, id: &str, cancel: CancellationToken) -> Result<Change> {
+        let store = &self.app.store;
+        let change = store.change(id).await?;
+        let (events, recorder) = self.recorder(id, self.masker()?);
+        let watch_cancel = self.watch_cancel(id, cancel.clone());
+        let outcome = self.drive(change, events.clone(), cancel.clone()).await;
+        watch_cancel.abort();
+        let (state, reason) = match &outcome {
+            Ok((state, reason)) => (*state, reason.clone()),
+            Err(e) => (ChangeState::Error, Some(crate::error::error_text(e))),
+        };
+        store.set_change_state(id, state, reason.as_deref()).await?;
+        let _ = events.send(Event::ChangeState { state, reason });
+        drop(events);
+        let _ = recorder.await;
+        Ok(store.change(id).await?)
+    }
+
+    /// Cancels `cancel` when the change's cancel flag is set in the store (by any process).
+    fn watch_cancel(&self, id: &str, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let (store, id, poll) = (self.app.store.clone(), id.to_owned(), self.settings.poll);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(poll) => {}
+                }
+                if matches!(store.change(&id).await, Ok(c) if c.cancel_requested) {
+                    cancel.cancel();
+                    return;
+                }
+            }
+        })
+    }
+
+    async fn drive(
+        &self,
+        change: Change,
+        events: EventTx,
+        cancel: CancellationToken,
+    ) -> Result<(ChangeState, Option<String>)> {
+        let store = &self.app.store;
+        store
+            .set_change_state(&change.id, ChangeState::Queued, None)
+            .await?;
+        let _ = events.send(Event::ChangeState {
+            state: ChangeState::Queued,
+            reason: None,
+        });
+        while !store.claim_environment(&change.id, &self.owner).await? {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok((ChangeState::Cancelled, Some("cancelled while queued".into()))),
+                _ = tokio::time::sleep(self.settings.poll) => {}
+            }
+        }
+        let _ = events.send(Event::ChangeState {
+            state: ChangeState::Running,
+            reason: None,
+        });
+        let project = store.project(&change.project).await?;
+        let environment = store
+            .environment(&change.project, &change.environment)
+            .await?;
+        let (manifest, manifest_path) = self.manifest(&project, &change.git_sha).await?;
+        let repository_properties = self
+            .sources
+            .repository_properties(&project, &change.git_sha, &environment.code)
+            .await?;
+        let root = store
+            .steps(&change.id)
+            .await?
+            .into_iter()
+            .find(|s| s.parent_id.is_none())
+            .expect("every change has a root step");
+        let run = Arc::new(Run {
+            change,
+            project,
+            environment,
+            manifest,
+            manifest_path,
+            repository_properties,
+            events,
+            cancel,
+        });
+        let (state, reason) = self.run_tree(run.clone(), root).await?;
+        Ok(match state {
+            StepState::Success => (ChangeState::Success, None),
+            StepState::Cancelled => (ChangeState::Cancelled, Some("cancelled".into())),
+            _ => (ChangeState::Error, reason),
+        })
+    }
+}
