@@ -79,3 +79,49 @@ fn missing_inputs_are_named_with_the_fix() {
         "{stderr}"
     );
 }
+
+/// Runs this binary's Docker test in a child process whose DOCKER_HOST names a socket nobody serves.
+fn docker_test_without_a_daemon(opt_out: Option<&str>) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "build_base_is_idempotent_and_the_image_runs_its_tools",
+            "--exact",
+        ])
+        .env(
+            "DOCKER_HOST",
+            format!("unix://{}", dir.path().join("nobody.sock").display()),
+        )
+        .env_remove(support::SKIP_DOCKER)
+        .env_remove("CI");
+    if let Some(value) = opt_out {
+        child.env(support::SKIP_DOCKER, value);
+    }
+    child.output().unwrap()
+}
+
+#[test]
+fn docker_tests_fail_without_a_daemon_unless_skipping_is_asked_for() {
+    let failed = docker_test_without_a_daemon(None);
+    let stdout = String::from_utf8_lossy(&failed.stdout);
+    assert!(!failed.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("no Docker daemon answers") && stdout.contains("RUNNER_TEST_SKIP_DOCKER=1"),
+        "the failure names the fix: {stdout}"
+    );
+
+    let not_one = docker_test_without_a_daemon(Some("yes"));
+    assert!(
+        !not_one.status.success(),
+        "only the explicit value 1 opts out"
+    );
+
+    let skipped = docker_test_without_a_daemon(Some("1"));
+    let stderr = String::from_utf8_lossy(&skipped.stderr);
+    assert!(skipped.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("*** SKIPPED build_base_is_idempotent_and_the_image_runs_its_tools"),
+        "a skip is said out loud: {stderr}"
+    );
+}

@@ -4,7 +4,6 @@
 mod support;
 
 use runner::app::App;
-use runner::executor::fake::{FakeExecutor, Script};
 use runner::grpc::pb::change_event::Event as E;
 use runner::grpc::pb::change_service_client::ChangeServiceClient;
 use runner::grpc::pb::project_service_client::ProjectServiceClient;
@@ -14,6 +13,7 @@ use runner::orchestrator::{Orchestrator, Settings};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
+use support::fakes::{FakeExecutor, Script};
 use support::fakes::{FakeImages, FakeSources};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;

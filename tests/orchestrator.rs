@@ -4,13 +4,13 @@ mod support;
 
 use runner::app::App;
 use runner::events::{ChangeState, Event, StepState};
-use runner::executor::fake::{FakeExecutor, Script};
 use runner::orchestrator::{CreateChange, Orchestrator, Settings};
 use runner::store::Step;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use support::fakes::{FakeExecutor, Script};
 use support::fakes::{FakeImages, FakeSources};
 use tokio_util::sync::CancellationToken;
 

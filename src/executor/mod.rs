@@ -1,8 +1,7 @@
 //! Runs one step in one discarded container (or, later, pod). The orchestrator only ever talks to [`Executor`];
-//! `docker` is the real backend, `fake` drives orchestration tests without a daemon.
+//! `docker` is the real backend (the tests drive orchestration with a scripted fake of their own).
 
 pub mod docker;
-pub mod fake;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
