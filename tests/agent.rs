@@ -202,3 +202,157 @@ fn exec_exports_context_env_and_build_secrets() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1 from-secret");
 }
+
+/// Starts the agent on `root` with `run` as the action and waits until the action has created `started`.
+fn start_agent(root: &Path, run: &str) -> std::process::Child {
+    std::fs::create_dir_all(root.join(".opschain")).unwrap();
+    std::fs::write(
+        root.join(".opschain/step_context.json"),
+        context(json!(run)).to_string(),
+    )
+    .unwrap();
+    let child = Command::new(agent())
+        .env("OPSCHAIN_ROOT", root)
+        .env(
+            "PATH",
+            format!("{}:/usr/bin:/bin", agent_links(root).display()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_file(&root.join("started"));
+    child
+}
+
+fn wait_for_file(path: &Path) {
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Sends `signal` to the agent alone (not its group, as docker-init or `docker kill` would) and waits for it.
+fn signal_and_wait(child: std::process::Child, signal: &str) -> std::process::Output {
+    let pid = child.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-s", signal, &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let (done, waited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output().unwrap()));
+    waited
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("the agent did not end within 10 s of SIG{signal}"))
+}
+
+#[test]
+fn stop_signals_reach_the_actions_trap_and_the_result_is_still_written() {
+    for signal in ["TERM", "INT", "HUP"] {
+        let root = tempfile::tempdir().unwrap();
+        // The trap runs only if the signal reached the action's shell: the agent's death would not deliver it.
+        let child = start_agent(
+            root.path(),
+            "trap 'echo \"$0 caught\" > trapped; exit 7' TERM INT HUP; \
+             opschain-properties set --scope project /cleaned '\"yes\"'; touch started; sleep 30; echo not-reached",
+        );
+        let out = signal_and_wait(child, signal);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            root.path().join("trapped").exists(),
+            "SIG{signal} never reached the action's trap: {stderr}"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(7),
+            "the agent exits with the action's code: {stderr}"
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("not-reached"));
+        let r = result(root.path());
+        assert_eq!(
+            r["exit"],
+            json!({"code": 7, "signal": null, "forwarded_signals": [format!("SIG{signal}")]}),
+            "{stderr}"
+        );
+        assert_eq!(
+            r["project"]["properties_diff"],
+            json!([{"op": "add", "path": "/cleaned", "value": "yes"}]),
+            "the edits made before the stop are in the result"
+        );
+        assert!(
+            stderr.contains(&format!("forwarded SIG{signal} to the action")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn an_action_killed_by_a_signal_is_reported_with_that_signal() {
+    let root = tempfile::tempdir().unwrap();
+    // No trap: the shell and its sleep, one process group, both die of the forwarded SIGTERM.
+    let child = start_agent(root.path(), "touch started; sleep 30");
+    let out = signal_and_wait(child, "TERM");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert_eq!(
+        result(root.path())["exit"],
+        json!({"code": null, "signal": "SIGTERM", "forwarded_signals": ["SIGTERM"]})
+    );
+    assert!(
+        stderr.contains("the action was ended by SIGTERM (exit code 143)"),
+        "{stderr}"
+    );
+
+    // A signal that does not come from the agent is reported too.
+    let root = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run_agent(root.path(), &context(json!("kill -USR1 $$")), "", &[]);
+    assert_eq!(code, 128 + 10, "{stderr}");
+    assert_eq!(
+        result(root.path())["exit"],
+        json!({"code": null, "signal": "SIGUSR1", "forwarded_signals": []})
+    );
+}
+
+#[test]
+fn orphans_of_the_action_come_back_to_the_agent_and_are_reaped() {
+    let root = tempfile::tempdir().unwrap();
+    // The subshell exits at once, orphaning its `sleep`: the agent (the action's parent) must adopt and reap it.
+    let script = "(sleep 0.3 & echo $! > orphan); sleep 0.1; \
+                  orphan=$(cat orphan); \
+                  echo \"$(grep PPid /proc/$orphan/status | tr -dc 0-9) $PPID\" > parents; \
+                  sleep 1; \
+                  if [ -e /proc/$orphan ]; then cut -d' ' -f3 /proc/$orphan/stat > state; else echo gone > state; fi";
+    let (code, _, stderr) = run_agent(root.path(), &context(json!(script)), "", &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let parents = std::fs::read_to_string(root.path().join("parents")).unwrap();
+    let (orphan_parent, agent) = parents.trim().split_once(' ').unwrap();
+    assert_eq!(orphan_parent, agent, "the orphan was adopted by the agent");
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("state"))
+            .unwrap()
+            .trim(),
+        "gone",
+        "the orphan ended and was reaped, not left a zombie"
+    );
+}
+
+#[test]
+fn the_action_starts_with_no_signal_blocked() {
+    // Run directly (no shell, which might reset the mask itself): the agent's blocked stop signals must not leak.
+    let root = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run_agent(
+        root.path(),
+        &context(json!(["grep", "SigBlk", "/proc/self/status"])),
+        "",
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "SigBlk:\t0000000000000000");
+}

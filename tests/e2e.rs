@@ -324,7 +324,7 @@ fn retry_reruns_at_the_same_sha_after_a_new_commit() {
 }
 
 #[test]
-fn cancel_leaves_no_container() {
+fn cancel_stops_the_action_with_sigterm_and_leaves_no_container() {
     if !support::docker_available() {
         return;
     }
@@ -333,8 +333,8 @@ fn cancel_leaves_no_container() {
         .ok(&support::create_args("dev", "sleep", &["--background"]))
         .trim()
         .to_owned();
-    wait_for("the step container", Duration::from_secs(60), || {
-        !labelled("runner.change", &id).await_blocking().is_empty()
+    wait_for("the action to start", Duration::from_secs(60), || {
+        demo.ok(&["change", "show-logs", &id]).contains("sleeping")
     });
     demo.ok(&["change", "cancel", &id]);
     wait_for("the change to end", Duration::from_secs(30), || {
@@ -343,6 +343,12 @@ fn cancel_leaves_no_container() {
     assert_eq!(
         demo.json(&["change", "show", &id])["change"]["state"],
         "cancelled"
+    );
+    // The action's trap runs only if SIGTERM reached it: SIGKILL after the grace period would leave no line.
+    let logs = demo.ok(&["change", "show-logs", &id]);
+    assert!(
+        logs.contains("sleep caught SIGTERM, cleaning up"),
+        "the cancel reached the action as SIGTERM: {logs}"
     );
     assert!(labelled("runner.change", &id).await_blocking().is_empty());
 }
@@ -495,7 +501,7 @@ fn two_runners_on_different_environments_run_side_by_side() {
 }
 
 #[test]
-fn a_step_past_its_timeout_is_stopped_and_removed() {
+fn a_step_past_its_timeout_gets_sigterm_and_is_removed() {
     if !support::docker_available() {
         return;
     }
@@ -508,6 +514,10 @@ fn a_step_past_its_timeout_is_stopped_and_removed() {
         "{stderr}"
     );
     assert!(stdout.contains("starting"), "{stdout}");
+    assert!(
+        stdout.contains("too_slow caught SIGTERM, cleaning up"),
+        "the timeout reached the action as SIGTERM, not SIGKILL: {stdout}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(25),
         "the step was stopped, not waited for"
@@ -683,7 +693,7 @@ fn a_step_reaches_its_services_and_they_are_removed_after() {
 }
 
 #[test]
-fn readiness_is_probed_not_slept_and_a_service_that_never_gets_ready_fails_the_step() {
+fn a_step_starts_within_half_a_second_of_its_service_being_ready_and_one_never_ready_fails() {
     if !support::docker_available() {
         return;
     }
@@ -693,7 +703,20 @@ fn readiness_is_probed_not_slept_and_a_service_that_never_gets_ready_fails_the_s
         ok,
         "the probe waited for the slow service: {stdout}\n{stderr}"
     );
-    assert!(stdout.contains("hello-from-web"));
+    let (service_started, ready, step_started) = service_times(&stdout);
+    assert!(
+        ready - service_started >= 0.99,
+        "the service listened 1 s after it started: {stdout}"
+    );
+    assert!(
+        step_started >= ready,
+        "the step started after the service was ready: {stdout}"
+    );
+    assert!(
+        step_started - ready <= 0.5,
+        "the step started {:.2} s after the service was ready (at most 0.5 s: probed, not slept): {stdout}",
+        step_started - ready
+    );
     nothing_left(&demo.last_change());
     let (ok, _, stderr) = demo.change("dev", "never_ready");
     assert!(!ok);
@@ -722,6 +745,21 @@ fn readiness_is_probed_not_slept_and_a_service_that_never_gets_ready_fails_the_s
         "the reason carries the service's last log lines: {stdout}"
     );
     nothing_left(&demo.last_change());
+}
+
+/// The seconds (kernel uptime, shared by every container) at which `slow_service`'s service started, became
+/// ready and its step started, from the step's line `service times: started at S, ready at R; step started at T`.
+fn service_times(stdout: &str) -> (f64, f64, f64) {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("service times: ").map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("no service times in {stdout}"));
+    let numbers: Vec<f64> = line
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), 3, "{line}");
+    (numbers[0], numbers[1], numbers[2])
 }
 
 #[test]
@@ -755,6 +793,10 @@ fn removed_on_cancel_and_after_kill_dash_nine(action: &str) {
     wait_for("the change to end", Duration::from_secs(30), || {
         demo.json(&["change", "show", &id])["change"]["state"] != "running"
     });
+    assert_eq!(
+        demo.json(&["change", "show", &id])["change"]["state"],
+        "cancelled"
+    );
     nothing_left(&id);
 
     let mut child = demo

@@ -4,6 +4,7 @@
 //! - `opschain-exec` runs a Dockerfile `RUN` command with the build's variables and secrets.
 
 mod exec;
+mod init;
 mod properties;
 mod step;
 

@@ -1,12 +1,12 @@
 //! The step container's entrypoint: reads `step_context.json`, prepares the environment and files the properties
 //! ask for, runs the action, and writes `step_result.json` (seed 003's shape) with the property edits as RFC 6902
-//! patches and any child steps the action asked for.
+//! patches, any child steps the action asked for and how the action ended (`exit`: its code or the signal that
+//! ended it, and the stop signals the agent forwarded to it; see `init`).
 
 use base64::Engine;
 use serde_json::{json, Value};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -183,6 +183,9 @@ pub fn main() -> Result<u8, String> {
             .map_err(|e| format!("cannot read secrets from stdin: {e}"))?;
         secrets = parse_env_lines(&text);
     }
+    // From here on a stop signal reaches the action, never kills the agent half-way. Until here (the runner
+    // feeds the envelope once the step's services are ready) it simply ends the agent: nothing has started yet.
+    crate::init::take_over();
     let context = read_json(&context_path)?;
     phase("initialising");
 
@@ -272,12 +275,14 @@ pub fn main() -> Result<u8, String> {
         .stdin(std::process::Stdio::null());
 
     phase("running");
-    let status = command
-        .status()
-        .map_err(|e| format!("cannot start the action: {e}"))?;
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let supervised = crate::init::supervise(&mut command)?;
+    let code = supervised.ended.exit_code();
+    for signal in &supervised.forwarded {
+        phase(&format!(
+            "forwarded {} to the action",
+            crate::init::signal_name(*signal)
+        ));
+    }
     phase("completing");
 
     let edited_project = read_json(&project_file)?;
@@ -289,7 +294,7 @@ pub fn main() -> Result<u8, String> {
         }
         _ => Value::Null,
     };
-    let result = step_result(
+    let mut result = step_result(
         &original_project,
         &edited_project,
         &original_environment,
@@ -297,9 +302,16 @@ pub fn main() -> Result<u8, String> {
         &merged,
         &children,
     );
+    result["exit"] = supervised.to_json();
     write_json(&root.join(".opschain/step_result.json"), &result)?;
     let _ = std::fs::remove_dir_all(&work);
-    phase(&format!("finished with exit code {code}"));
+    match supervised.ended {
+        crate::init::Ended::Signalled(signal) => phase(&format!(
+            "finished: the action was ended by {} (exit code {code})",
+            crate::init::signal_name(signal)
+        )),
+        crate::init::Ended::Exited(_) => phase(&format!("finished with exit code {code}")),
+    }
     if let Some(marker) = result_marker {
         // The same document, on one line the runner recognises by the nonce: no archive copy out of the container.
         eprintln!("[opschain-result {marker}] {result}");

@@ -62,10 +62,13 @@ impl DockerExecutor {
         }
     }
 
+    /// Attaches to and starts the step container, hands its agent the envelope once `ready` (the services) says
+    /// so, and waits for it to end, its timeout or a cancel.
     async fn run_in(
         &self,
         id: &str,
         run: &StepRun,
+        ready: impl std::future::Future<Output = Result<(), ExecutorError>>,
         logs: UnboundedSender<LogLine>,
         cancel: CancellationToken,
     ) -> Result<StepOutcome, ExecutorError> {
@@ -91,10 +94,12 @@ impl DockerExecutor {
         let mut input = attached.input;
         let marker = uuid::Uuid::new_v4().simple().to_string();
         let envelope = spec::stdin_envelope(run, &marker);
-        let feed_secrets = async move {
+        let feed_envelope = async move {
+            ready.await?;
             // A step that exits before reading stdin closes it under us: that is not an error of ours.
             let _ = input.write_all(&envelope).await;
             let _ = input.shutdown().await;
+            Ok::<_, ExecutorError>(())
         };
         let result_slot = std::sync::Mutex::new(None);
         let forward_output = forward_lines(attached.output, logs, &marker, &result_slot);
@@ -117,7 +122,19 @@ impl DockerExecutor {
         };
 
         let (exit_code, ended) = {
-            let work = async { tokio::join!(feed_secrets, forward_output, wait).2 };
+            let work = async {
+                let ended = async { tokio::join!(forward_output, wait).1 };
+                tokio::pin!(ended);
+                tokio::select! {
+                    // Services that never got ready fail the step (the caller removes the waiting container).
+                    fed = feed_envelope => {
+                        fed?;
+                        ended.await
+                    }
+                    // Stopped before it was fed (a cancel or timeout while the services got ready).
+                    code = &mut ended => code,
+                }
+            };
             tokio::pin!(work);
             tokio::select! {
                 code = &mut work => (code?, Ended::Exited),
@@ -295,7 +312,17 @@ impl Executor for DockerExecutor {
                     )
                     .await
                     .map_err(Self::failed(run, "create"))?;
-                let outcome = self.run_in(&created.id, run, logs.clone(), cancel).await;
+                // Started while the services get ready (its agent waits for the envelope on stdin), so the step
+                // runs as soon as they are; the wait obeys the step's timeout and cancel like the step itself.
+                let ready = async {
+                    match with_services {
+                        true => services::ready(&self.docker, run).await,
+                        false => Ok(()),
+                    }
+                };
+                let outcome = self
+                    .run_in(&created.id, run, ready, logs.clone(), cancel)
+                    .await;
                 // Removed whatever happened above; a removal failure only matters if the step itself went well.
                 let removed = self.remove_container(&created.id).await;
                 let outcome = outcome?;

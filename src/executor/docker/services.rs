@@ -12,7 +12,9 @@ use crate::actions::{Readiness, Service, DIND_SERVICE};
 use crate::executor::{ExecutorError, LogLine, StepDocker, StepRun, Stream};
 
 const DEFAULT_READINESS_TIMEOUT: Duration = Duration::from_secs(60);
-const PROBE_EVERY: Duration = Duration::from_millis(200);
+/// A step must start within half a second of its services being ready (tests/e2e.rs checks it).
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+const EXIT_CHECK_EVERY: Duration = Duration::from_millis(500);
 const LOG_TAIL: usize = 20;
 
 fn failed(run: &StepRun, service: &str, problem: String, log_tail: Vec<String>) -> ExecutorError {
@@ -24,8 +26,9 @@ fn failed(run: &StepRun, service: &str, problem: String, log_tail: Vec<String>) 
     }
 }
 
-/// Creates the network and starts every service (and the step's own daemon for `docker: dind`); returns when all
-/// are ready. On failure, what was started is left for [`stop`] (which the caller always runs).
+/// Creates the network and starts every service (and the step's own daemon for `docker: dind`), without waiting
+/// for them: the caller creates the step container meanwhile, then calls [`ready`]. On failure, what was started is
+/// left for [`stop`] (which the caller always runs).
 pub async fn start(docker: &Docker, run: &StepRun) -> Result<(), ExecutorError> {
     docker
         .create_network(spec::network_body(run))
@@ -38,7 +41,6 @@ pub async fn start(docker: &Docker, run: &StepRun) -> Result<(), ExecutorError> 
                 vec![],
             )
         })?;
-    let mut ready = vec![];
     for (name, service) in &run.services {
         let image = service.image.as_deref().unwrap_or_default();
         if docker.inspect_image(image).await.is_err() {
@@ -50,7 +52,6 @@ pub async fn start(docker: &Docker, run: &StepRun) -> Result<(), ExecutorError> 
             ));
         }
         create_and_start(docker, run, name, spec::service_body(run, name, service)).await?;
-        ready.push((name.clone(), service.clone()));
     }
     if let Some(StepDocker::Dind { image }) = &run.docker {
         let volumes = spec::dind_volumes(run);
@@ -68,10 +69,17 @@ pub async fn start(docker: &Docker, run: &StepRun) -> Result<(), ExecutorError> 
                 })?;
         }
         create_and_start(docker, run, DIND_SERVICE, spec::dind_body(run, image)).await?;
-        ready.push((DIND_SERVICE.to_owned(), spec::dind_service(image)));
     }
-    for (name, service) in &ready {
+    Ok(())
+}
+
+/// Returns when every service [`start`] started passed its readiness probe.
+pub async fn ready(docker: &Docker, run: &StepRun) -> Result<(), ExecutorError> {
+    for (name, service) in &run.services {
         wait_ready(docker, run, name, service).await?;
+    }
+    if let Some(StepDocker::Dind { image }) = &run.docker {
+        wait_ready(docker, run, DIND_SERVICE, &spec::dind_service(image)).await?;
     }
     Ok(())
 }
@@ -114,12 +122,22 @@ async fn wait_ready(
         .unwrap_or(DEFAULT_READINESS_TIMEOUT);
     let container = spec::service_container_name(run, name);
     let deadline = Instant::now() + timeout;
+    let mut address = None;
+    let mut exit_checked = Instant::now();
     loop {
-        if probe(docker, run, &container, readiness).await {
+        if probe(docker, run, &container, readiness, &mut address).await {
             return Ok(());
         }
-        // A service that exited will never get ready: say so now rather than at the deadline.
-        if let Some(code) = exit_code(docker, &container).await {
+        // A service that exited will never get ready: say so now rather than at the deadline (asked at most every
+        // EXIT_CHECK_EVERY, so the daemon's answers do not slow the probe down).
+        let exited = match exit_checked.elapsed() >= EXIT_CHECK_EVERY {
+            true => {
+                exit_checked = Instant::now();
+                exit_code(docker, &container).await
+            }
+            false => None,
+        };
+        if let Some(code) = exited {
             return Err(failed(
                 run,
                 name,
@@ -159,21 +177,33 @@ async fn exit_code(docker: &Docker, container: &str) -> Option<i64> {
     }
 }
 
-async fn probe(docker: &Docker, run: &StepRun, container: &str, readiness: &Readiness) -> bool {
+/// One probe; `address` keeps the service's IP on the step's network once known (it does not change while the
+/// container lives).
+async fn probe(
+    docker: &Docker,
+    run: &StepRun,
+    container: &str,
+    readiness: &Readiness,
+    address: &mut Option<String>,
+) -> bool {
     match readiness {
         Readiness::Tcp(port) => {
             // The service's address on the step's network, reachable from this host through the bridge.
-            let Ok(inspect) = docker.inspect_container(container, None).await else {
+            if address.is_none() {
+                let Ok(inspect) = docker.inspect_container(container, None).await else {
+                    return false;
+                };
+                *address = inspect
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .and_then(|mut n| n.remove(&spec::network_name(run)))
+                    .and_then(|e| e.ip_address)
+                    .filter(|ip| !ip.is_empty());
+            }
+            let Some(ip) = address.as_deref() else {
                 return false;
             };
-            let ip = inspect
-                .network_settings
-                .and_then(|n| n.networks)
-                .and_then(|mut n| n.remove(&spec::network_name(run)))
-                .and_then(|e| e.ip_address)
-                .filter(|ip| !ip.is_empty());
-            let Some(ip) = ip else { return false };
-            let connect = tokio::net::TcpStream::connect((ip.as_str(), *port));
+            let connect = tokio::net::TcpStream::connect((ip, *port));
             matches!(
                 tokio::time::timeout(Duration::from_secs(1), connect).await,
                 Ok(Ok(_))
