@@ -8,6 +8,7 @@ use crate::buildkit::BuildError;
 use crate::context::ContextError;
 use crate::executor::ExecutorError;
 use crate::image::base::BaseImageError;
+use crate::policy::PolicyError;
 use crate::properties::{DocumentError, OpschainError, PatchError};
 use crate::secrets::SecretError;
 use crate::snapshot::SnapshotError;
@@ -19,6 +20,14 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error(transparent)]
     Secret(#[from] SecretError),
+    /// Boxed: refusals carry several names and a path.
+    #[error(transparent)]
+    Policy(Box<PolicyError>),
+    #[error(transparent)]
+    Token(#[from] crate::grpc::auth::TokenError),
+    /// A configuration that would be unsafe to run with (e.g. serving off loopback without a token).
+    #[error("{message}")]
+    Refused { message: String },
     #[error(transparent)]
     Patch(#[from] PatchError),
     #[error(transparent)]
@@ -74,6 +83,12 @@ pub enum Error {
     },
 }
 
+impl From<PolicyError> for Error {
+    fn from(e: PolicyError) -> Error {
+        Error::Policy(Box::new(e))
+    }
+}
+
 /// What kind of failure, independent of where it happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -83,6 +98,8 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The input is wrong; retrying it unchanged will fail again.
     InvalidInput,
+    /// The operator's policy does not allow it; the message names the setting that would.
+    PermissionDenied,
     /// The state moved on (e.g. a properties version); re-read and retry.
     Conflict,
     /// A dependency (Docker daemon, store) does not answer.
@@ -103,6 +120,9 @@ impl Error {
             Error::Secret(SecretError::NotFound { .. }) => NotFound,
             Error::Secret(SecretError::Io { .. } | SecretError::Corrupt { .. }) => Internal,
             Error::Secret(_) => InvalidInput,
+            Error::Policy(e) if e.is_refusal() => PermissionDenied,
+            Error::Policy(_) => InvalidInput,
+            Error::Token(_) | Error::Refused { .. } => InvalidInput,
             Error::Patch(_) | Error::Document(_) | Error::InvalidProperties { .. } => InvalidInput,
             Error::ReadFile { .. } | Error::InvalidArgument { .. } => InvalidInput,
             Error::Home { .. } => Unavailable,
@@ -132,6 +152,7 @@ impl Error {
                 tonic::Code::AlreadyExists => AlreadyExists,
                 tonic::Code::InvalidArgument => InvalidInput,
                 tonic::Code::FailedPrecondition => Conflict,
+                tonic::Code::PermissionDenied => PermissionDenied,
                 tonic::Code::Unavailable | tonic::Code::Unauthenticated => Unavailable,
                 _ => Internal,
             },

@@ -13,6 +13,7 @@ pub mod executor;
 pub mod grpc;
 pub mod image;
 pub mod orchestrator;
+pub mod policy;
 pub mod properties;
 pub mod runtime;
 pub mod secrets;

@@ -782,6 +782,7 @@ fn a_dind_daemon_and_its_volumes_are_removed_on_cancel_and_after_kill_dash_nine(
 /// must each leave no container, network or volume of the change.
 fn removed_on_cancel_and_after_kill_dash_nine(action: &str) {
     let demo = Demo::new();
+    demo.set_policy(DOCKER_FOR_DEV);
     let id = demo
         .ok(&support::create_args("dev", action, &["--background"]))
         .trim()
@@ -829,12 +830,17 @@ fn removed_on_cancel_and_after_kill_dash_nine(action: &str) {
     nothing_left(&killed);
 }
 
+/// The operator's grant the Docker steps of the demo need: both are root on the host, so off by default.
+const DOCKER_FOR_DEV: &str =
+    "[[grant]]\nproject = \"demo\"\nenvironment = \"dev\"\ndocker_socket = true\ndocker_dind = true\n";
+
 #[test]
 fn docker_socket_steps_reach_the_host_daemon() {
     if !support::docker_available() {
         return;
     }
     let demo = Demo::new();
+    demo.set_policy(DOCKER_FOR_DEV);
     let (ok, stdout, stderr) = demo.change("dev", "docker_socket");
     assert!(ok, "{stdout}\n{stderr}");
     let host = async { docker().await.version().await.unwrap().version.unwrap() }.await_blocking();
@@ -847,6 +853,7 @@ fn dind_steps_build_and_run_containers_in_a_daemon_of_their_own() {
         return;
     }
     let demo = Demo::new();
+    demo.set_policy(DOCKER_FOR_DEV);
     let (ok, stdout, stderr) = demo.change("dev", "docker_in_docker");
     assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("built-inside-dind"), "{stdout}");

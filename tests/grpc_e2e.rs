@@ -14,6 +14,8 @@ async fn run_step_returns_the_step_result_of_a_real_container_run() {
         return;
     }
     let demo = support::Demo::new();
+    // The demo repository is a path on this machine: the operator allows such remotes for RunStep.
+    demo.set_policy("[run_step]\nallow_file_remotes = true\n");
     let sha = support::git(&demo.repo, &["rev-parse", "HEAD"]);
     let app = runner::app::App::open(demo.home.path()).await.unwrap();
     let orchestrator = runner::runtime::local(app).await.unwrap();

@@ -41,7 +41,13 @@ fn patches(project: Value, environment: Value) -> Script {
 }
 
 async fn world(manifest: Value, scripts: Vec<(&str, Script)>) -> World {
+    world_with_policy(manifest, scripts, "").await
+}
+
+/// A world whose operator wrote `policy` (TOML) to the data directory's policy.toml.
+async fn world_with_policy(manifest: Value, scripts: Vec<(&str, Script)>, policy: &str) -> World {
     let home = tempfile::tempdir().unwrap();
+    std::fs::write(home.path().join("policy.toml"), policy).unwrap();
     let app = App::open(home.path()).await.unwrap();
     app.create_project("demo", "Demo", Some("/nowhere"))
         .await
@@ -443,7 +449,12 @@ async fn service_images_are_built_and_dind_prepared_before_the_step_runs() {
             "db": {"image": "local/db:1"}}},
         "broken": {"run": "broken", "services": {"api": {"build": "missing/Dockerfile"}}}
     }});
-    let w = world(manifest, vec![("it", ok()), ("broken", ok())]).await;
+    let w = world_with_policy(
+        manifest,
+        vec![("it", ok()), ("broken", ok())],
+        "[[grant]]\nproject = \"demo\"\ndocker_dind = true\n",
+    )
+    .await;
     let (state, _) = w.run("it").await;
     assert_eq!(state, ChangeState::Success);
     let run = w.executor.runs.lock().unwrap()[0].clone();

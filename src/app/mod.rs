@@ -3,8 +3,10 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::policy::Policy;
 use crate::properties::{self, Patch};
 use crate::secrets::SecretStore;
 use crate::store::{
@@ -30,6 +32,8 @@ pub struct App {
     pub home: PathBuf,
     pub store: Store,
     pub secrets: SecretStore,
+    /// The operator's policy, read once when the data directory is opened.
+    pub policy: Arc<Policy>,
 }
 
 /// The default data directory: `$XDG_DATA_HOME/runner` (e.g. `~/.local/share/runner`).
@@ -63,8 +67,14 @@ pub fn validate_code(what: &'static str, code: &str) -> Result<()> {
 const PATCH_RETRIES: usize = 1000;
 
 impl App {
-    /// Opens (creating) the data directory: store, secrets.
+    /// Opens (creating) the data directory: store, secrets, and the policy `home/policy.toml` (absent = defaults).
     pub async fn open(home: &Path) -> Result<App> {
+        let policy = Policy::load(home)?;
+        App::open_with_policy(home, policy).await
+    }
+
+    /// Opens the data directory under a policy the operator read from elsewhere (`--policy FILE`).
+    pub async fn open_with_policy(home: &Path, policy: Policy) -> Result<App> {
         std::fs::create_dir_all(home).map_err(|source| Error::Home {
             path: home.to_owned(),
             source,
@@ -75,6 +85,7 @@ impl App {
             home: home.to_owned(),
             store,
             secrets,
+            policy: Arc::new(policy),
         })
     }
 
@@ -189,24 +200,16 @@ impl App {
 }
 
 fn validate(owner: &PropertiesOwner, document: &Value) -> Result<()> {
-    if !document.is_object() {
-        return Err(Error::InvalidArgument {
+    match properties::validate_document(document) {
+        Ok(()) => Ok(()),
+        Err(properties::DocumentRuleError::NotAnObject { found }) => Err(Error::InvalidArgument {
             what: "properties document",
-            value: excerpt(document),
+            value: found,
             expected: "properties must be a JSON object",
-        });
-    }
-    properties::validate_opschain(document).map_err(|source| Error::InvalidProperties {
-        owner: owner.to_string(),
-        source,
-    })
-}
-
-/// The first characters of a JSON value, for error messages.
-fn excerpt(value: &Value) -> String {
-    let text = value.to_string();
-    match text.char_indices().nth(60) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text,
+        }),
+        Err(properties::DocumentRuleError::Opschain(source)) => Err(Error::InvalidProperties {
+            owner: owner.to_string(),
+            source,
+        }),
     }
 }

@@ -26,6 +26,10 @@ pub struct Cli {
     /// Data directory (store, secrets, repository mirrors, image build cache).
     #[arg(long, global = true, env = "RUNNER_HOME")]
     home: Option<PathBuf>,
+    /// The operator's policy file (grants of secrets and privileged features, step limits, RunStep rules);
+    /// `$RUNNER_HOME/policy.toml` by default, where an absent file means the safe defaults.
+    #[arg(long, global = true, env = "RUNNER_POLICY")]
+    policy: Option<PathBuf>,
     /// Send project, environment, properties, change and step commands to this `runner serve` (e.g.
     /// http://127.0.0.1:50051) instead of the local data directory.
     #[arg(long, global = true, env = "RUNNER_SERVER")]
@@ -295,24 +299,24 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Image(ImageCommand::BuildBase) => build_image(&home, OfflineImage::Base).await,
         Command::Image(ImageCommand::BuildDind) => build_image(&home, OfflineImage::Dind).await,
-        Command::Serve(args) => serve(App::open(&home).await?, args).await,
+        Command::Serve(args) => serve(open_app(&home, cli.policy.as_deref()).await?, args).await,
         Command::Bench(cmd) => bench::run(&home, cmd).await,
         Command::Secret(_) if cli.server.is_some() => Err(Error::InvalidArgument {
             what: "command for --server",
             value: "secret".into(),
             expected: "secrets never travel over the API: manage them with `runner secret` on the server's host",
         }),
-        Command::Secret(cmd) => secret(&App::open(&home).await?, cmd),
+        Command::Secret(cmd) => secret(&open_app(&home, cli.policy.as_deref()).await?, cmd),
         Command::Change(cmd) => match &cli.server {
             Some(url) => change::change_remote(remote::Remote::connect(url, cli.token.clone(), cli.tls_ca.as_deref()).await?, cmd, out).await,
-            None => change::change(App::open(&home).await?, cmd, out).await,
+            None => change::change(open_app(&home, cli.policy.as_deref()).await?, cmd, out).await,
         },
         Command::Step(cmd) => match &cli.server {
             Some(url) => change::step_remote(remote::Remote::connect(url, cli.token.clone(), cli.tls_ca.as_deref()).await?, cmd, out).await,
-            None => change::step(App::open(&home).await?, cmd, out).await,
+            None => change::step(open_app(&home, cli.policy.as_deref()).await?, cmd, out).await,
         },
-        Command::Project(cmd) => project(&backend(&cli.server, cli.token.clone(), cli.tls_ca.as_deref(), &home).await?, cmd, out).await,
-        Command::Environment(cmd) => environment(&backend(&cli.server, cli.token.clone(), cli.tls_ca.as_deref(), &home).await?, cmd, out).await,
+        Command::Project(cmd) => project(&backend(&cli.server, cli.token.clone(), cli.tls_ca.as_deref(), &home, cli.policy.as_deref()).await?, cmd, out).await,
+        Command::Environment(cmd) => environment(&backend(&cli.server, cli.token.clone(), cli.tls_ca.as_deref(), &home, cli.policy.as_deref()).await?, cmd, out).await,
     }
 }
 
@@ -321,11 +325,19 @@ async fn backend(
     token: Option<String>,
     tls_ca: Option<&Path>,
     home: &Path,
+    policy: Option<&Path>,
 ) -> Result<remote::Backend> {
     Ok(match server {
         Some(url) => remote::Backend::Remote(remote::Remote::connect(url, token, tls_ca).await?),
-        None => remote::Backend::Local(App::open(home).await?),
+        None => remote::Backend::Local(open_app(home, policy).await?),
     })
+}
+
+/// Opens the data directory under the operator's policy: `--policy FILE` (which must exist) or
+/// `home/policy.toml` (absent = defaults).
+async fn open_app(home: &Path, policy: Option<&Path>) -> Result<App> {
+    let policy = crate::policy::Policy::load_from(policy, home)?;
+    App::open_with_policy(home, policy).await
 }
 
 async fn project(app: &remote::Backend, cmd: ProjectCommand, out: Output) -> Result<()> {
@@ -520,33 +532,15 @@ async fn build_image(home: &Path, which: OfflineImage) -> Result<()> {
 }
 
 async fn serve(app: App, args: ServeArgs) -> Result<()> {
-    let token = match (&args.token_file, std::env::var("RUNNER_TOKEN").ok()) {
-        (Some(path), _) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|source| Error::ReadFile {
-                    path: path.clone(),
-                    source,
-                })?
-                .trim()
-                .to_owned(),
+    // Read as given: an empty or blank token is refused by the server's check, whatever its source.
+    let token = match &args.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+                path: path.clone(),
+                source,
+            })?,
         ),
-        (None, token) => token.filter(|t| !t.is_empty()),
-    };
-    let orchestrator = crate::runtime::local(app).await?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| Error::Home {
-            path: args.listen.to_string().into(),
-            source,
-        })?;
-    eprintln!("serving the runner API on {}", args.listen);
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM can be handled");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        None => std::env::var("RUNNER_TOKEN").ok(),
     };
     let read = |path: &PathBuf| {
         std::fs::read(path).map_err(|source| Error::ReadFile {
@@ -566,6 +560,29 @@ async fn serve(app: App, args: ServeArgs) -> Result<()> {
         token,
         grace: args.grace,
         ..Default::default()
+    };
+    // Refuse before anything is started or announced.
+    config.check(args.listen).map_err(|e| match e {
+        crate::grpc::ServerError::Token(e) => Error::Token(e),
+        other => Error::Refused {
+            message: crate::error::error_text(&other),
+        },
+    })?;
+    let orchestrator = crate::runtime::local(app).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| Error::Home {
+            path: args.listen.to_string().into(),
+            source,
+        })?;
+    eprintln!("serving the runner API on {}", args.listen);
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM can be handled");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
     };
     crate::grpc::run(listener, orchestrator, config, shutdown)
         .await

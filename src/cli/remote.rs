@@ -17,7 +17,7 @@ use crate::store::{Environment, Project, PropertiesVersion, WrittenBy};
 #[derive(Clone)]
 pub struct Remote {
     channel: Channel,
-    token: Option<String>,
+    token: Option<crate::grpc::auth::Token>,
     url: String,
 }
 
@@ -27,6 +27,11 @@ impl Remote {
         token: Option<String>,
         tls_ca: Option<&std::path::Path>,
     ) -> Result<Remote> {
+        // An empty or blank token is refused here with the server's message, never sent as "no token".
+        let token = token
+            .as_deref()
+            .map(crate::grpc::auth::Token::new)
+            .transpose()?;
         let unreachable = |message: String| Error::Remote {
             code: tonic::Code::Unavailable,
             message,
@@ -64,7 +69,7 @@ impl Remote {
     pub fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(token) = &self.token {
-            if let Ok(value) = format!("Bearer {token}").parse() {
+            if let Ok(value) = format!("Bearer {}", token.as_str()).parse() {
                 request.metadata_mut().insert("authorization", value);
             }
         }

@@ -1,9 +1,11 @@
 //! The gRPC server (`runner serve`): project, change and step services over the same core as the CLI, plus
 //! health and reflection. [`run`] is the whole server as a library function; tests start it on an ephemeral port.
 
+pub mod auth;
 mod changes;
 pub mod convert;
 mod projects;
+pub mod redact;
 pub mod status;
 mod step_runner;
 
@@ -22,14 +24,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
-use tonic::{Request, Status};
 
 use crate::orchestrator::Orchestrator;
 
 /// How the server is run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Bearer token every call but health must carry. Required on a non-loopback address.
+    /// Bearer token every call but health must carry. Required on a non-loopback address; an empty or blank one
+    /// is refused (never taken as "no authentication").
     pub token: Option<String>,
     /// How long running changes may take to finish after a shutdown signal before they are cancelled.
     pub grace: Duration,
@@ -76,41 +78,20 @@ pub enum ServerError {
     #[error("failed to set up reflection")]
     Reflection(#[source] tonic_reflection::server::Error),
     #[error(transparent)]
+    Token(#[from] auth::TokenError),
+    #[error(transparent)]
     Core(#[from] crate::error::Error),
 }
 
-/// Checks `authorization: Bearer <token>` in constant time.
-#[derive(Clone)]
-struct Auth {
-    expected: Option<String>,
-}
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.expected else {
-            return Ok(request);
-        };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
-            })?;
-        let same = given.len() == expected.len()
-            && given
-                .bytes()
-                .zip(expected.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if same {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated(
-                "the bearer token is not valid for this server",
-            ))
+impl ServerConfig {
+    /// Checks the configuration can serve on `addr`, before anything is started or announced: a given token is
+    /// not blank, and off loopback there is one.
+    pub fn check(&self, addr: SocketAddr) -> Result<Option<auth::Token>, ServerError> {
+        let token = self.token.as_deref().map(auth::Token::new).transpose()?;
+        if !addr.ip().is_loopback() && token.is_none() {
+            return Err(ServerError::NoToken { addr });
         }
+        Ok(token)
     }
 }
 
@@ -123,9 +104,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let addr = listener.local_addr().map_err(ServerError::Address)?;
-    if !addr.ip().is_loopback() && config.token.is_none() {
-        return Err(ServerError::NoToken { addr });
-    }
+    let token = config.check(addr)?;
     // Bad TLS material fails before anything is started.
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
@@ -185,9 +164,7 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(ServerError::Reflection)?;
-    let auth = Auth {
-        expected: config.token.clone(),
-    };
+    let auth = auth::Auth { expected: token };
     let tasks = TaskTracker::new();
     let stop_runs = CancellationToken::new();
     let changes = changes::Changes {

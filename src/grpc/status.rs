@@ -10,6 +10,7 @@ pub fn status(err: &Error) -> Status {
         ErrorKind::AlreadyExists => Code::AlreadyExists,
         ErrorKind::InvalidInput => Code::InvalidArgument,
         ErrorKind::Conflict => Code::FailedPrecondition,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::Internal => Code::Internal,
     };

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::redact::Redactor;
 use super::{convert, pb};
 use crate::error::Error;
 use crate::orchestrator::{Orchestrator, SingleStep};
@@ -39,11 +40,13 @@ impl pb::step_runner_service_server::StepRunnerService for StepRunner {
         request: Request<pb::RunStepRequest>,
     ) -> Result<Response<RunStepStream>, Status> {
         let r = request.into_inner();
+        // Nothing answered here carries a secret value, whatever the step printed or returned.
+        let redactor =
+            Redactor::for_app(self.orchestrator.app()).map_err(|e| Redactor::unavailable(&e))?;
         let step_context = match r.step_context_json.trim() {
             "" => serde_json::json!({}),
-            text => {
-                crate::properties::parse_document("step_context_json", text).map_err(Error::from)?
-            }
+            text => crate::properties::parse_document("step_context_json", text)
+                .map_err(|e| redactor.status(Error::from(e).into()))?,
         };
         let single = SingleStep {
             git_remote: r.git_remote,
@@ -51,6 +54,10 @@ impl pb::step_runner_service_server::StepRunnerService for StepRunner {
             action: r.action,
             step_context,
         };
+        // Refusals the policy can make up front answer the call itself, not its stream.
+        self.orchestrator
+            .check_single_step(&single)
+            .map_err(|e| redactor.status(super::status::status(&e)))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::RunStepEvent, Status>>(256);
         let (orchestrator, cancel) = (self.orchestrator.clone(), self.stop_runs.child_token());
         self.tasks.spawn(async move {
@@ -83,10 +90,13 @@ impl pb::step_runner_service_server::StepRunnerService for StepRunner {
                         git_sha: o.git_sha,
                         image: o.image,
                         image_cached: o.image_cached,
-                        step_result_json: o.result.map(|r| r.to_string()).unwrap_or_default(),
+                        step_result_json: o
+                            .result
+                            .map(|r| redactor.json(&r).to_string())
+                            .unwrap_or_default(),
                     })),
                 })
-                .map_err(|e| super::status::status(&e));
+                .map_err(|e| redactor.status(super::status::status(&e)));
             let _ = tx.send(message).await;
         });
         Ok(Response::new(Box::pin(

@@ -72,12 +72,14 @@ pub enum ApplyError {
         #[source]
         source: properties::PatchError,
     },
-    #[error("the step's patch would make the {owner} properties invalid: {source}")]
+    #[error("the step's patch would make the {owner} properties invalid (nothing was applied): {source}")]
     Invalid {
         owner: String,
         #[source]
-        source: properties::OpschainError,
+        source: properties::DocumentRuleError,
     },
+    #[error("the step's patch changes `opschain.{key}` of the {owner} properties, which only a project admin may set (a repository never chooses its secrets): nothing was applied")]
+    AdminOnly { owner: String, key: &'static str },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -115,9 +117,16 @@ pub async fn apply_step_patches(
                     source,
                 }
             })?;
-            properties::validate_opschain(&document).map_err(|source| ApplyError::Invalid {
+            // The same rules as a CLI/API write, and the secret lists stay the admins'.
+            properties::validate_document(&document).map_err(|source| ApplyError::Invalid {
                 owner: owner.to_string(),
                 source,
+            })?;
+            properties::step_may_write(&current.document, &document).map_err(|key| {
+                ApplyError::AdminOnly {
+                    owner: owner.to_string(),
+                    key,
+                }
             })?;
             documents.push((owner, current.version, document));
         }
@@ -266,5 +275,58 @@ mod tests {
         assert!(
             patches_from_result(&json!({"project": {"properties_diff": {"op": "x"}}})).is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_step_patch_turning_properties_into_a_list_or_null_applies_nothing() {
+        let (_d, store, p, e) = setup().await;
+        for value in [json!([1, 2]), json!(null)] {
+            let step = patches(
+                json!([{"op": "add", "path": "/ok", "value": 1}]),
+                json!([{"op": "replace", "path": "", "value": value}]),
+            );
+            let err = apply_step_patches(&store, (&p, 1), (&e, 1), &step, &WrittenBy::Cli)
+                .await
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("properties must be a JSON object"),
+                "{err}"
+            );
+            assert_eq!(store.properties(&p, None).await.unwrap().version, 1);
+            assert_eq!(store.properties(&e, None).await.unwrap().version, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_patch_writing_runner_secrets_applies_nothing() {
+        let (_d, store, p, e) = setup().await;
+        for (patch, key) in [
+            (
+                json!([{"op": "add", "path": "/opschain", "value": {"env:runner_secrets": ["db"]}}]),
+                "env:runner_secrets",
+            ),
+            (
+                json!([{"op": "add", "path": "/opschain", "value": {"env:build_secrets": []}}]),
+                "env:build_secrets",
+            ),
+            (
+                json!([{"op": "replace", "path": "", "value": {"opschain": {"env:runner_secrets": ["x"]}}}]),
+                "env:runner_secrets",
+            ),
+        ] {
+            let step = patches(json!([{"op": "add", "path": "/ok", "value": 1}]), patch);
+            let err = apply_step_patches(&store, (&p, 1), (&e, 1), &step, &WrittenBy::Cli)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, ApplyError::AdminOnly { .. }), "{err}");
+            assert!(
+                err.to_string()
+                    .contains(&format!("changes `opschain.{key}`")),
+                "{err}"
+            );
+            assert!(err.to_string().ends_with("nothing was applied"), "{err}");
+            assert_eq!(store.properties(&p, None).await.unwrap().version, 1);
+            assert_eq!(store.properties(&e, None).await.unwrap().version, 1);
+        }
     }
 }

@@ -8,6 +8,8 @@ use tracing::Instrument;
 use super::{lease, CreateChange, EventTx, Orchestrator, Run};
 use crate::error::{Error, Result};
 use crate::events::{ChangeState, Event, Masker, StepState};
+use crate::policy::Subject;
+use crate::properties::SecretKind;
 use crate::store::{Change, StepFinish};
 
 impl Orchestrator {
@@ -21,7 +23,24 @@ impl Orchestrator {
             .await?;
         let sha = self.sources.resolve(&project, &request.git_rev).await?;
         let (manifest, path) = self.manifest(&project, &sha).await?;
-        manifest.action(&path, &request.action)?;
+        let action = manifest.action(&path, &request.action)?;
+        // What the operator has not granted fails here, before anything runs (and again before each step).
+        let subject = Subject::Change {
+            project: &project.code,
+            environment: &environment.code,
+        };
+        self.app.policy.require_action(subject, action)?;
+        let project_props = store.properties(&(&project).into(), None).await?;
+        let environment_props = store.properties(&(&environment).into(), None).await?;
+        for kind in [SecretKind::Build, SecretKind::Runner] {
+            self.granted_secret_names(
+                subject,
+                &project_props.document,
+                &environment_props.document,
+                "project/environment",
+                kind,
+            )?;
+        }
         let id = uuid::Uuid::new_v4().to_string();
         store
             .create_change(&crate::store::NewChange {

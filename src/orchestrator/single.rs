@@ -10,7 +10,8 @@ use super::{step_context, EventTx, ImageRequest, Orchestrator, StepIdentity};
 use crate::error::{Error, Result};
 use crate::events::{ChangeState, Event, Phase};
 use crate::executor::{LogLine, StepRun};
-use crate::properties::{self, Layers};
+use crate::policy::Subject;
+use crate::properties::{self, Layers, SecretKind};
 use crate::store::{Change, Environment, Project};
 
 /// What a scheduler asks for.
@@ -40,6 +41,33 @@ fn text<'a>(doc: &'a Value, pointer: &str, default: &'a str) -> &'a str {
 }
 
 impl Orchestrator {
+    /// What can be refused before anything is fetched: a remote or a secret `[run_step]` of the operator's
+    /// policy does not allow. (The action's Docker access and services are checked once the manifest is read.)
+    pub fn check_single_step(&self, request: &SingleStep) -> Result<()> {
+        self.app
+            .policy
+            .require_run_step_remote(&request.git_remote)?;
+        let empty = json!({});
+        let project = request
+            .step_context
+            .pointer("/project/properties")
+            .unwrap_or(&empty);
+        let environment = request
+            .step_context
+            .pointer("/environment/properties")
+            .unwrap_or(&empty);
+        for kind in [SecretKind::Build, SecretKind::Runner] {
+            self.granted_secret_names(
+                Subject::RunStep,
+                project,
+                environment,
+                "step context",
+                kind,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Runs one step outside any stored change; progress goes to `events` (step id: the context's, or a new one).
     pub async fn run_single_step(
         &self,
@@ -57,6 +85,7 @@ impl Orchestrator {
                 expected: "give git_remote, git_rev and action",
             });
         }
+        self.check_single_step(request)?;
         let context = &request.step_context;
         // The repository's mirror is keyed by its remote: schedulers need not register projects.
         let key = {
@@ -85,6 +114,7 @@ impl Orchestrator {
         let sha = self.sources.resolve(&project, rev).await?;
         let (manifest, path) = self.manifest(&project, &sha).await?;
         let action = manifest.action(&path, &request.action)?.clone();
+        self.app.policy.require_action(Subject::RunStep, &action)?;
         let change = Change {
             id: text(context, "/context/change/id", "").to_owned(),
             project: project.code.clone(),
@@ -129,8 +159,12 @@ impl Orchestrator {
             project: Some(&project_props),
             environment: Some(&environment_props),
         });
-        let (build_secrets, runner_secrets) =
-            self.step_secrets(&project_props, &environment_props, "step context")?;
+        let (build_secrets, runner_secrets) = self.step_secrets(
+            Subject::RunStep,
+            &project_props,
+            &environment_props,
+            "step context",
+        )?;
         let masker = self.masker()?;
         let emit = |event: Event| {
             let _ = events.send(masker.mask_event(event));

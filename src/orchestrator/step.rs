@@ -10,31 +10,48 @@ use crate::actions::{Action, RunAs};
 use crate::error::{Error, Result};
 use crate::events::{Event, Phase, StepState};
 use crate::executor::{Ended, LogLine, StepRun};
+use crate::policy::Subject;
 use crate::properties::{self, Layers, SecretKind};
 use crate::secrets::SecretValues;
 use crate::store::{PropertiesOwner, Step, StepFinish, WrittenBy};
 
 impl Orchestrator {
-    /// The build and runner secrets a step gets, named by the project's and environment's properties.
+    /// The build and runner secrets a step gets, named by the project's and environment's properties and
+    /// granted to `subject` by the operator's policy.
     pub(super) fn step_secrets(
         &self,
+        subject: Subject<'_>,
         project: &Value,
         environment: &Value,
         whose: &str,
     ) -> Result<(SecretValues, SecretValues)> {
         let resolve = |kind: SecretKind| -> Result<SecretValues> {
-            let names = properties::secret_names(project, environment, kind).map_err(|source| {
-                Error::InvalidProperties {
-                    owner: whose.to_owned(),
-                    source,
-                }
-            })?;
+            let names = self.granted_secret_names(subject, project, environment, whose, kind)?;
             Ok(self
                 .app
                 .secrets
                 .resolve(&names, &format!("opschain.{}", kind.key()))?)
         };
         Ok((resolve(SecretKind::Build)?, resolve(SecretKind::Runner)?))
+    }
+
+    /// The secret names of `kind` the properties name, each granted to `subject` (an error before anything runs
+    /// otherwise).
+    pub(super) fn granted_secret_names(
+        &self,
+        subject: Subject<'_>,
+        project: &Value,
+        environment: &Value,
+        whose: &str,
+        kind: SecretKind,
+    ) -> Result<Vec<String>> {
+        let named = properties::named_secrets(project, environment, kind).map_err(|source| {
+            Error::InvalidProperties {
+                owner: whose.to_owned(),
+                source,
+            }
+        })?;
+        Ok(self.app.policy.secrets_for(subject, kind, named)?)
     }
 
     /// A step's own work: properties, image, container, patches. Children are its caller's business.
@@ -81,11 +98,25 @@ impl Orchestrator {
             project: Some(&project_props.document),
             environment: Some(&environment_props.document),
         });
-        let (build_secrets, runner_secrets) = match self.step_secrets(
-            &project_props.document,
-            &environment_props.document,
-            "project/environment",
-        ) {
+        // The operator's policy is checked again here: properties may have changed since the change was created.
+        let subject = Subject::Change {
+            project: &run.project.code,
+            environment: &run.environment.code,
+        };
+        let secrets = self
+            .app
+            .policy
+            .require_action(subject, action)
+            .map_err(Error::from)
+            .and_then(|()| {
+                self.step_secrets(
+                    subject,
+                    &project_props.document,
+                    &environment_props.document,
+                    "project/environment",
+                )
+            });
+        let (build_secrets, runner_secrets) = match secrets {
             Ok(secrets) => secrets,
             Err(e) => return fail(StepState::Error, crate::error::error_text(&e)).await,
         };

@@ -5,14 +5,16 @@ mod conflict;
 mod merge;
 mod opschain;
 mod patch;
+mod rules;
 
 pub use conflict::{detect_conflict, touched_paths, Conflict};
 pub use merge::{deep_merge, layered_view, Layers};
 pub use opschain::{
-    env_vars, files, secret_names, validate_opschain, FileFormat, OpschainError, PropertyFile,
-    SecretKind,
+    env_vars, files, named_secrets, secret_names, validate_opschain, FileFormat, OpschainError,
+    PropertyFile, SecretKind,
 };
 pub use patch::{apply_patch, diff, parse_document, parse_patch, DocumentError, PatchError};
+pub use rules::{excerpt, step_may_write, validate_document, DocumentRuleError, ADMIN_ONLY_KEYS};
 
 /// An RFC 6902 JSON Patch.
 pub type Patch = json_patch::Patch;

@@ -60,7 +60,7 @@ pub enum SecretKind {
 }
 
 impl SecretKind {
-    pub fn key(self) -> &'static str {
+    pub const fn key(self) -> &'static str {
         match self {
             SecretKind::Build => "env:build_secrets",
             SecretKind::Runner => "env:runner_secrets",
@@ -263,12 +263,25 @@ pub fn secret_names(
     environment: &Value,
     kind: SecretKind,
 ) -> Result<Vec<String>, OpschainError> {
+    Ok(named_secrets(project, environment, kind)?
+        .unwrap_or_else(|| vec![kind.default_secret().to_owned()]))
+}
+
+/// The secrets the project's and environment's lists name, in order; `None` when neither has a list (a change
+/// then uses the default secret).
+pub fn named_secrets(
+    project: &Value,
+    environment: &Value,
+    kind: SecretKind,
+) -> Result<Option<Vec<String>>, OpschainError> {
     let project = secret_list(project, kind)?;
     let environment = secret_list(environment, kind)?;
     if project.is_none() && environment.is_none() {
-        return Ok(vec![kind.default_secret().to_owned()]);
+        return Ok(None);
     }
-    Ok(project.into_iter().chain(environment).flatten().collect())
+    Ok(Some(
+        project.into_iter().chain(environment).flatten().collect(),
+    ))
 }
 
 /// Removes the secret lists from a repository layer (see [`super::layered_view`]).

@@ -85,7 +85,8 @@ pub struct SecretStore {
     dir: PathBuf,
 }
 
-fn valid_name(name: &str) -> bool {
+/// Secret names: letters, digits, `.`, `_` and `-`, not starting with `.` (they name files).
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('.')
         && name

@@ -205,6 +205,11 @@ impl Demo {
         demo
     }
 
+    /// Writes the operator's policy file of this data directory (what the demo may use beyond the defaults).
+    pub fn set_policy(&self, toml: &str) {
+        std::fs::write(self.home.path().join("policy.toml"), toml).unwrap();
+    }
+
     pub fn command(&self, args: &[&str]) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_runner"));
         cmd.args(args)
