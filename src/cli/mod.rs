@@ -299,7 +299,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Image(ImageCommand::BuildBase) => build_image(&home, OfflineImage::Base).await,
         Command::Image(ImageCommand::BuildDind) => build_image(&home, OfflineImage::Dind).await,
-        Command::Serve(args) => serve(open_app(&home, cli.policy.as_deref()).await?, args).await,
+        Command::Serve(args) => serve(&home, cli.policy.as_deref(), args).await,
         Command::Bench(cmd) => bench::run(&home, cmd).await,
         Command::Secret(_) if cli.server.is_some() => Err(Error::InvalidArgument {
             what: "command for --server",
@@ -531,7 +531,7 @@ async fn build_image(home: &Path, which: OfflineImage) -> Result<()> {
     Ok(())
 }
 
-async fn serve(app: App, args: ServeArgs) -> Result<()> {
+async fn serve(home: &Path, policy: Option<&Path>, args: ServeArgs) -> Result<()> {
     // Read as given: an empty or blank token is refused by the server's check, whatever its source.
     let token = match &args.token_file {
         Some(path) => Some(
@@ -568,7 +568,7 @@ async fn serve(app: App, args: ServeArgs) -> Result<()> {
             message: crate::error::error_text(&other),
         },
     })?;
-    let orchestrator = crate::runtime::local(app).await?;
+    let orchestrator = crate::runtime::local(open_app(home, policy).await?).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| Error::Home {

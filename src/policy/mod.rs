@@ -433,7 +433,7 @@ impl Policy {
         match RemoteKind::of(remote) {
             RemoteKind::File if self.run_step.allow_file_remotes => Ok(()),
             RemoteKind::File => Err(refuse(format!(
-                "it is a path on the server; the operator allows those with `allow_file_remotes = true` in [run_step] of {path}"
+                "it is a path on the server; the operator allows those: add `allow_file_remotes = true` to [run_step] in {path}"
             ))),
             RemoteKind::Unsupported => Err(refuse(
                 "use an https://, http://, ssh:// or git:// URL, or user@host:path".into(),
@@ -442,7 +442,7 @@ impl Policy {
                 None => Ok(()),
                 Some(prefixes) if prefixes.iter().any(|p| has_prefix(remote, p)) => Ok(()),
                 Some(_) => Err(refuse(format!(
-                    "it starts with none of the prefixes the operator allows; add one to `remotes` in [run_step] of {path}"
+                    "it starts with none of the prefixes the operator allows: add one to `remotes` in [run_step] in {path}"
                 ))),
             },
         }
