@@ -8,7 +8,7 @@ use tonic::{Request, Status};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("an empty or blank token is refused: write a non-blank token (e.g. `openssl rand -hex 32`) to the --token-file, or set RUNNER_TOKEN to it")]
+    #[error("an empty or blank token is refused: use a non-blank token (e.g. `openssl rand -hex 32`) in the --token-file, RUNNER_TOKEN or --token")]
     Blank,
     #[error("the token holds a character that cannot travel in an HTTP header: use visible ASCII characters only (e.g. `openssl rand -hex 32`)")]
     NotVisibleAscii,
