@@ -5,6 +5,7 @@
 pub mod actions;
 pub mod app;
 pub mod buildkit;
+pub mod cache;
 pub mod cli;
 pub mod context;
 pub mod error;

@@ -125,3 +125,97 @@ fn create_dockerfile_refuses_to_overwrite_without_force() {
     write_default_dockerfile(repo.path(), true).unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap(), DEFAULT_DOCKERFILE);
 }
+
+fn demo_plan() -> runner::context::ContextPlan {
+    let properties = json!({"opschain": {"env": {"A": "1"}}});
+    plan(&inputs(&properties, &json!({}), None)).unwrap()
+}
+
+/// Two steps with one content key write one context directory at once. A writer must never copy onto a hard
+/// link of the cached repo.tar: that truncates the cache itself.
+#[test]
+fn concurrent_context_writes_never_truncate_the_cached_repo_tar() {
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("cached.tar");
+    let bytes: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&tar, &bytes).unwrap();
+    let plan = demo_plan();
+    let mtime = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let start = std::sync::Barrier::new(8);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for round in 0..100 {
+                    // Every writer starts on the same fresh directory at once.
+                    start.wait();
+                    let ctx = dir.path().join(format!("ctx{round}"));
+                    if let Err(e) = write(&plan, &tar, &ctx, mtime) {
+                        panic!("{e}");
+                    }
+                    let linked = std::fs::metadata(ctx.join("context/repo.tar")).unwrap();
+                    assert_eq!(linked.len(), bytes.len() as u64, "round {round}");
+                }
+            });
+        }
+    });
+    assert_eq!(
+        std::fs::read(&tar).unwrap(),
+        bytes,
+        "the cached repo.tar kept its bytes"
+    );
+    let written = write(&plan, &tar, &dir.path().join("ctx0"), mtime).unwrap();
+    assert_eq!(
+        std::fs::read(written.context_dir.join("repo.tar")).unwrap(),
+        bytes
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&written.context_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "no temporaries left: {leftovers:?}");
+}
+
+#[test]
+fn a_context_holding_another_tar_gets_the_right_one_and_the_other_is_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old.tar"), dir.path().join("new.tar"));
+    std::fs::write(&old, b"old commit").unwrap();
+    std::fs::write(&new, b"new commit").unwrap();
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir_all(ctx.join("context")).unwrap();
+    std::fs::hard_link(&old, ctx.join("context/repo.tar")).unwrap();
+    let mtime = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let written = write(&demo_plan(), &new, &ctx, mtime).unwrap();
+    assert_eq!(
+        std::fs::read(written.context_dir.join("repo.tar")).unwrap(),
+        b"new commit"
+    );
+    assert_eq!(
+        std::fs::read(&old).unwrap(),
+        b"old commit",
+        "replaced by a rename, not written through the link"
+    );
+}
+
+#[test]
+fn a_context_on_another_filesystem_gets_a_complete_copy_with_the_fixed_mtime() {
+    // /dev/shm is a tmpfs: a hard link from the temporary directory cannot reach it.
+    let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+        panic!("this test needs a writable /dev/shm (a tmpfs on every Linux machine)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("cached.tar");
+    std::fs::write(&tar, b"tar bytes").unwrap();
+    let mtime = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let written = write(&demo_plan(), &tar, &shm.path().join("ctx"), mtime).unwrap();
+    let copied = written.context_dir.join("repo.tar");
+    assert_eq!(std::fs::read(&copied).unwrap(), b"tar bytes");
+    assert_eq!(
+        std::fs::metadata(&copied).unwrap().modified().unwrap(),
+        mtime
+    );
+    let again = write(&demo_plan(), &tar, &shm.path().join("ctx"), mtime).unwrap();
+    assert_eq!(again, written);
+    assert_eq!(std::fs::read(&tar).unwrap(), b"tar bytes");
+}

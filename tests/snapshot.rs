@@ -239,3 +239,67 @@ fn concurrent_requests_for_one_sha_all_get_the_same_tar() {
         "no temporary files left: {leftovers:?}"
     );
 }
+
+#[test]
+fn an_interrupted_fetch_leaves_nothing_after_the_next_fetch() {
+    let w = work();
+    let home = tempfile::tempdir().unwrap();
+    let m = mirror(home.path(), &w);
+    // What libgit2 leaves when the runner is killed while it receives a pack.
+    let scratch = mirror_path(home.path(), "demo").join("objects/pack/pack_git2_8f3a1c");
+    std::fs::write(&scratch, vec![0u8; 64 * 1024]).unwrap();
+    m.fetch().unwrap();
+    assert!(
+        !scratch.exists(),
+        "the next fetch removed the interrupted one's pack"
+    );
+    assert_eq!(
+        m.resolve("main").unwrap(),
+        w.second,
+        "and the mirror still works"
+    );
+}
+
+#[test]
+fn interrupted_tar_builds_are_removed_by_the_next_build_but_a_live_one_is_kept() {
+    let w = work();
+    let home = tempfile::tempdir().unwrap();
+    let m = mirror(home.path(), &w);
+    let cache = home.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let dead_tar = runner::cache::files::temporary(&cache, &format!("{}.tar", w.first));
+    std::fs::write(&dead_tar, b"half a tar").unwrap();
+    let dead_scratch = runner::cache::files::temporary(&cache, "0123abcd.tar");
+    std::fs::create_dir_all(dead_scratch.join("pack")).unwrap();
+    // A builder of another SHA that is still alive: it holds that SHA's lock.
+    let live_target = cache.join("feedface.tar");
+    let _live = runner::cache::files::lock(&live_target).unwrap();
+    let live_tmp = runner::cache::files::temporary(&cache, "feedface.tar");
+    std::fs::write(&live_tmp, b"being written").unwrap();
+
+    repo_tar(&m, &w.second, &cache).unwrap();
+    assert!(!dead_tar.exists() && !dead_scratch.exists());
+    assert!(
+        live_tmp.exists(),
+        "a live builder's temporary is left alone"
+    );
+    // The interrupted SHA builds fine afterwards.
+    let tar = repo_tar(&m, &w.first, &cache).unwrap();
+    assert!(std::fs::metadata(tar).unwrap().len() > 1000);
+}
+
+#[test]
+fn a_cache_whose_lock_file_cannot_be_made_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let w = work();
+    let home = tempfile::tempdir().unwrap();
+    let m = mirror(home.path(), &w);
+    let err = repo_tar(&m, &w.second, &not_a_dir.join("cache")).unwrap_err();
+    assert!(
+        err.to_string().contains(&not_a_dir.display().to_string()),
+        "{err}"
+    );
+    assert!(runner::cache::files::lock(&not_a_dir.join("x.tar")).is_err());
+}

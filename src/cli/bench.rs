@@ -328,7 +328,7 @@ async fn step(scratch: &Path, fixture: &Path, runs: usize, repo_mb: u64) -> Resu
 
     // The yardstick: build the same step image with the docker CLI (cached) and run it once, discarded.
     let home = scratch.join("home");
-    let tars = home.join("cache/repo-tars");
+    let tars = crate::cache::repo_tars(&home);
     let tar = std::fs::read_dir(&tars)
         .ok()
         .and_then(|mut d| d.next())

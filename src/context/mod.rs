@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::cache::files;
 use crate::properties::{env_vars, OpschainError};
 
 /// The default step runner Dockerfile, compiled in.
@@ -120,7 +121,9 @@ pub struct WrittenContext {
 }
 
 /// Writes `plan` under `dir` (`context/` with a hard link to `repo_tar`, `dockerfile/`). Files are only rewritten
-/// when their bytes change and always get `mtime`, so an unchanged context looks unchanged to BuildKit.
+/// when their bytes change and always get `mtime`, so an unchanged context looks unchanged to BuildKit. Safe to run
+/// concurrently for one `dir`: everything is put in place by renaming a unique temporary, and nothing is ever
+/// written through a link to the cached `repo_tar`.
 pub fn write(
     plan: &ContextPlan,
     repo_tar: &Path,
@@ -137,16 +140,8 @@ pub fn write(
         std::fs::create_dir_all(d).map_err(io(d))?;
     }
     let tar = context_dir.join("repo.tar");
-    if !tar.exists() {
-        // A hard link shares the cached file's inode, hence its size and mtime; copy only across filesystems.
-        if std::fs::hard_link(repo_tar, &tar).is_err() {
-            std::fs::copy(repo_tar, &tar).map_err(io(&tar))?;
-            let file = std::fs::File::options()
-                .write(true)
-                .open(&tar)
-                .map_err(io(&tar))?;
-            file.set_modified(mtime).map_err(io(&tar))?;
-        }
+    if !holds_repo_tar(&tar, repo_tar, mtime) {
+        link_repo_tar(repo_tar, &tar, mtime).map_err(io(&tar))?;
     }
     write_stable(
         &context_dir.join("step_context_env.json"),
@@ -160,26 +155,57 @@ pub fn write(
     })
 }
 
+/// Whether `tar` already is `repo_tar` (a hard link to it) or, across filesystems, a complete copy of it.
+fn holds_repo_tar(tar: &Path, repo_tar: &Path, mtime: std::time::SystemTime) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(have), Ok(cached)) = (std::fs::metadata(tar), std::fs::metadata(repo_tar)) else {
+        return false;
+    };
+    let same_inode = have.dev() == cached.dev() && have.ino() == cached.ino();
+    let complete_copy = have.dev() != cached.dev()
+        && have.len() == cached.len()
+        && have.modified().ok() == Some(mtime);
+    same_inode || complete_copy
+}
+
+/// Puts `repo_tar` at `tar`: a hard link (it shares the cached file's inode, hence its size and mtime) or, across
+/// filesystems, a copy — always made under a unique temporary name and renamed into place, so the copy can never
+/// write through a link to the cached file (which would truncate the cache under a concurrent reader).
+fn link_repo_tar(repo_tar: &Path, tar: &Path, mtime: std::time::SystemTime) -> std::io::Result<()> {
+    let dir = tar
+        .parent()
+        .expect("repo.tar lives in the context directory");
+    let tmp = files::temporary(dir, "repo.tar");
+    let made = match std::fs::hard_link(repo_tar, &tmp) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => std::fs::copy(repo_tar, &tmp)
+            .and_then(|_| {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&tmp)?
+                    .set_modified(mtime)
+            }),
+        Err(e) => Err(e),
+    };
+    let placed = made.and_then(|()| std::fs::rename(&tmp, tar));
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    placed
+}
+
 fn write_stable(
     path: &Path,
     bytes: &[u8],
     mtime: std::time::SystemTime,
 ) -> Result<(), ContextError> {
-    let io = |source| ContextError::Io {
-        path: path.to_owned(),
-        source,
-    };
     if std::fs::read(path).ok().as_deref() == Some(bytes) {
         return Ok(());
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::File::options()
-        .write(true)
-        .open(&tmp)
-        .and_then(|f| f.set_modified(mtime))
-        .map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    files::write_atomically(path, bytes, Some(mtime)).map_err(|source| ContextError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// `runner dev create-dockerfile`: writes the default Dockerfile to `.opschain/Dockerfile` of `repo_dir`.

@@ -124,7 +124,7 @@ impl BuildKitImages {
         let id = request.identity;
         let (home, sha) = (self.home.clone(), id.change.git_sha.clone());
         let (tar, dockerfile) = on_mirror(&self.home, id.project, move |mirror| {
-            let tar = repo_tar(mirror, &sha, &home.join("cache/repo-tars"))?;
+            let tar = repo_tar(mirror, &sha, &crate::cache::repo_tars(&home))?;
             let dockerfile = mirror.read_file(&sha, context::REPOSITORY_DOCKERFILE)?;
             Ok((tar, dockerfile))
         })
@@ -172,7 +172,7 @@ impl BuildKitImages {
             "opschain-build-env".to_owned(),
             request.build_secrets.to_env_file(),
         )]);
-        let dir = self.home.join("cache/contexts").join(&key[..32]);
+        let dir = crate::cache::contexts(&self.home).join(&key[..32]);
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1);
         let written = context::write(&plan, &tar, &dir, mtime)?;
         let request = BuildRequest {
@@ -248,8 +248,8 @@ impl BuildKitImages {
             repo_tree(
                 mirror,
                 &sha,
-                &home.join("cache/repo-tars"),
-                &home.join("cache/repo-trees"),
+                &crate::cache::repo_tars(&home),
+                &crate::cache::repo_trees(&home),
             )
         })
         .await?;

@@ -11,6 +11,7 @@ use git2::{FetchOptions, Oid, Repository};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+use crate::cache::files;
 use crate::properties::deep_merge;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,18 +48,41 @@ pub enum SnapshotError {
     },
 }
 
-/// An exclusive lock on a mirror or a cached file (`<path>.lock` beside it), held until the file is dropped.
-fn lock(guarded: &Path) -> Result<std::fs::File, SnapshotError> {
-    let path = guarded.with_extension("lock");
+/// An exclusive lock on a mirror or a cached file (`<path>.lock` beside it), held until dropped. A lock that cannot
+/// be taken is an error: two writers must never both think they hold it.
+fn lock(guarded: &Path) -> Result<files::FileLock, SnapshotError> {
+    files::lock(guarded).map_err(|source| SnapshotError::Io {
+        path: files::lock_path(guarded),
+        source,
+    })
+}
+
+/// Removes what an interrupted fetch left in the mirror (libgit2's `objects/pack/pack_git2_*` scratch packs, often
+/// hundreds of MB). Only called with the mirror's lock held, when no fetch can be writing one.
+fn remove_interrupted_fetches(mirror: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
+    let pack_dir = mirror.join("objects/pack");
     let io = |source| SnapshotError::Io {
-        path: path.clone(),
+        path: pack_dir.clone(),
         source,
     };
-    std::fs::create_dir_all(path.parent().expect("mirrors live in a directory")).map_err(io)?;
-    let file = std::fs::File::create(&path).map_err(io)?;
-    // SAFETY: flock on a descriptor we own; released when the file is closed.
-    unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
-    Ok(file)
+    let entries = match std::fs::read_dir(&pack_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(io(e)),
+    };
+    let mut removed = vec![];
+    for entry in entries {
+        let entry = entry.map_err(io)?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("pack_git2_")
+        {
+            files::remove_all(&entry.path()).map_err(io)?;
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
 }
 
 /// A project's bare mirror under `<home>/repos/`.
@@ -110,6 +134,10 @@ impl Mirror {
     /// since two runners may create changes of one project at once.
     pub fn fetch(&self) -> Result<(), SnapshotError> {
         let lock = lock(self.repo.path())?;
+        let removed = remove_interrupted_fetches(self.repo.path())?;
+        if !removed.is_empty() {
+            tracing::info!(mirror = %self.repo.path().display(), ?removed, "removed what an interrupted fetch left");
+        }
         let fetch_error = |source| SnapshotError::Fetch {
             remote: self.remote.clone(),
             mirror: self.repo.path().to_owned(),

@@ -10,6 +10,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use super::{Mirror, SnapshotError};
+use crate::cache::files;
 
 enum Entry {
     Dir,
@@ -36,6 +37,7 @@ pub fn repo_tar(mirror: &Mirror, sha: &str, cache_dir: &Path) -> Result<PathBuf,
     if path.exists() {
         return Ok(path);
     }
+    remove_interrupted(cache_dir, &format!("{sha}.tar"))?;
     let repo = mirror.repository();
     let git = |what: &str| {
         let (what, sha) = (what.to_owned(), sha.to_owned());
@@ -92,7 +94,8 @@ pub fn repo_tar(mirror: &Mirror, sha: &str, cache_dir: &Path) -> Result<PathBuf,
     }
 
     // `.git`: detached HEAD, the history as one pack, and an index so `git status` inside the step is clean.
-    let scratch = tempdir_in(cache_dir)?;
+    let name = format!("{sha}.tar");
+    let scratch = tempdir_in(cache_dir, &name)?;
     let mut packer = repo.packbuilder().map_err(git("the history"))?;
     packer.set_threads(1);
     let mut walk = repo.revwalk().map_err(git("the history"))?;
@@ -138,13 +141,13 @@ pub fn repo_tar(mirror: &Mirror, sha: &str, cache_dir: &Path) -> Result<PathBuf,
         );
     }
 
-    let tmp = cache_dir.join(format!(".{sha}.{}.tmp", uuid::Uuid::new_v4()));
+    let tmp = files::temporary(cache_dir, &name);
     let written = write_tar(repo, &entries, mtime, &tmp);
     let _ = std::fs::remove_dir_all(&scratch);
-    written.map_err(|source| SnapshotError::Io {
-        path: tmp.clone(),
-        source,
-    })?;
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(SnapshotError::Io { path: tmp, source });
+    }
     // The rename is atomic, so a reader never sees half a tar, even one that skipped the lock.
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
     Ok(path)
@@ -173,7 +176,8 @@ pub fn repo_tree(
     if path.is_dir() {
         return Ok(path);
     }
-    let scratch = tempdir_in(cache_dir)?;
+    remove_interrupted(cache_dir, sha)?;
+    let scratch = tempdir_in(cache_dir, sha)?;
     let file = std::fs::File::open(&tar).map_err(io(&tar))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     archive.set_preserve_mtime(true);
@@ -187,17 +191,27 @@ pub fn repo_tree(
     Ok(path)
 }
 
-fn tempdir_in(dir: &Path) -> Result<PathBuf, SnapshotError> {
-    let path = dir.join(format!(
-        ".scratch-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4()
-    ));
+/// A scratch directory for building `dir/<name>` (removed as an interrupted one once `name`'s lock is free).
+fn tempdir_in(dir: &Path, name: &str) -> Result<PathBuf, SnapshotError> {
+    let path = files::temporary(dir, name);
     std::fs::create_dir_all(&path).map_err(|source| SnapshotError::Io {
         path: path.clone(),
         source,
     })?;
     Ok(path)
+}
+
+/// Removes what interrupted builders left in `dir` (their lock is free, or is the caller's: `held`); logs it.
+fn remove_interrupted(dir: &Path, held: &str) -> Result<(), SnapshotError> {
+    let removed =
+        files::remove_interrupted(dir, Some(held)).map_err(|source| SnapshotError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    if !removed.is_empty() {
+        tracing::info!(dir = %dir.display(), ?removed, "removed what interrupted builds left");
+    }
+    Ok(())
 }
 
 fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> tar::Header {

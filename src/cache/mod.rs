@@ -1,0 +1,22 @@
+//! `$RUNNER_HOME/cache`: the files steps are built from, kept between changes so unchanged inputs cost nothing —
+//! `repo-tars/<sha>.tar` (the repository at a commit), `repo-trees/<sha>/` (the same, unpacked, for service builds)
+//! and `contexts/<key>/` (one step image's build context). [`files`] is the discipline every writer follows.
+
+pub mod files;
+
+use std::path::{Path, PathBuf};
+
+/// `repo.tar` per commit.
+pub fn repo_tars(home: &Path) -> PathBuf {
+    home.join("cache/repo-tars")
+}
+
+/// The repository unpacked per commit.
+pub fn repo_trees(home: &Path) -> PathBuf {
+    home.join("cache/repo-trees")
+}
+
+/// Build contexts per step image content key.
+pub fn contexts(home: &Path) -> PathBuf {
+    home.join("cache/contexts")
+}
