@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::executor::Stream;
 
+/// Masking lives in [`crate::mask`]; re-exported for callers that knew it here.
+pub use crate::mask::Masker;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeState {
@@ -130,70 +133,9 @@ pub struct EventRecord {
     pub event: Event,
 }
 
-/// Replaces every secret value in a text with `***`. Longest values first, so a secret that contains another is
-/// masked whole.
-#[derive(Debug, Clone, Default)]
-pub struct Masker {
-    values: Vec<String>,
-}
-
-impl Masker {
-    pub fn new<'a>(values: impl IntoIterator<Item = &'a str>) -> Masker {
-        let mut values: Vec<String> = values
-            .into_iter()
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned)
-            .collect();
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        values.dedup();
-        Masker { values }
-    }
-
-    pub fn mask(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for value in &self.values {
-            if out.contains(value.as_str()) {
-                out = out.replace(value.as_str(), "***");
-            }
-        }
-        out
-    }
-
-    /// Masks every string inside an event.
-    pub fn mask_event(&self, event: Event) -> Event {
-        if self.values.is_empty() {
-            return event;
-        }
-        let mut value = serde_json::to_value(&event).expect("events serialise");
-        mask_strings(self, &mut value);
-        serde_json::from_value(value).expect("masking keeps the shape")
-    }
-}
-
-fn mask_strings(masker: &Masker, value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::String(s) => *s = masker.mask(s),
-        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| mask_strings(masker, v)),
-        serde_json::Value::Object(map) => map.values_mut().for_each(|v| mask_strings(masker, v)),
-        _ => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn masks_longest_first_and_inside_events() {
-        let m = Masker::new(["abc", "abcdef", ""]);
-        assert_eq!(m.mask("x abcdef y abc"), "x *** y ***");
-        let e = m.mask_event(Event::Log {
-            step_id: "s".into(),
-            stream: Stream::Stdout,
-            line: "token=abcdef".into(),
-        });
-        assert!(matches!(e, Event::Log { ref line, .. } if line == "token=***"));
-    }
 
     #[test]
     fn events_serialise_with_a_type_tag() {

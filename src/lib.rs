@@ -13,6 +13,8 @@ pub mod events;
 pub mod executor;
 pub mod grpc;
 pub mod image;
+pub mod logs;
+pub mod mask;
 pub mod orchestrator;
 pub mod policy;
 pub mod properties;

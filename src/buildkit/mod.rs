@@ -110,5 +110,5 @@ pub(crate) fn mask(secrets: &BTreeMap<String, Vec<u8>>, text: &str) -> String {
             parts
         })
         .collect();
-    crate::events::Masker::new(values.iter().map(|v| v.trim()).filter(|v| v.len() >= 3)).mask(text)
+    crate::mask::Masker::new(values.iter().map(|v| v.trim()).filter(|v| v.len() >= 3)).mask(text)
 }

@@ -6,7 +6,7 @@ pub mod docker;
 use futures::future::BoxFuture;
 use serde_json::Value;
 use std::time::Duration;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 use tokio_util::sync::CancellationToken;
 
 use crate::actions::Service;
@@ -72,12 +72,27 @@ pub enum Stream {
     Stderr,
 }
 
-/// One line of a step's output, as it happens.
+/// A piece of a step's output as it happens: raw bytes of one stream, of any size (a line may span pieces and a
+/// piece may hold many lines). Turning them into masked, capped lines is the log pipeline's job
+/// ([`crate::logs`]), so a secret split across two reads is still caught.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
     pub stream: Stream,
-    pub line: String,
+    pub bytes: Vec<u8>,
 }
+
+impl LogLine {
+    /// A whole line (a newline is added).
+    pub fn line(stream: Stream, line: &str) -> LogLine {
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        LogLine { stream, bytes }
+    }
+}
+
+/// How many pieces of output may wait between an executor and the log pipeline (which bounds the bytes).
+pub const LOG_CHANNEL: usize = 64;
 
 /// How the container's process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +164,8 @@ pub struct LeftOver {
 /// - [`run_step`](Executor::run_step) runs exactly one container from `run.image` with the labels
 ///   [`LABEL_OWNER`], [`LABEL_STORE`], [`LABEL_CHANGE`], [`LABEL_STEP`]; puts `run.step_context` at [`STEP_CONTEXT_PATH`] before
 ///   the process starts; hands `run.secrets` to the process without them appearing in the container's
-///   configuration; sends every output line to `logs` as it comes; and returns the exit code and
+///   configuration; sends all output to `logs` as it comes (waiting when the
+///   bounded channel is full, which slows the container's output rather than growing memory); and returns the exit code and
 ///   [`STEP_RESULT_PATH`] if the step wrote it.
 /// - On `run.timeout` or `cancel` it sends SIGTERM, then SIGKILL after `run.stop_grace`, and reports
 ///   [`Ended::TimedOut`] / [`Ended::Cancelled`].
@@ -164,7 +180,7 @@ pub trait Executor: Send + Sync {
     fn run_step<'a>(
         &'a self,
         run: &'a StepRun,
-        logs: UnboundedSender<LogLine>,
+        logs: Sender<LogLine>,
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<StepOutcome, ExecutorError>>;
 

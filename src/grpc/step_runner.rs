@@ -61,7 +61,7 @@ impl pb::step_runner_service_server::StepRunnerService for StepRunner {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::RunStepEvent, Status>>(256);
         let (orchestrator, cancel) = (self.orchestrator.clone(), self.stop_runs.child_token());
         self.tasks.spawn(async move {
-            let (events, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+            let (events, mut receiver) = tokio::sync::mpsc::channel(1024);
             let forward = {
                 let tx = tx.clone();
                 tokio::spawn(async move {

@@ -42,6 +42,8 @@ pub struct Settings {
     /// How often a queued change checks whether its environment is free, and a running one whether it was
     /// cancelled from another process.
     pub poll: Duration,
+    /// Line, step and change caps of logs, and their retention.
+    pub logs: crate::logs::LogLimits,
 }
 
 impl Default for Settings {
@@ -49,6 +51,7 @@ impl Default for Settings {
         Settings {
             stop_grace: Duration::from_secs(10),
             poll: Duration::from_millis(200),
+            logs: crate::logs::LogLimits::default(),
         }
     }
 }

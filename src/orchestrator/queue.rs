@@ -143,6 +143,7 @@ impl Orchestrator {
             Ok((state, reason)) => (*state, reason.clone()),
             Err(e) => (ChangeState::Error, Some(crate::error::error_text(e))),
         };
+        let reason = events.masker().mask_opt(reason);
         store.set_change_state(id, state, reason.as_deref()).await?;
         let _ = events.send(Event::ChangeState { state, reason });
         drop(events);

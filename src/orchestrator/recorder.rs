@@ -1,38 +1,27 @@
 //! Recording a change's story: events are masked, stored, then broadcast; step transitions and phases are
 //! emitted as events.
 
-use tokio::sync::mpsc;
-
 use super::{EventTx, Orchestrator};
 use crate::error::Result;
-use crate::events::{Event, Masker, Phase, StepState};
+use crate::events::{Event, Phase, StepState};
+use crate::mask::Masker;
 use crate::store::{Step, StepFinish};
 
 impl Orchestrator {
-    /// Starts a task that stores, then broadcasts, every event sent to the returned sender, masking secrets.
+    /// Starts a task that stores, then broadcasts, every event and output line sent to the returned sender,
+    /// masking secrets (see [`crate::logs::recorder`]).
     pub(super) fn recorder(
         &self,
         change_id: &str,
         masker: Masker,
     ) -> (EventTx, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-        let (store, live, change_id) = (
+        crate::logs::recorder(
             self.app.store.clone(),
             self.live.clone(),
-            change_id.to_owned(),
-        );
-        let task = tokio::spawn(async move {
-            while let Some(event) = rx.recv().await {
-                let event = masker.mask_event(event);
-                match store.append_event(&change_id, &event).await {
-                    Ok(record) => {
-                        let _ = live.send(record);
-                    }
-                    Err(e) => tracing::error!(error = %e, change_id, "failed to store an event"),
-                }
-            }
-        });
-        (tx, task)
+            change_id,
+            masker,
+            self.settings.logs,
+        )
     }
 
     /// Every secret value the store holds: whatever a step could see is masked in what is stored and streamed.
@@ -49,8 +38,10 @@ impl Orchestrator {
         events: &EventTx,
         step: &Step,
         state: StepState,
-        finish: StepFinish,
+        mut finish: StepFinish,
     ) -> Result<()> {
+        // Reasons quote errors and output: masked before they are stored.
+        finish.reason = events.masker().mask_opt(finish.reason);
         self.app.store.finish_step(&step.id, state, &finish).await?;
         let _ = events.send(Event::StepState {
             step_id: step.id.clone(),

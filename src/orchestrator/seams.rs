@@ -3,18 +3,16 @@
 
 use futures::future::BoxFuture;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::step_context::StepIdentity;
 use crate::actions::ServiceBuild;
 use crate::error::Result;
-use crate::events::Event;
 use crate::secrets::SecretValues;
 use crate::store::Project;
 
-/// Sends events of one change run to the recorder.
-pub type EventTx = mpsc::UnboundedSender<Event>;
+/// Sends events and output of one change run (or one single step) to the log pipeline.
+pub use crate::logs::EventTx;
 
 /// Where projects' repositories come from: resolving revisions and reading files at a commit.
 pub trait Sources: Send + Sync {

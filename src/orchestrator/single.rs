@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{step_context, EventTx, ImageRequest, Orchestrator, StepIdentity};
+use super::{step_context, ImageRequest, Orchestrator, StepIdentity};
 use crate::error::{Error, Result};
 use crate::events::{ChangeState, Event, Phase};
 use crate::executor::{LogLine, StepRun};
@@ -68,11 +68,12 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Runs one step outside any stored change; progress goes to `events` (step id: the context's, or a new one).
+    /// Runs one step outside any stored change; progress goes to `sink`, masked, output as capped lines (step id:
+    /// the context's, or a new one). `sink` is bounded: a slow reader slows the step's output.
     pub async fn run_single_step(
         &self,
         request: &SingleStep,
-        events: EventTx,
+        sink: mpsc::Sender<Event>,
         cancel: CancellationToken,
     ) -> Result<SingleStepOutcome> {
         if request.git_remote.is_empty() || request.action.is_empty() {
@@ -165,9 +166,9 @@ impl Orchestrator {
             &environment_props,
             "step context",
         )?;
-        let masker = self.masker()?;
+        let (events, pipe) = crate::logs::pipe(self.masker()?, self.settings.logs, sink);
         let emit = |event: Event| {
-            let _ = events.send(masker.mask_event(event));
+            let _ = events.send(event);
         };
         let phase = |phase: Phase, message: String| {
             emit(Event::Phase {
@@ -181,15 +182,6 @@ impl Orchestrator {
             Phase::BuildStarted,
             format!("building the runner image for step {}", request.action),
         );
-        let (build_tx, mut build_rx) = mpsc::unbounded_channel::<Event>();
-        let forward_build = {
-            let (events, masker) = (events.clone(), masker.clone());
-            tokio::spawn(async move {
-                while let Some(event) = build_rx.recv().await {
-                    let _ = events.send(masker.mask_event(event));
-                }
-            })
-        };
         let image = self
             .images
             .prepare(
@@ -198,19 +190,17 @@ impl Orchestrator {
                     properties: &view,
                     build_secrets: &build_secrets,
                 },
-                build_tx.clone(),
+                events.clone(),
                 cancel.clone(),
             )
             .await;
         let image = match image {
             Ok(image) => self
-                .prepare_beside(identity, &action, &build_tx, &cancel)
+                .prepare_beside(identity, &action, &events, &cancel)
                 .await
                 .map(|beside| (image, beside)),
             Err(e) => Err(e),
         };
-        drop(build_tx);
-        let _ = forward_build.await;
         let (image, beside) = image?;
         phase(
             Phase::BuildFinished,
@@ -252,16 +242,12 @@ impl Orchestrator {
             Phase::RunStarted,
             format!("running step {} in a new container", request.action),
         );
-        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<LogLine>();
+        let (log_tx, mut log_rx) = mpsc::channel::<LogLine>(crate::executor::LOG_CHANNEL);
         let forward_logs = {
-            let (events, masker, step_id) = (events.clone(), masker.clone(), step_id.clone());
+            let (events, step_id) = (events.clone(), step_id.clone());
             tokio::spawn(async move {
-                while let Some(LogLine { stream, line }) = log_rx.recv().await {
-                    let _ = events.send(masker.mask_event(Event::Log {
-                        step_id: step_id.clone(),
-                        stream,
-                        line,
-                    }));
+                while let Some(LogLine { stream, bytes }) = log_rx.recv().await {
+                    events.output(&step_id, stream, bytes).await;
                 }
             })
         };
@@ -275,6 +261,8 @@ impl Orchestrator {
                 request.action, outcome.exit_code
             ),
         );
+        drop(events);
+        let _ = pipe.await;
         Ok(SingleStepOutcome {
             exit_code: outcome.exit_code,
             git_sha: sha,

@@ -220,16 +220,12 @@ impl Orchestrator {
             format!("running step {} in a new container", step.action),
         );
         let started = Instant::now();
-        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<LogLine>();
+        let (log_tx, mut log_rx) = mpsc::channel::<LogLine>(crate::executor::LOG_CHANNEL);
         let forward = {
             let (events, step_id) = (events.clone(), step.id.clone());
             tokio::spawn(async move {
-                while let Some(LogLine { stream, line }) = log_rx.recv().await {
-                    let _ = events.send(Event::Log {
-                        step_id: step_id.clone(),
-                        stream,
-                        line,
-                    });
+                while let Some(LogLine { stream, bytes }) = log_rx.recv().await {
+                    events.output(&step_id, stream, bytes).await;
                 }
             })
         };

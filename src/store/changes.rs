@@ -380,22 +380,12 @@ impl Store {
         change_id: &str,
         event: &Event,
     ) -> Result<EventRecord, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let seq: i64 =
-            sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE change_id = ?")
-                .bind(change_id)
-                .fetch_one(&mut *tx)
-                .await?
-                .get(0);
         let at = now();
-        sqlx::query("INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)")
-            .bind(change_id)
-            .bind(seq)
-            .bind(&at)
-            .bind(serde_json::to_string(event).expect("events serialise"))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        let entry = super::BatchEntry::Event {
+            event: event.clone(),
+            at: at.clone(),
+        };
+        let seq = self.append_batch(change_id, &[entry]).await?;
         Ok(EventRecord {
             change_id: change_id.to_owned(),
             seq,
@@ -404,28 +394,13 @@ impl Store {
         })
     }
 
-    /// The change's events after `after_seq`, in order.
+    /// The change's events (log lines included) after `after_seq`, in order.
     pub async fn events_after(
         &self,
         change_id: &str,
         after_seq: i64,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM events WHERE change_id = ? AND seq > ? ORDER BY seq")
-            .bind(change_id)
-            .bind(after_seq)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|row| {
-                Some(EventRecord {
-                    change_id: row.get("change_id"),
-                    seq: row.get("seq"),
-                    at: row.get("at"),
-                    event: serde_json::from_str(row.get::<&str, _>("event")).ok()?,
-                })
-            })
-            .collect())
+        self.events_between(change_id, after_seq, None).await
     }
 
     /// Takes or renews `owner`'s lease until `expires_at` (unix milliseconds).

@@ -4,14 +4,18 @@
 //! to what PostgreSQL also speaks so the pool type is the only thing to swap.
 
 mod changes;
+mod logs;
 mod projects;
 mod properties;
 
 pub use changes::{Change, ChangeFilter, NewChange, Step, StepFinish};
+pub use logs::{rfc3339_ms, BatchEntry, Pruned};
 pub use projects::{Environment, Project};
 pub use properties::{PropertiesOwner, PropertiesVersion, PropertiesWrite, WrittenBy};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::SqlitePool;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -57,6 +61,7 @@ pub enum StoreError {
 pub struct Store {
     pool: SqlitePool,
     id: String,
+    home: PathBuf,
 }
 
 impl Store {
@@ -71,6 +76,8 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
+            // New stores give pages freed by log retention back to the file system without a full rewrite.
+            .auto_vacuum(SqliteAutoVacuum::Incremental)
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(32)
@@ -90,7 +97,11 @@ impl Store {
             use sha2::Digest;
             hex::encode(&sha2::Sha256::digest(canonical.to_string_lossy().as_bytes())[..8])
         };
-        Ok(Store { pool, id })
+        Ok(Store {
+            pool,
+            id,
+            home: home.to_owned(),
+        })
     }
 
     /// This data directory's id, as put on container labels.

@@ -15,7 +15,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 use tokio_util::sync::CancellationToken;
 
 /// Serves one manifest (and repository properties) for every revision; `rev` resolves to "sha-<rev>".
@@ -114,7 +114,10 @@ impl StepImages for FakeImages {
 #[derive(Debug, Clone, Default)]
 pub struct Script {
     pub exit_code: i64,
+    /// Whole lines, on stdout.
     pub output: Vec<String>,
+    /// Then raw pieces of output, exactly as given (a line may span pieces).
+    pub raw: Vec<(Stream, Vec<u8>)>,
     pub result: Option<Value>,
     pub delay: Duration,
 }
@@ -131,7 +134,7 @@ impl Executor for FakeExecutor {
     fn run_step<'a>(
         &'a self,
         run: &'a StepRun,
-        logs: UnboundedSender<LogLine>,
+        logs: Sender<LogLine>,
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<StepOutcome, ExecutorError>> {
         async move {
@@ -139,10 +142,15 @@ impl Executor for FakeExecutor {
             let action = run.step_context["context"]["step"]["action"].as_str().unwrap_or_default();
             let script = self.scripts.get(action).cloned().unwrap_or_default();
             for line in &script.output {
-                let _ = logs.send(LogLine {
-                    stream: Stream::Stdout,
-                    line: line.clone(),
-                });
+                let _ = logs.send(LogLine::line(Stream::Stdout, line)).await;
+            }
+            for (stream, bytes) in &script.raw {
+                let _ = logs
+                    .send(LogLine {
+                        stream: *stream,
+                        bytes: bytes.clone(),
+                    })
+                    .await;
             }
             let deadline = run.timeout.unwrap_or(Duration::MAX);
             tokio::select! {

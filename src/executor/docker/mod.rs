@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -69,7 +69,7 @@ impl DockerExecutor {
         id: &str,
         run: &StepRun,
         ready: impl std::future::Future<Output = Result<(), ExecutorError>>,
-        logs: UnboundedSender<LogLine>,
+        logs: Sender<LogLine>,
         cancel: CancellationToken,
     ) -> Result<StepOutcome, ExecutorError> {
         let docker = &self.docker;
@@ -238,7 +238,11 @@ fn gone(result: Result<(), bollard::errors::Error>) -> Result<(), bollard::error
     }
 }
 
-/// Splits the multiplexed output into lines per stream.
+/// Stderr kept in memory while it may still be the result line (which the agent prints last, on stderr).
+const RESULT_LINE_MAX: usize = 64 * 1024 * 1024;
+
+/// Passes the multiplexed output on as it comes: stdout as is; stderr by lines, so the agent's result line (with
+/// this run's marker) is taken out and never logged.
 async fn forward_lines(
     mut output: std::pin::Pin<
         Box<
@@ -247,23 +251,28 @@ async fn forward_lines(
                 > + Send,
         >,
     >,
-    logs: UnboundedSender<LogLine>,
+    logs: Sender<LogLine>,
     marker: &str,
     result: &std::sync::Mutex<Option<Result<serde_json::Value, String>>>,
 ) {
     use bollard::container::LogOutput;
-    let mut partial: HashMap<Stream, Vec<u8>> = HashMap::new();
-    let emit = |stream: Stream, bytes: &[u8]| {
-        let line = String::from_utf8_lossy(bytes)
-            .trim_end_matches('\r')
-            .to_owned();
-        if stream == Stream::Stderr {
-            if let Some(parsed) = spec::result_line(&line, marker) {
+    let prefix = format!("[opschain-result {marker}] ");
+    let mut stderr: Vec<u8> = Vec::new();
+    // Whether the stderr buffer holds the start of a line (so it may be the result line).
+    let mut at_line_start = true;
+    let take_result = |line: &[u8]| -> bool {
+        let text = String::from_utf8_lossy(line);
+        match spec::result_line(text.trim_end_matches('\r'), marker) {
+            Some(parsed) => {
                 *result.lock().expect("no poisoning") = Some(parsed);
-                return;
+                true
             }
+            None => false,
         }
-        let _ = logs.send(LogLine { stream, line });
+    };
+    let send = |stream: Stream, bytes: Vec<u8>| {
+        let logs = logs.clone();
+        async move { logs.send(LogLine { stream, bytes }).await.is_ok() }
     };
     while let Some(Ok(chunk)) = output.next().await {
         let (stream, message) = match chunk {
@@ -273,18 +282,40 @@ async fn forward_lines(
             LogOutput::StdErr { message } => (Stream::Stderr, message),
             LogOutput::StdIn { .. } => continue,
         };
-        let buffer = partial.entry(stream).or_default();
-        buffer.extend_from_slice(&message);
-        while let Some(newline) = buffer.iter().position(|b| *b == b'\n') {
-            let rest = buffer.split_off(newline + 1);
-            emit(stream, &buffer[..newline]);
-            *buffer = rest;
+        if stream == Stream::Stdout {
+            send(stream, message.to_vec()).await;
+            continue;
+        }
+        stderr.extend_from_slice(&message);
+        let mut out = Vec::new();
+        let mut start = 0;
+        while let Some(n) = stderr[start..].iter().position(|b| *b == b'\n') {
+            let line = &stderr[start..start + n + 1];
+            if !(at_line_start && line.starts_with(prefix.as_bytes()) && take_result(&line[..n])) {
+                out.extend_from_slice(line);
+            }
+            at_line_start = true;
+            start += n + 1;
+        }
+        stderr.drain(..start);
+        // An unfinished line goes on now unless it may be the result line (which waits for its end, up to a
+        // bound).
+        if !stderr.is_empty() {
+            let maybe_result = at_line_start
+                && (prefix.as_bytes().starts_with(&stderr)
+                    || stderr.starts_with(prefix.as_bytes()));
+            if !maybe_result || stderr.len() > RESULT_LINE_MAX {
+                out.append(&mut stderr);
+                at_line_start = false;
+            }
+        }
+        if !out.is_empty() {
+            send(stream, out).await;
         }
     }
-    for (stream, rest) in partial {
-        if !rest.is_empty() {
-            emit(stream, &rest);
-        }
+    let is_result = at_line_start && take_result(&stderr);
+    if !stderr.is_empty() && !is_result {
+        send(Stream::Stderr, stderr).await;
     }
 }
 
@@ -292,7 +323,7 @@ impl Executor for DockerExecutor {
     fn run_step<'a>(
         &'a self,
         run: &'a StepRun,
-        logs: UnboundedSender<LogLine>,
+        logs: Sender<LogLine>,
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<StepOutcome, ExecutorError>> {
         async move {

@@ -5,7 +5,7 @@ use bollard::query_parameters::{CreateContainerOptions, LogsOptions, RemoveConta
 use bollard::Docker;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 
 use super::spec;
 use crate::actions::{Readiness, Service, DIND_SERVICE};
@@ -253,16 +253,18 @@ async fn log_tail(docker: &Docker, container: &str) -> Vec<String> {
 pub async fn stop(
     docker: &Docker,
     run: &StepRun,
-    logs: &UnboundedSender<LogLine>,
+    logs: &Sender<LogLine>,
 ) -> Result<(), ExecutorError> {
     let mut first_error = None;
     for name in &spec::service_names(run) {
         let container = spec::service_container_name(run, name);
         for line in logs_of(docker, &container).await {
-            let _ = logs.send(LogLine {
-                stream: Stream::Stderr,
-                line: format!("[service {name}] {line}"),
-            });
+            let _ = logs
+                .send(LogLine::line(
+                    Stream::Stderr,
+                    &format!("[service {name}] {line}"),
+                ))
+                .await;
         }
         let options = RemoveContainerOptions {
             force: true,

@@ -1,0 +1,268 @@
+//! A change's event log as stored: events one row each, log lines packed into chunks (see
+//! [`crate::logs::chunk`]), both numbered in one sequence per change; and the retention that prunes lines of old
+//! changes while keeping the changes, their steps and their other events.
+
+use sqlx::Row;
+
+use super::{Store, StoreError};
+use crate::events::{Event, EventRecord};
+use crate::logs::chunk::{self, ChunkLine, EncodedChunk};
+
+/// One entry of a batch the recorder stores in one transaction.
+#[derive(Debug)]
+pub enum BatchEntry {
+    /// An event, with its time (RFC 3339).
+    Event { event: Event, at: String },
+    /// `lines` consecutive log lines, already packed.
+    Lines {
+        count: i64,
+        first_at: i64,
+        last_at: i64,
+        text_bytes: i64,
+        chunk: EncodedChunk,
+    },
+}
+
+/// What pruning did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub changes: u64,
+    pub chunks: u64,
+    /// Bytes of log text removed.
+    pub text_bytes: u64,
+    /// Size of the store files (database and write-ahead log) before and after.
+    pub store_bytes_before: u64,
+    pub store_bytes_after: u64,
+}
+
+/// Unix milliseconds → RFC 3339 (UTC, milliseconds), the form every stored time takes.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+pub(super) async fn next_seq(
+    conn: &mut sqlx::SqliteConnection,
+    change_id: &str,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query(
+        "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events WHERE change_id = ?1), 0), \
+                    COALESCE((SELECT MAX(last_seq) FROM log_chunks WHERE change_id = ?1), 0)) + 1",
+    )
+    .bind(change_id)
+    .fetch_one(&mut *conn)
+    .await?
+    .get(0))
+}
+
+impl Store {
+    /// Stores a batch of events and packed lines in one transaction; returns the sequence number of its first
+    /// entry (the rest follow without gaps, a chunk of `count` lines taking `count` numbers).
+    pub async fn append_batch(
+        &self,
+        change_id: &str,
+        entries: &[BatchEntry],
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let first = next_seq(&mut tx, change_id).await?;
+        let mut seq = first;
+        for entry in entries {
+            match entry {
+                BatchEntry::Event { event, at } => {
+                    sqlx::query(
+                        "INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)",
+                    )
+                    .bind(change_id)
+                    .bind(seq)
+                    .bind(at)
+                    .bind(serde_json::to_string(event).expect("events serialise"))
+                    .execute(&mut *tx)
+                    .await?;
+                    seq += 1;
+                }
+                BatchEntry::Lines {
+                    count,
+                    first_at,
+                    last_at,
+                    text_bytes,
+                    chunk,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO log_chunks (change_id, first_seq, last_seq, first_at, last_at, text_bytes, \
+                         encoding, raw_len, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(change_id)
+                    .bind(seq)
+                    .bind(seq + count - 1)
+                    .bind(first_at)
+                    .bind(last_at)
+                    .bind(text_bytes)
+                    .bind(chunk.encoding)
+                    .bind(chunk.raw_len as i64)
+                    .bind(&chunk.data)
+                    .execute(&mut *tx)
+                    .await?;
+                    seq += count;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(first)
+    }
+
+    /// The change's events and log lines with `after < seq <= until` (no upper bound if `until` is `None`), in
+    /// order.
+    pub async fn events_between(
+        &self,
+        change_id: &str,
+        after: i64,
+        until: Option<i64>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let until = until.unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT seq, at, event FROM events WHERE change_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
+        )
+        .bind(change_id)
+        .bind(after)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut records: Vec<EventRecord> = rows
+            .iter()
+            .filter_map(|row| {
+                Some(EventRecord {
+                    change_id: change_id.to_owned(),
+                    seq: row.get("seq"),
+                    at: row.get("at"),
+                    event: serde_json::from_str(row.get::<&str, _>("event")).ok()?,
+                })
+            })
+            .collect();
+        let chunks = sqlx::query(
+            "SELECT first_seq, encoding, raw_len, data FROM log_chunks \
+             WHERE change_id = ? AND last_seq > ? AND first_seq <= ? ORDER BY first_seq",
+        )
+        .bind(change_id)
+        .bind(after)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        let had_events = !records.is_empty();
+        for row in &chunks {
+            let first: i64 = row.get("first_seq");
+            let lines = match chunk::decode(
+                row.get("encoding"),
+                row.get::<i64, _>("raw_len").max(0) as usize,
+                row.get::<&[u8], _>("data"),
+            ) {
+                Ok(lines) => lines,
+                Err(e) => {
+                    tracing::warn!(error = %e, change_id, first_seq = first, "skipping a corrupt log chunk");
+                    continue;
+                }
+            };
+            records.extend(
+                lines
+                    .into_iter()
+                    .zip(first..)
+                    .filter(|(_, seq)| *seq > after && *seq <= until)
+                    .map(|(line, seq)| line_record(change_id, seq, line)),
+            );
+        }
+        if had_events && !chunks.is_empty() {
+            records.sort_by_key(|r| r.seq);
+        }
+        Ok(records)
+    }
+
+    /// The highest sequence number the change has used (0 if none).
+    pub async fn last_seq(&self, change_id: &str) -> Result<i64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(next_seq(&mut conn, change_id).await? - 1)
+    }
+
+    /// Deletes the log lines of changes that ended before `before` (RFC 3339), keeping the changes, their steps and
+    /// their other events, then gives the space back to the file system.
+    pub async fn prune_logs(&self, before: &str) -> Result<Pruned, StoreError> {
+        let mut pruned = Pruned {
+            store_bytes_before: self.file_bytes(),
+            ..Default::default()
+        };
+        let mut tx = self.write_tx().await?;
+        let old = "SELECT id FROM changes WHERE finished_at IS NOT NULL AND finished_at < ?";
+        let row = sqlx::query(&format!(
+            "SELECT COUNT(DISTINCT change_id), COUNT(*), COALESCE(SUM(text_bytes), 0) FROM log_chunks \
+             WHERE change_id IN ({old})"
+        ))
+        .bind(before)
+        .fetch_one(&mut *tx)
+        .await?;
+        pruned.changes = row.get::<i64, _>(0) as u64;
+        pruned.chunks = row.get::<i64, _>(1) as u64;
+        pruned.text_bytes = row.get::<i64, _>(2) as u64;
+        sqlx::query(&format!(
+            "DELETE FROM log_chunks WHERE change_id IN ({old})"
+        ))
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        // Lines stored as single events before chunks existed.
+        sqlx::query(&format!(
+            "DELETE FROM events WHERE change_id IN ({old}) AND event LIKE '{{\"type\":\"log\"%'"
+        ))
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.reclaim_space().await?;
+        pruned.store_bytes_after = self.file_bytes();
+        Ok(pruned)
+    }
+
+    /// Returns free pages to the file system: incrementally when the store was created for it, otherwise by
+    /// rewriting it once (which also switches it to incremental vacuuming).
+    async fn reclaim_space(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let mode: i64 = sqlx::query("PRAGMA auto_vacuum")
+            .fetch_one(&mut *conn)
+            .await?
+            .get(0);
+        if mode == 2 {
+            sqlx::query("PRAGMA incremental_vacuum")
+                .execute(&mut *conn)
+                .await?;
+        } else {
+            sqlx::query("PRAGMA auto_vacuum = INCREMENTAL")
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("VACUUM").execute(&mut *conn).await?;
+        }
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Bytes of the store's files on disk (database and write-ahead log).
+    pub fn file_bytes(&self) -> u64 {
+        ["runner.db", "runner.db-wal"]
+            .iter()
+            .filter_map(|name| std::fs::metadata(self.home.join(name)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+fn line_record(change_id: &str, seq: i64, line: ChunkLine) -> EventRecord {
+    EventRecord {
+        change_id: change_id.to_owned(),
+        seq,
+        at: rfc3339_ms(line.at_ms),
+        event: Event::Log {
+            step_id: line.step_id,
+            stream: line.stream,
+            line: line.line,
+        },
+    }
+}
