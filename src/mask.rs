@@ -54,11 +54,11 @@ impl Masker {
             if value.is_empty() {
                 continue;
             }
-            patterns.push(value.as_bytes().to_vec());
+            // Surrounding whitespace (a key file's final newline) is not part of what must not show, and keeping
+            // it would swallow the line break after the value.
             let trimmed = value.trim();
-            if !trimmed.is_empty() && trimmed != value {
-                patterns.push(trimmed.as_bytes().to_vec());
-            }
+            let whole = if trimmed.is_empty() { value } else { trimmed };
+            patterns.push(whole.as_bytes().to_vec());
             if value.contains('\n') {
                 patterns.extend(
                     value
@@ -304,7 +304,7 @@ mod tests {
         // Printed whole, in pieces that cut through lines.
         for size in [1, 5, 17, 64] {
             let out = streamed(&m, &format!("key:\n{pem}done\n"), size);
-            assert_eq!(out, "key:\n***done\n", "pieces of {size} bytes");
+            assert_eq!(out, "key:\n***\ndone\n", "pieces of {size} bytes");
         }
         // Printed with other line endings, or one line alone.
         let crlf = pem.replace('\n', "\r\n");

@@ -1,0 +1,366 @@
+//! Logs at scale, without a daemon: the fake executor plays each step's output (as whole lines or raw pieces), the
+//! real store keeps it. Masking across pieces and lines, reasons stored masked, caps and their notices, chunked
+//! storage that reads back in order, and pruning that frees space but keeps the changes.
+
+mod support;
+
+use runner::app::App;
+use runner::events::{ChangeState, Event, EventRecord, StepState};
+use runner::executor::Stream;
+use runner::logs::LogLimits;
+use runner::orchestrator::{CreateChange, Orchestrator, Settings};
+use runner::secrets::SecretValues;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use support::fakes::{FakeExecutor, FakeImages, FakeSources, Script};
+use tokio_util::sync::CancellationToken;
+
+const PEM: &str = "-----BEGIN TEST PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj\n-----END TEST PRIVATE KEY-----\n";
+const TOKEN: &str = "tok-8c1f2e77d0a94b5e";
+
+struct World {
+    home: tempfile::TempDir,
+    orchestrator: Orchestrator,
+}
+
+fn manifest() -> Value {
+    json!({"actions": {
+        "print": {"run": "print"},
+        "bad_child": {"run": "bad_child"},
+        "a": {"run": "a"}, "b": {"run": "b"},
+        "both": {"steps": ["a", "b"], "run_as": "parallel"}
+    }})
+}
+
+async fn world(scripts: Vec<(&str, Script)>, secrets: &[(&str, &str)], logs: LogLimits) -> World {
+    let home = tempfile::tempdir().unwrap();
+    let app = App::open(home.path()).await.unwrap();
+    app.create_project("demo", "Demo", Some("/nowhere"))
+        .await
+        .unwrap();
+    app.create_environment("demo", "dev", "Dev").await.unwrap();
+    for (name, value) in secrets {
+        let values = SecretValues(BTreeMap::from([("VALUE".to_owned(), value.to_string())]));
+        app.secrets.set(name, values).unwrap();
+    }
+    let executor = Arc::new(FakeExecutor {
+        scripts: scripts
+            .into_iter()
+            .map(|(a, s)| (a.to_owned(), s))
+            .collect::<HashMap<_, _>>(),
+        ..Default::default()
+    });
+    let sources = Arc::new(FakeSources {
+        manifest: manifest(),
+        properties: json!({}),
+    });
+    let settings = Settings {
+        poll: Duration::from_millis(20),
+        logs,
+        ..Default::default()
+    };
+    let orchestrator = Orchestrator::new(app, sources, Arc::new(FakeImages), executor, settings);
+    World { home, orchestrator }
+}
+
+impl World {
+    async fn run(&self, action: &str) -> (String, ChangeState) {
+        let request = CreateChange {
+            project: "demo".into(),
+            environment: "dev".into(),
+            git_rev: "main".into(),
+            action: action.into(),
+        };
+        let id = self.orchestrator.create_change(&request).await.unwrap().id;
+        let change = self
+            .orchestrator
+            .run_change(&id, CancellationToken::new())
+            .await
+            .unwrap();
+        (id, change.state)
+    }
+
+    async fn records(&self, id: &str) -> Vec<EventRecord> {
+        self.orchestrator
+            .app()
+            .store
+            .events_after(id, 0)
+            .await
+            .unwrap()
+    }
+
+    async fn lines(&self, id: &str) -> Vec<String> {
+        self.records(id)
+            .await
+            .into_iter()
+            .filter_map(|r| match r.event {
+                Event::Log { line, .. } => Some(line),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Everything the store file holds, as text (for "is this value anywhere in it").
+    fn store_bytes(&self) -> Vec<u8> {
+        let mut all = vec![];
+        for name in ["runner.db", "runner.db-wal"] {
+            if let Ok(bytes) = std::fs::read(self.home.path().join(name)) {
+                all.extend(bytes);
+            }
+        }
+        all
+    }
+}
+
+fn raw(pieces: &[&[u8]]) -> Script {
+    Script {
+        raw: pieces
+            .iter()
+            .map(|p| (Stream::Stdout, p.to_vec()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn a_secret_split_across_two_output_chunks_is_masked_in_the_stored_log() {
+    let (head, tail) = TOKEN.split_at(7);
+    let script = raw(&[
+        format!("token is {head}").as_bytes(),
+        format!("{tail} and done\n").as_bytes(),
+    ]);
+    let w = world(
+        vec![("print", script)],
+        &[("api", TOKEN)],
+        LogLimits::default(),
+    )
+    .await;
+    let (id, state) = w.run("print").await;
+    assert_eq!(state, ChangeState::Success);
+    assert_eq!(w.lines(&id).await, ["token is *** and done"]);
+    assert!(!contains(&w.store_bytes(), TOKEN));
+}
+
+#[tokio::test]
+async fn every_line_of_a_multi_line_secret_is_masked_in_the_stored_log() {
+    // The key printed whole (cut through its lines by the reads), then one of its lines alone.
+    let printed = format!("key:\n{PEM}line two alone: MIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n");
+    let pieces: Vec<&[u8]> = printed.as_bytes().chunks(13).collect();
+    let w = world(
+        vec![("print", raw(&pieces))],
+        &[("tls", PEM)],
+        LogLimits::default(),
+    )
+    .await;
+    let (id, _) = w.run("print").await;
+    let lines = w.lines(&id).await;
+    assert_eq!(lines, ["key:", "***", "line two alone: ***"]);
+    let stored = w.store_bytes();
+    for line in PEM.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!contains(&stored, line), "{line} is in runner.db");
+    }
+}
+
+#[tokio::test]
+async fn step_and_change_reasons_are_stored_masked() {
+    // A child action named after the secret: the failure reason quotes it.
+    let script = Script {
+        result: Some(json!({"steps": {"children": [{"action": TOKEN}]}})),
+        ..Default::default()
+    };
+    let w = world(
+        vec![("bad_child", script)],
+        &[("api", TOKEN)],
+        LogLimits::default(),
+    )
+    .await;
+    let (id, state) = w.run("bad_child").await;
+    assert_eq!(state, ChangeState::Error);
+    let store = &w.orchestrator.app().store;
+    let step = store.steps(&id).await.unwrap().remove(0);
+    let reason = step.reason.unwrap();
+    assert!(
+        reason.contains("asked for a child step") && reason.contains("***"),
+        "{reason}"
+    );
+    let change_reason = store.change(&id).await.unwrap().reason.unwrap();
+    assert!(change_reason.contains("***"), "{change_reason}");
+    for text in [&reason, &change_reason] {
+        assert!(!text.contains(TOKEN));
+    }
+    assert!(!contains(&w.store_bytes(), TOKEN));
+}
+
+#[tokio::test]
+async fn a_secret_equal_to_an_event_field_name_leaves_events_intact_and_recording_goes_on() {
+    let script = Script {
+        output: vec!["run the log".into(), "error: none".into()],
+        ..Default::default()
+    };
+    let secrets = [
+        ("a", "run"),
+        ("b", "log"),
+        ("c", "error"),
+        ("d", "type"),
+        ("e", "stdout"),
+    ];
+    let w = world(vec![("print", script)], &secrets, LogLimits::default()).await;
+    let (id, state) = w.run("print").await;
+    assert_eq!(state, ChangeState::Success);
+    let records = w.records(&id).await;
+    assert_eq!(w.lines(&id).await, ["*** the ***", "***: none"]);
+    // Every event is there, in order, and the last one is the change's end.
+    let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=records.len() as i64).collect::<Vec<_>>());
+    assert!(matches!(
+        records.last().unwrap().event,
+        Event::ChangeState {
+            state: ChangeState::Success,
+            ..
+        }
+    ));
+    assert!(records.iter().any(|r| matches!(
+        &r.event,
+        Event::StepState { action, state: StepState::Success, .. } if action == "print"
+    )));
+}
+
+#[tokio::test]
+async fn past_the_step_cap_the_log_keeps_a_truncation_notice_and_a_count() {
+    let script = Script {
+        output: (0..100).map(|i| format!("line {i:05}")).collect(),
+        ..Default::default()
+    };
+    let limits = LogLimits {
+        step_max: 1100,
+        ..LogLimits::default()
+    };
+    let w = world(vec![("print", script)], &[], limits).await;
+    let (id, state) = w.run("print").await;
+    assert_eq!(
+        state,
+        ChangeState::Success,
+        "a capped log does not fail the step"
+    );
+    let lines = w.lines(&id).await;
+    let kept = lines.iter().filter(|l| l.starts_with("line ")).count();
+    assert_eq!(kept, 100, "1100 bytes hold 100 lines of 11 bytes");
+    let script = Script {
+        output: (0..300).map(|i| format!("line {i:05}")).collect(),
+        ..Default::default()
+    };
+    let w = world(vec![("print", script)], &[], limits).await;
+    let (id, _) = w.run("print").await;
+    let lines = w.lines(&id).await;
+    assert_eq!(lines.iter().filter(|l| l.starts_with("line ")).count(), 100);
+    assert_eq!(lines[99], "line 00099");
+    assert!(
+        lines[100].contains("log truncated") && lines[100].contains("RUNNER_LOG_STEP_MAX"),
+        "{}",
+        lines[100]
+    );
+    assert!(lines[101].contains("200 more lines"), "{}", lines[101]);
+}
+
+#[tokio::test]
+async fn a_verbose_step_is_stored_in_few_chunks_and_reads_back_in_order() {
+    let count = 20_000;
+    let script = Script {
+        output: (0..count)
+            .map(|i| format!("compiling unit {i} of {count}"))
+            .collect(),
+        ..Default::default()
+    };
+    let w = world(vec![("print", script)], &[], LogLimits::default()).await;
+    let (id, _) = w.run("print").await;
+    let records = w.records(&id).await;
+    let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=records.len() as i64).collect::<Vec<_>>(),
+        "one sequence, no gaps"
+    );
+    let lines = w.lines(&id).await;
+    assert_eq!(lines.len(), count);
+    assert!(lines
+        .iter()
+        .enumerate()
+        .all(|(i, l)| *l == format!("compiling unit {i} of {count}")));
+    // The lines sit between the step's run phases.
+    let position =
+        |pred: &dyn Fn(&Event) -> bool| records.iter().position(|r| pred(&r.event)).unwrap();
+    let first_line = position(&|e| matches!(e, Event::Log { .. }));
+    let run_started = position(&|e| {
+        matches!(
+            e,
+            Event::Phase {
+                phase: runner::events::Phase::RunStarted,
+                ..
+            }
+        )
+    });
+    let run_finished = position(&|e| {
+        matches!(
+            e,
+            Event::Phase {
+                phase: runner::events::Phase::RunFinished,
+                ..
+            }
+        )
+    });
+    assert!(run_started < first_line && first_line + count <= run_finished);
+    // Stored as a few compressed chunks, not a row per line: far smaller than the text.
+    let text: usize = lines.iter().map(|l| l.len() + 1).sum();
+    let stored = w.store_bytes().len();
+    assert!(
+        stored < text,
+        "store {stored} bytes for {text} bytes of text"
+    );
+}
+
+#[tokio::test]
+async fn parallel_steps_keep_their_own_lines() {
+    let lines = |tag: &str| Script {
+        output: (0..500).map(|i| format!("{tag} {i}")).collect(),
+        ..Default::default()
+    };
+    let w = world(
+        vec![("a", lines("a")), ("b", lines("b"))],
+        &[],
+        LogLimits::default(),
+    )
+    .await;
+    let (id, _) = w.run("both").await;
+    let steps = w.orchestrator.app().store.steps(&id).await.unwrap();
+    let step_of = |action: &str| {
+        steps
+            .iter()
+            .find(|s| s.action == action)
+            .unwrap()
+            .id
+            .clone()
+    };
+    let (a, b) = (step_of("a"), step_of("b"));
+    let mut by_step: HashMap<String, Vec<String>> = HashMap::new();
+    for r in w.records(&id).await {
+        if let Event::Log { step_id, line, .. } = r.event {
+            by_step.entry(step_id).or_default().push(line);
+        }
+    }
+    assert_eq!(
+        by_step[&a],
+        (0..500).map(|i| format!("a {i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        by_step[&b],
+        (0..500).map(|i| format!("b {i}")).collect::<Vec<_>>()
+    );
+}
