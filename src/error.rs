@@ -11,7 +11,7 @@ use crate::image::base::BaseImageError;
 use crate::policy::PolicyError;
 use crate::properties::{DocumentError, OpschainError, PatchError};
 use crate::secrets::SecretError;
-use crate::snapshot::SnapshotError;
+use crate::snapshot::{PathError, SnapshotError};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A path from the repository that cannot be opened inside its snapshot.
+    #[error(transparent)]
+    RepositoryPath(#[from] PathError),
     #[error(transparent)]
     Context(#[from] ContextError),
     #[error(transparent)]
@@ -116,6 +119,7 @@ impl Error {
             Error::Store(StoreError::AlreadyExists { .. }) => AlreadyExists,
             Error::Store(StoreError::VersionConflict { .. }) => Conflict,
             Error::Store(StoreError::Open { .. }) => Unavailable,
+            Error::Store(StoreError::TooLarge { .. }) => InvalidInput,
             Error::Store(_) => Internal,
             Error::Secret(SecretError::NotFound { .. }) => NotFound,
             Error::Secret(SecretError::Io { .. } | SecretError::Corrupt { .. }) => Internal,
@@ -131,10 +135,13 @@ impl Error {
             Error::Snapshot(
                 SnapshotError::UnknownRev { .. }
                 | SnapshotError::NoRemote { .. }
-                | SnapshotError::Malformed { .. },
+                | SnapshotError::Malformed { .. }
+                | SnapshotError::Symlink { .. },
             ) => InvalidInput,
             Error::Snapshot(SnapshotError::Fetch { .. }) => Unavailable,
             Error::Snapshot(_) => Internal,
+            Error::RepositoryPath(PathError::Io { .. }) => Internal,
+            Error::RepositoryPath(_) => InvalidInput,
             Error::Context(ContextError::Exists { .. } | ContextError::Env(_)) => InvalidInput,
             Error::Context(_) => Internal,
             Error::BuildKit(BuildError::DaemonUnreachable { .. })

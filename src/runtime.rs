@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::app::App;
 use crate::buildkit::DockerEndpoint;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::executor::docker::{self, DockerExecutor};
 use crate::image::base;
 use crate::image::step::BuildKitImages;
@@ -17,19 +17,22 @@ pub fn base_image() -> String {
     std::env::var("RUNNER_BASE_IMAGE").unwrap_or_else(|_| base::default_reference())
 }
 
-/// Settings from the environment: `RUNNER_STOP_GRACE` (e.g. `10s`).
-pub fn settings() -> Settings {
+/// Settings from the environment: `RUNNER_STOP_GRACE` (e.g. `10s`); a value that is not a duration is an error,
+/// not silently the default.
+pub fn settings() -> Result<Settings> {
     let mut settings = Settings::default();
-    if let Some(grace) = std::env::var("RUNNER_STOP_GRACE")
-        .ok()
-        .and_then(|g| crate::actions::parse_duration(&g).ok())
-    {
-        settings.stop_grace = grace;
+    if let Ok(grace) = std::env::var("RUNNER_STOP_GRACE") {
+        settings.stop_grace =
+            crate::actions::parse_duration(&grace).map_err(|_| Error::InvalidArgument {
+                what: "RUNNER_STOP_GRACE",
+                value: grace,
+                expected: "give a duration such as 10s, 2m or 1h, at most 8760h",
+            })?;
     }
-    settings
+    Ok(settings)
 }
 
-fn assemble(app: App, docker: bollard::Docker) -> Orchestrator {
+fn assemble(app: App, docker: bollard::Docker, settings: Settings) -> Orchestrator {
     let images = BuildKitImages::new(
         app.home.clone(),
         DockerEndpoint::from_env(),
@@ -44,13 +47,14 @@ fn assemble(app: App, docker: bollard::Docker) -> Orchestrator {
         Arc::new(sources),
         Arc::new(images),
         Arc::new(DockerExecutor::new(docker)),
-        settings(),
+        settings,
     )
 }
 
 /// An orchestrator on the local Docker daemon; fails if the daemon does not answer.
 pub async fn local(app: App) -> Result<Orchestrator> {
-    let orchestrator = assemble(app, docker::connect().await?);
+    let settings = settings()?;
+    let orchestrator = assemble(app, docker::connect().await?, settings);
     // Whatever a crashed runner left behind goes first.
     orchestrator.reap().await?;
     Ok(orchestrator)
@@ -60,5 +64,5 @@ pub async fn local(app: App) -> Result<Orchestrator> {
 pub fn offline(app: App) -> Result<Orchestrator> {
     let docker = bollard::Docker::connect_with_local_defaults()
         .map_err(|e| crate::executor::ExecutorError::Unavailable(e.to_string()))?;
-    Ok(assemble(app, docker))
+    Ok(assemble(app, docker, settings()?))
 }

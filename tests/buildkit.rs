@@ -22,8 +22,8 @@ async fn run_build(
     std::fs::create_dir_all(dir.join("df")).unwrap();
     std::fs::write(dir.join("df/Dockerfile"), dockerfile).unwrap();
     let request = BuildRequest {
-        context_dir: dir.join("ctx"),
-        dockerfile_dir: dir.join("df"),
+        context_dir: dir.join("ctx").into(),
+        dockerfile_dir: dir.join("df").into(),
         dockerfile_name: "Dockerfile".into(),
         build_args: BTreeMap::from([("GREETING".into(), "hello".into())]),
         labels: BTreeMap::from([("runner.test".into(), "yes".into())]),

@@ -61,6 +61,11 @@ pub enum DockerAccess {
     Dind,
 }
 
+/// The longest action name: names are stored with every step and shown in every listing.
+pub const MAX_ACTION_NAME_LEN: usize = 100;
+/// The longest service name: it becomes a host name (a DNS label).
+pub const MAX_SERVICE_NAME_LEN: usize = 63;
+
 /// The service name `docker: dind` takes for the step's own daemon (as GitLab's and Harness's dind services are
 /// reached at `docker`).
 pub const DIND_SERVICE: &str = "docker";
@@ -236,6 +241,8 @@ pub enum ManifestError {
     },
     #[error("actions in {path} form a cycle: {}", cycle.join(" -> "))]
     Cycle { path: String, cycle: Vec<String> },
+    #[error("action name {name:?} in {path} is invalid: use 1-{MAX_ACTION_NAME_LEN} printable characters")]
+    BadActionName { path: String, name: String },
     #[error("action {action:?} in {path}: `run` must not be empty")]
     EmptyRun { path: String, action: String },
     #[error("action {action:?} in {path}: service {service:?} {problem}")]
@@ -269,6 +276,20 @@ impl Manifest {
     /// Every step names a defined action, no `run` is empty, and no action reaches itself.
     fn validate(&self, path: &str) -> Result<(), ManifestError> {
         for (name, action) in &self.actions {
+            if name.is_empty()
+                || name.chars().count() > MAX_ACTION_NAME_LEN
+                || name.chars().any(char::is_control)
+            {
+                let shown: String = name.chars().take(MAX_ACTION_NAME_LEN).collect();
+                return Err(ManifestError::BadActionName {
+                    path: path.to_owned(),
+                    name: if shown.len() < name.len() {
+                        format!("{shown}…")
+                    } else {
+                        shown
+                    },
+                });
+            }
             let empty = match &action.run {
                 Some(Command::Shell(s)) => s.trim().is_empty(),
                 Some(Command::Exec(argv)) => argv.first().is_none_or(|a| a.is_empty()),
@@ -298,11 +319,12 @@ impl Manifest {
                     problem,
                 };
                 let valid_name = !service_name.is_empty()
+                    && service_name.len() <= MAX_SERVICE_NAME_LEN
                     && service_name
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
                 if !valid_name {
-                    return Err(bad("has an invalid name: use letters, digits, `-` and `_` (it becomes a hostname)".into()));
+                    return Err(bad(format!("has an invalid name: use 1-{MAX_SERVICE_NAME_LEN} letters, digits, `-` and `_` (it becomes a hostname)")));
                 }
                 match (&service.image, &service.build) {
                     (Some(_), Some(_)) => {
@@ -399,7 +421,11 @@ impl Manifest {
     }
 }
 
-/// Durations written as `90s`, `10m`, `1h`, `500ms` or a bare number of seconds.
+/// The longest duration any setting accepts (a step timeout, a grace period): a year. Longer ones are typos, and
+/// would overflow the clock arithmetic they end up in.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Durations written as `90s`, `10m`, `1h`, `500ms` or a bare number of seconds, at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -420,7 +446,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ))
         }
     };
-    Ok(Duration::from_secs_f64(seconds))
+    let too_long = || {
+        format!(
+            "duration {text:?} is too long: at most {}",
+            format_duration(MAX_DURATION)
+        )
+    };
+    let duration = Duration::try_from_secs_f64(seconds).map_err(|_| too_long())?;
+    if duration > MAX_DURATION {
+        return Err(too_long());
+    }
+    Ok(duration)
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.
@@ -439,19 +475,23 @@ mod duration_text {
     use std::time::Duration;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        /// Seconds as a number, or text such as `10m`; both go through one parser and its limits.
         #[derive(Deserialize)]
         #[serde(untagged)]
-        enum Text {
+        enum Written {
             Seconds(u64),
+            Fraction(f64),
             Text(String),
         }
-        match Option::<Text>::deserialize(d)? {
-            None => Ok(None),
-            Some(Text::Seconds(s)) => Ok(Some(Duration::from_secs(s))),
-            Some(Text::Text(t)) => super::parse_duration(&t)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
-        }
+        let text = match Option::<Written>::deserialize(d)? {
+            None => return Ok(None),
+            Some(Written::Seconds(s)) => s.to_string(),
+            Some(Written::Fraction(f)) => f.to_string(),
+            Some(Written::Text(t)) => t,
+        };
+        super::parse_duration(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
     }
 
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -593,5 +633,32 @@ mod tests {
         assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
         assert_eq!(format_duration(Duration::from_secs(600)), "10m");
         assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_not_panicked_on() {
+        for text in [
+            "99999999999999999999h",
+            "1e400",
+            "366d",
+            "8761h",
+            "31536001",
+        ] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+        assert!(parse_duration("99999999999999999999h")
+            .unwrap_err()
+            .contains("too long: at most 8760h"));
+        assert_eq!(parse_duration("8760h").unwrap(), MAX_DURATION);
+        let p = ".opschain/actions.json";
+        let err = |text: &str| Manifest::parse(p, text.as_bytes()).unwrap_err().to_string();
+        assert!(
+            err(r#"{"actions": {"a": {"run": "x", "timeout": "99999999999999999999h"}}}"#)
+                .contains("too long")
+        );
+        assert!(
+            err(r#"{"actions": {"a": {"run": "x", "timeout": 18446744073709551615}}}"#)
+                .contains("too long")
+        );
     }
 }

@@ -75,7 +75,7 @@ impl App {
 
     /// Opens the data directory under a policy the operator read from elsewhere (`--policy FILE`).
     pub async fn open_with_policy(home: &Path, policy: Policy) -> Result<App> {
-        std::fs::create_dir_all(home).map_err(|source| Error::Home {
+        crate::data_dir::prepare(home).map_err(|source| Error::Home {
             path: home.to_owned(),
             source,
         })?;

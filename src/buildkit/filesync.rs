@@ -2,8 +2,12 @@
 //! context, the Dockerfile's directory) from the client. We list every entry as a STAT packet (sorted, directories
 //! before their contents, then an empty STAT); the daemon asks (REQ) only for files whose size or mtime differ
 //! from what it has cached; we answer each with DATA chunks and an empty DATA; both sides end with FIN.
+//!
+//! Everything is read through a directory handle (cap-std): a symlink inside the synced directory is listed as a
+//! symlink, never followed, and a file's content is opened beneath the handle, so nothing outside it is served.
 
 use bollard_buildkit_proto::fsutil::types::{packet::PacketType, Packet, Stat};
+use cap_std::fs::{Dir, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// Go's `os.FileMode` bits, which fsutil puts on the wire.
@@ -18,13 +22,13 @@ pub struct SyncEntry {
     /// Relative, `/`-separated.
     pub path: String,
     pub stat: Stat,
-    /// The file to read for DATA (regular files only).
+    /// The file to read for DATA (regular files only), relative to the synced directory.
     pub source: Option<PathBuf>,
 }
 
 /// Lists `dir` depth-first with names sorted in each directory (the order fsutil's walker produces and its
 /// receiver expects), keeping the entries `include` selects (all when `include` is empty).
-pub fn list(dir: &Path, include: &[String]) -> std::io::Result<Vec<SyncEntry>> {
+pub fn list(dir: &Dir, include: &[String]) -> std::io::Result<Vec<SyncEntry>> {
     let mut out = Vec::new();
     walk(dir, "", &mut out)?;
     if include.is_empty() {
@@ -71,8 +75,8 @@ fn matches(pattern: &str, path: &str) -> bool {
     go(pattern.as_bytes(), path.as_bytes())
 }
 
-fn walk(dir: &Path, prefix: &str, out: &mut Vec<SyncEntry>) -> std::io::Result<()> {
-    let mut names: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
+fn walk(dir: &Dir, prefix: &str, out: &mut Vec<SyncEntry>) -> std::io::Result<()> {
+    let mut names: Vec<_> = dir.entries()?.collect::<Result<Vec<_>, _>>()?;
     names.sort_by_key(|e| e.file_name());
     for entry in names {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -81,36 +85,39 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<SyncEntry>) -> std::io::Result<(
         } else {
             format!("{prefix}/{name}")
         };
-        let meta = std::fs::symlink_metadata(entry.path())?;
-        let stat = stat_of(&path, &entry.path(), &meta)?;
-        let is_dir = meta.is_dir();
-        let source = meta.is_file().then(|| entry.path());
+        // The entry itself, not what a symlink points at.
+        let meta = entry.metadata()?;
+        let linkname = if meta.file_type().is_symlink() {
+            dir.read_link_contents(entry.file_name())?
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            String::new()
+        };
+        let stat = stat_of(&path, &meta, linkname);
+        let source = meta.is_file().then(|| PathBuf::from(&path));
         out.push(SyncEntry {
             path: path.clone(),
             stat,
             source,
         });
-        if is_dir {
-            walk(&entry.path(), &path, out)?;
+        if meta.is_dir() {
+            walk(&entry.open_dir()?, &path, out)?;
         }
     }
     Ok(())
 }
 
-fn stat_of(rel: &str, full: &Path, meta: &std::fs::Metadata) -> std::io::Result<Stat> {
-    use std::os::unix::fs::MetadataExt;
+fn stat_of(rel: &str, meta: &cap_std::fs::Metadata, linkname: String) -> Stat {
     let perm = meta.mode() & 0o7777;
-    let (mode, linkname) = if meta.is_dir() {
-        (GO_MODE_DIR | perm, String::new())
+    let mode = if meta.is_dir() {
+        GO_MODE_DIR | perm
     } else if meta.file_type().is_symlink() {
-        (
-            GO_MODE_SYMLINK | perm,
-            std::fs::read_link(full)?.to_string_lossy().into_owned(),
-        )
+        GO_MODE_SYMLINK | perm
     } else {
-        (perm, String::new())
+        perm
     };
-    Ok(Stat {
+    Stat {
         path: rel.to_owned(),
         mode,
         uid: meta.uid(),
@@ -123,7 +130,7 @@ fn stat_of(rel: &str, full: &Path, meta: &std::fs::Metadata) -> std::io::Result<
         mod_time: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
         linkname,
         ..Default::default()
-    })
+    }
 }
 
 fn packet(kind: PacketType) -> Packet {
@@ -183,16 +190,18 @@ pub fn reply(entries: &[SyncEntry], received: &Packet) -> Result<Reply, String> 
     }
 }
 
-/// Streams a file as DATA packets for `id`, ending with an empty one.
+/// Streams the file `source` of `dir` as DATA packets for `id`, ending with an empty one.
 pub async fn send_file(
     id: u32,
+    dir: &Dir,
     source: &Path,
     out: &tokio::sync::mpsc::Sender<Result<Packet, tonic::Status>>,
 ) -> Result<(), String> {
     use tokio::io::AsyncReadExt;
-    let mut file = tokio::fs::File::open(source)
-        .await
+    let file = dir
+        .open(source)
         .map_err(|e| format!("cannot open {}: {e}", source.display()))?;
+    let mut file = tokio::fs::File::from_std(file.into_std());
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = file
@@ -226,6 +235,10 @@ pub fn fin() -> Packet {
 mod tests {
     use super::*;
 
+    fn open(dir: &tempfile::TempDir) -> Dir {
+        Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority()).unwrap()
+    }
+
     fn tree() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("b/c")).unwrap();
@@ -239,7 +252,7 @@ mod tests {
     #[test]
     fn lists_depth_first_sorted_with_go_modes() {
         let dir = tree();
-        let entries = list(dir.path(), &[]).unwrap();
+        let entries = list(&open(&dir), &[]).unwrap();
         let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -262,7 +275,7 @@ mod tests {
         let dir = tree();
         let only = |p: &[&str]| -> Vec<String> {
             list(
-                dir.path(),
+                &open(&dir),
                 &p.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
             )
             .unwrap()
@@ -279,7 +292,7 @@ mod tests {
     #[test]
     fn replies_follow_the_protocol() {
         let dir = tree();
-        let entries = list(dir.path(), &[]).unwrap();
+        let entries = list(&open(&dir), &[]).unwrap();
         let req = |id| Packet {
             id,
             ..packet(PacketType::PacketReq)
@@ -301,13 +314,50 @@ mod tests {
         assert!(reply(&entries, &err).unwrap_err().contains("boom"));
     }
 
+    #[test]
+    fn symlinks_out_of_the_synced_directory_are_listed_as_links_never_followed() {
+        let top = tempfile::tempdir().unwrap();
+        std::fs::create_dir(top.path().join("secrets")).unwrap();
+        std::fs::write(top.path().join("secrets/key"), b"host secret").unwrap();
+        let repo = top.path().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        std::os::unix::fs::symlink("../secrets", repo.join("svc")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", repo.join("passwd")).unwrap();
+        let dir = Dir::open_ambient_dir(&repo, cap_std::ambient_authority()).unwrap();
+        let entries = list(&dir, &[]).unwrap();
+        let listed: Vec<(&str, &str, bool)> = entries
+            .iter()
+            .map(|e| {
+                (
+                    e.path.as_str(),
+                    e.stat.linkname.as_str(),
+                    e.stat.mode & GO_MODE_SYMLINK != 0,
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [("passwd", "/etc/passwd", true), ("svc", "../secrets", true)],
+            "nothing below the links is listed"
+        );
+        assert!(entries.iter().all(|e| e.source.is_none()));
+        // Even asked directly, a path through the link is not opened.
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let sent = runtime.block_on(send_file(0, &dir, Path::new("svc/key"), &tx));
+        assert!(sent.unwrap_err().contains("cannot open svc/key"));
+    }
+
     #[tokio::test]
     async fn file_content_is_chunked_and_terminated() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("big");
-        std::fs::write(&path, vec![7u8; CHUNK + 10]).unwrap();
+        std::fs::write(dir.path().join("big"), vec![7u8; CHUNK + 10]).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        send_file(3, &path, &tx).await.unwrap();
+        send_file(3, &open(&dir), Path::new("big"), &tx)
+            .await
+            .unwrap();
         drop(tx);
         let mut sizes = vec![];
         while let Some(p) = rx.recv().await {

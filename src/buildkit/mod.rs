@@ -15,13 +15,75 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::snapshot::{PathError, SnapshotDir};
+
+/// A local directory a build session serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalDir {
+    /// A directory the runner wrote itself (in its cache): served as it is.
+    Own(PathBuf),
+    /// `path` inside the unpacked repository snapshot `root`, which comes from the repository: resolved beneath
+    /// `root`, never through a symlink or `..` out of it.
+    Beneath {
+        root: PathBuf,
+        path: String,
+        /// What the path is, for errors (e.g. "build context").
+        what: &'static str,
+    },
+}
+
+impl Default for LocalDir {
+    fn default() -> LocalDir {
+        LocalDir::Own(PathBuf::new())
+    }
+}
+
+impl From<PathBuf> for LocalDir {
+    fn from(path: PathBuf) -> LocalDir {
+        LocalDir::Own(path)
+    }
+}
+
+impl From<&std::path::Path> for LocalDir {
+    fn from(path: &std::path::Path) -> LocalDir {
+        LocalDir::Own(path.to_owned())
+    }
+}
+
+impl LocalDir {
+    /// A handle on the directory; everything the session serves is read through it.
+    pub fn open(&self) -> Result<cap_std::fs::Dir, PathError> {
+        match self {
+            LocalDir::Own(path) => {
+                cap_std::fs::Dir::open_ambient_dir(path, cap_std::ambient_authority()).map_err(
+                    |source| PathError::Io {
+                        what: "the build directory",
+                        path: ".".into(),
+                        root: path.clone(),
+                        source,
+                    },
+                )
+            }
+            LocalDir::Beneath { root, path, what } => SnapshotDir::open(root)?.dir(what, path),
+        }
+    }
+
+    /// Names the directory stably across builds (BuildKit's shared key for its file sync cache).
+    fn key(&self) -> String {
+        match self {
+            LocalDir::Own(path) => path.to_string_lossy().into_owned(),
+            LocalDir::Beneath { root, path, .. } => format!("{}//{path}", root.display()),
+        }
+    }
+}
+
 /// One image build.
 #[derive(Debug, Clone, Default)]
 pub struct BuildRequest {
     /// Served as the local directory `context`.
-    pub context_dir: PathBuf,
+    pub context_dir: LocalDir,
     /// Served as the local directory `dockerfile`.
-    pub dockerfile_dir: PathBuf,
+    pub dockerfile_dir: LocalDir,
     pub dockerfile_name: String,
     pub build_args: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
@@ -82,6 +144,8 @@ pub enum BuildError {
     },
     #[error("the build was cancelled")]
     Cancelled,
+    #[error(transparent)]
+    Path(#[from] PathError),
 }
 
 fn tail(lines: &[String]) -> String {

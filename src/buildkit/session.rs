@@ -8,7 +8,6 @@ use bollard_buildkit_proto::moby::filesync::packet::file_sync_server::{FileSync,
 use futures::Stream;
 use hyper_util::rt::TokioIo;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -30,8 +29,9 @@ pub const METHODS: [&str; 5] = [
 /// What one build may read from us.
 #[derive(Clone)]
 pub struct SessionContent {
-    /// Local directories by the name BuildKit asks for (`context`, `dockerfile`).
-    pub dirs: HashMap<String, PathBuf>,
+    /// Local directories by the name BuildKit asks for (`context`, `dockerfile`), as handles: nothing outside
+    /// them can be served.
+    pub dirs: HashMap<String, Arc<cap_std::fs::Dir>>,
     /// Secret id → bytes.
     pub secrets: BTreeMap<String, Vec<u8>>,
 }
@@ -139,7 +139,7 @@ impl FileSync for Files {
         })?;
         let include = metadata_values(&request, "include-patterns");
         let entries = filesync::list(&dir, &include)
-            .map_err(|e| Status::internal(format!("cannot list {}: {e}", dir.display())))?;
+            .map_err(|e| Status::internal(format!("cannot list the directory {name:?}: {e}")))?;
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Packet, Status>>(64);
         tokio::spawn(async move {
@@ -151,7 +151,7 @@ impl FileSync for Files {
             while let Ok(Some(received)) = inbound.message().await {
                 match filesync::reply(&entries, &received) {
                     Ok(Reply::File { id, source }) => {
-                        if let Err(e) = filesync::send_file(id, &source, &tx).await {
+                        if let Err(e) = filesync::send_file(id, &dir, &source, &tx).await {
                             let _ = tx.send(Err(Status::internal(e))).await;
                             return;
                         }

@@ -214,14 +214,18 @@ pub async fn build(
     // A stable shared key per context directory lets BuildKit compare this sync with the previous one.
     let shared_key = {
         use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(
-            request.context_dir.to_string_lossy().as_bytes(),
-        ))
+        hex::encode(sha2::Sha256::digest(request.context_dir.key().as_bytes()))
     };
     let content = SessionContent {
         dirs: HashMap::from([
-            ("context".to_owned(), request.context_dir.clone()),
-            ("dockerfile".to_owned(), request.dockerfile_dir.clone()),
+            (
+                "context".to_owned(),
+                std::sync::Arc::new(request.context_dir.open()?),
+            ),
+            (
+                "dockerfile".to_owned(),
+                std::sync::Arc::new(request.dockerfile_dir.open()?),
+            ),
         ]),
         secrets: request.secrets.clone(),
     };

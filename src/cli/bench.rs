@@ -172,8 +172,8 @@ async fn build(scratch: &Path, sizes: &[u64], runs: usize) -> Result<()> {
         let tag = format!("runner-bench/ours:{mb}");
         let ours = || {
             let request = BuildRequest {
-                context_dir: written.context_dir.clone(),
-                dockerfile_dir: written.dockerfile_dir.clone(),
+                context_dir: written.context_dir.clone().into(),
+                dockerfile_dir: written.dockerfile_dir.clone().into(),
                 dockerfile_name: "Dockerfile".into(),
                 build_args: plan.build_args.clone(),
                 tags: vec![tag.clone()],

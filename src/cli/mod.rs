@@ -1,6 +1,9 @@
 //! The `runner` command line: parses flags (clap), calls the core API, renders results and events.
 //! Exit codes: 0 success, 1 a failure the user can act on, 2 a usage error (clap's).
 
+// First, so its `println!` and friends (which end quietly on a closed pipe) replace std's in every module below.
+#[macro_use]
+mod output;
 mod bench;
 mod change;
 mod remote;
@@ -475,7 +478,7 @@ enum OfflineImage {
 }
 
 async fn build_image(home: &Path, which: OfflineImage) -> Result<()> {
-    std::fs::create_dir_all(home).map_err(|source| Error::Home {
+    crate::data_dir::prepare(home).map_err(|source| Error::Home {
         path: home.to_owned(),
         source,
     })?;

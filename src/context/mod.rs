@@ -194,6 +194,20 @@ fn link_repo_tar(repo_tar: &Path, tar: &Path, mtime: std::time::SystemTime) -> s
     placed
 }
 
+/// Writes `bytes` as `dir/Dockerfile` (creating `dir`) the way [`write`] does: rewritten only when they change,
+/// always with `mtime`.
+pub fn write_dockerfile(
+    dir: &Path,
+    bytes: &[u8],
+    mtime: std::time::SystemTime,
+) -> Result<(), ContextError> {
+    std::fs::create_dir_all(dir).map_err(|source| ContextError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    write_stable(&dir.join("Dockerfile"), bytes, mtime)
+}
+
 fn write_stable(
     path: &Path,
     bytes: &[u8],

@@ -74,8 +74,8 @@ pub async fn build_if_changed(
         Err(e) => return Err(OfflineImageError::Docker(e.to_string())),
     }
     let request = BuildRequest {
-        context_dir: dir.to_owned(),
-        dockerfile_dir: dir.to_owned(),
+        context_dir: dir.to_owned().into(),
+        dockerfile_dir: dir.to_owned().into(),
         dockerfile_name: "Dockerfile".into(),
         labels: BTreeMap::from([(CONTENT_KEY_LABEL.to_owned(), key.to_owned())]),
         tags: vec![reference.to_owned()],

@@ -11,14 +11,14 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, OnceCell};
 use tokio_util::sync::CancellationToken;
 
-use crate::buildkit::{self, BuildError, BuildProgress, BuildRequest, DockerEndpoint};
+use crate::buildkit::{self, BuildError, BuildProgress, BuildRequest, DockerEndpoint, LocalDir};
 use crate::context::{self, ContextInputs};
 use crate::error::{Error, Result};
 use crate::events::{BuildStatus, Event};
 use crate::orchestrator::{
     step_context, EventTx, ImageRequest, PreparedImage, ServiceImageRequest, StepImages,
 };
-use crate::snapshot::{on_mirror, repo_tar, repo_tree};
+use crate::snapshot::{on_mirror, repo_tar, repo_tree, PathError, SnapshotDir};
 
 /// The image repository step images are tagged into.
 pub const STEP_IMAGE_REPOSITORY: &str = "runner-step";
@@ -176,8 +176,8 @@ impl BuildKitImages {
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1);
         let written = context::write(&plan, &tar, &dir, mtime)?;
         let request = BuildRequest {
-            context_dir: written.context_dir.clone(),
-            dockerfile_dir: written.dockerfile_dir.clone(),
+            context_dir: written.context_dir.clone().into(),
+            dockerfile_dir: written.dockerfile_dir.clone().into(),
             dockerfile_name: "Dockerfile".into(),
             build_args: plan.build_args.clone(),
             labels: BTreeMap::from([("runner.content-key".to_owned(), key.clone())]),
@@ -254,24 +254,23 @@ impl BuildKitImages {
         })
         .await?;
         let build = request.build;
-        let dockerfile_path = tree.join(build.dockerfile());
-        let dockerfile = std::fs::read(&dockerfile_path).map_err(|_| Error::Build {
-            message: format!(
-                "{} does not exist at commit {}: add it, or fix the service's `build`",
-                build.dockerfile(),
-                id.change.git_sha
-            ),
-        })?;
-        let context_dir = tree.join(build.context());
-        if !context_dir.is_dir() {
-            return Err(Error::Build {
+        // Both paths come from the repository: resolved beneath the snapshot, never through a symlink out of it.
+        let snapshot = SnapshotDir::open(&tree)?;
+        let at_commit = |e: PathError| match e {
+            PathError::Missing { path, .. } => Error::Build {
                 message: format!(
-                    "the build context {} is not a directory at commit {}",
-                    build.context(),
+                    "{path} does not exist at commit {}: add it, or fix the service's `build`",
                     id.change.git_sha
                 ),
-            });
-        }
+            },
+            other => other.into(),
+        };
+        let dockerfile = snapshot
+            .read("build Dockerfile", build.dockerfile())
+            .map_err(at_commit)?;
+        snapshot
+            .dir("build context", build.context())
+            .map_err(at_commit)?;
         let base_id = self.image_id(&self.base_image).await.unwrap_or_default();
         let build_args =
             context::build_args(&id.change.git_rev, &id.change.git_sha, &self.base_image);
@@ -289,21 +288,22 @@ impl BuildKitImages {
                 cached: true,
             });
         }
-        let (dockerfile_dir, dockerfile_name) = match dockerfile_path.parent() {
-            Some(dir) => (
-                dir.to_owned(),
-                dockerfile_path
-                    .file_name()
-                    .expect("a file")
-                    .to_string_lossy()
-                    .into_owned(),
-            ),
-            None => (tree.clone(), build.dockerfile().to_owned()),
-        };
+        // The Dockerfile is served from a directory of ours holding only the bytes read above.
+        let dockerfile_dir = self
+            .home
+            .join("cache/contexts")
+            .join(&key[..32])
+            .join("dockerfile");
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1);
+        context::write_dockerfile(&dockerfile_dir, &dockerfile, mtime)?;
         let request = BuildRequest {
-            context_dir,
-            dockerfile_dir,
-            dockerfile_name,
+            context_dir: LocalDir::Beneath {
+                root: tree,
+                path: build.context().to_owned(),
+                what: "build context",
+            },
+            dockerfile_dir: LocalDir::Own(dockerfile_dir),
+            dockerfile_name: "Dockerfile".into(),
             build_args,
             labels: BTreeMap::from([("runner.content-key".to_owned(), key.clone())]),
             tags: vec![reference],

@@ -16,5 +16,9 @@ pub use opschain::{
 pub use patch::{apply_patch, diff, parse_document, parse_patch, DocumentError, PatchError};
 pub use rules::{excerpt, step_may_write, validate_document, DocumentRuleError, ADMIN_ONLY_KEYS};
 
+/// The largest properties document (serialised JSON) the store accepts, whoever writes it: the CLI, the API or a
+/// step's patch. Every step receives the documents, and the API sends them whole.
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+
 /// An RFC 6902 JSON Patch.
 pub type Patch = json_patch::Patch;

@@ -45,7 +45,7 @@ impl SecretValues {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("invalid secret name {0:?}: use letters, digits, `.`, `_` and `-`")]
+    #[error("invalid secret name {0:?}: use 1-100 letters, digits, `.`, `_` and `-`, not starting with `.`")]
     InvalidName(String),
     #[error(
         "invalid secret entry {entry:?}: write KEY=VALUE with KEY made of letters, digits and `_`"
@@ -85,9 +85,13 @@ pub struct SecretStore {
     dir: PathBuf,
 }
 
-/// Secret names: letters, digits, `.`, `_` and `-`, not starting with `.` (they name files).
+/// The longest secret name: names become file names and appear in properties and errors.
+pub const MAX_NAME_LEN: usize = 100;
+
+/// Secret names: 1-100 letters, digits, `.`, `_` and `-`, not starting with `.` (they name files).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
         && !name.starts_with('.')
         && name
             .chars()
@@ -151,6 +155,11 @@ impl SecretStore {
         };
         fs::create_dir_all(&dir).map_err(io)?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
+        // Files an older runner or a copy left readable by others are made private again.
+        for entry in fs::read_dir(&dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            crate::data_dir::tighten(&path, crate::data_dir::FILE_MODE).map_err(io)?;
+        }
         let store = SecretStore { dir };
         for kind in [SecretKind::Build, SecretKind::Runner] {
             if !store.path(kind.default_secret()).exists() {

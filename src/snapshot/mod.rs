@@ -1,9 +1,11 @@
 //! Project repositories: a bare mirror per project (git2), revision resolution, files at a commit, and the
 //! deterministic `repo.tar` a step image is built from.
 
+mod beneath;
 mod repo_tar;
 mod sources;
 
+pub use beneath::{PathError, SnapshotDir};
 pub use repo_tar::{repo_tar, repo_tree};
 pub use sources::{on_mirror, GitSources};
 
@@ -40,6 +42,12 @@ pub enum SnapshotError {
         sha: String,
         message: String,
     },
+    #[error("{path} at {sha} is reached through the symlink {link}: repository files are read as committed and symlinks are never followed; commit the file itself at {path}")]
+    Symlink {
+        path: String,
+        sha: String,
+        link: String,
+    },
     #[error("failed to write {path}: {source}")]
     Io {
         path: PathBuf,
@@ -47,6 +55,9 @@ pub enum SnapshotError {
         source: std::io::Error,
     },
 }
+
+/// Git's file mode of a symlink.
+const SYMLINK_MODE: i32 = 0o120000;
 
 /// An exclusive lock on a mirror or a cached file (`<path>.lock` beside it), held until dropped. A lock that cannot
 /// be taken is an error: two writers must never both think they hold it.
@@ -187,25 +198,38 @@ impl Mirror {
             .map_err(git)
     }
 
-    /// A file of the tree at `sha`, if it exists (and is a file).
+    /// A file of the tree at `sha`, if it exists (and is a file). Read from the commit's objects, so nothing
+    /// outside the repository can be reached; a symlink on the way (the file itself or a directory above it) is
+    /// an error rather than its target's text or a silent "absent".
     pub fn read_file(&self, sha: &str, path: &str) -> Result<Option<Vec<u8>>, SnapshotError> {
         let commit = self.commit(sha)?;
-        let tree = commit.tree().map_err(|source| SnapshotError::Git {
-            what: "the tree".into(),
-            sha: sha.to_owned(),
-            source,
-        })?;
-        let Ok(entry) = tree.get_path(Path::new(path)) else {
-            return Ok(None);
+        let git = |what: &str| {
+            let (what, sha) = (what.to_owned(), sha.to_owned());
+            move |source| SnapshotError::Git { what, sha, source }
         };
-        match entry
-            .to_object(&self.repo)
-            .ok()
-            .and_then(|o| o.into_blob().ok())
-        {
-            Some(blob) => Ok(Some(blob.content().to_vec())),
-            None => Ok(None),
+        let mut tree = commit.tree().map_err(git("the tree"))?;
+        let names: Vec<&str> = path.split('/').filter(|n| !n.is_empty()).collect();
+        for (i, name) in names.iter().enumerate() {
+            let Some(entry) = tree.get_name(name).map(|e| e.to_owned()) else {
+                return Ok(None);
+            };
+            if entry.filemode() == SYMLINK_MODE {
+                return Err(SnapshotError::Symlink {
+                    path: path.to_owned(),
+                    sha: sha.to_owned(),
+                    link: names[..=i].join("/"),
+                });
+            }
+            let object = entry.to_object(&self.repo).map_err(git(path))?;
+            if i + 1 == names.len() {
+                return Ok(object.into_blob().ok().map(|b| b.content().to_vec()));
+            }
+            match object.into_tree() {
+                Ok(next) => tree = next,
+                Err(_) => return Ok(None),
+            }
         }
+        Ok(None)
     }
 
     /// `.opschain/properties.*` deep-merged with `.opschain/environments/<env>.*` at `sha` (JSON, TOML or YAML).

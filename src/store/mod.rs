@@ -45,6 +45,12 @@ pub enum StoreError {
         expected: i64,
         current: i64,
     },
+    #[error("the {owner} properties would be {size} bytes, over the limit of {limit} bytes: keep bulky data out of properties (in the repository, or a file a step reads)")]
+    TooLarge {
+        owner: String,
+        size: usize,
+        limit: usize,
+    },
     #[error("the stored document of {owner} version {version} is corrupt")]
     Corrupt {
         owner: String,
@@ -68,6 +74,10 @@ impl Store {
     /// Opens (creating if needed) `runner.db` in `home` and brings its schema up to date.
     pub async fn open(home: &Path) -> Result<Store, StoreError> {
         let path = home.join("runner.db");
+        crate::data_dir::prepare_database(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source: sqlx::Error::Io(source),
+        })?;
         let options = SqliteConnectOptions::new()
             .filename(&path)
             .create_if_missing(true)

@@ -187,6 +187,16 @@ impl Store {
         writes: &[PropertiesWrite<'_>],
         by: &WrittenBy,
     ) -> Result<Vec<PropertiesVersion>, StoreError> {
+        let texts: Vec<String> = writes.iter().map(|w| w.document.to_string()).collect();
+        for (write, text) in writes.iter().zip(&texts) {
+            if text.len() > crate::properties::MAX_DOCUMENT_BYTES {
+                return Err(StoreError::TooLarge {
+                    owner: write.owner.to_string(),
+                    size: text.len(),
+                    limit: crate::properties::MAX_DOCUMENT_BYTES,
+                });
+            }
+        }
         let mut tx = self.write_tx().await?;
         let written_at = now();
         let (written_by, change_id, step_id) = match by {
@@ -195,7 +205,7 @@ impl Store {
             WrittenBy::Change { change_id, step_id } => ("change", Some(change_id), Some(step_id)),
         };
         let mut out = Vec::with_capacity(writes.len());
-        for write in writes {
+        for (write, text) in writes.iter().zip(texts) {
             let current: i64 = sqlx::query(
                 "SELECT COALESCE(MAX(version), 0) FROM property_versions WHERE owner_kind = ? AND owner_id = ?",
             )
@@ -220,7 +230,7 @@ impl Store {
             .bind(write.owner.kind())
             .bind(write.owner.id())
             .bind(version)
-            .bind(write.document.to_string())
+            .bind(text)
             .bind(&written_at)
             .bind(written_by)
             .bind(change_id)
