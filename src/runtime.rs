@@ -66,3 +66,17 @@ pub fn offline(app: App) -> Result<Orchestrator> {
         .map_err(|e| crate::executor::ExecutorError::Unavailable(e.to_string()))?;
     Ok(assemble(app, docker, settings()?))
 }
+
+/// An orchestrator for `runner serve`, which must start without a daemon: nothing is contacted, and a unix
+/// socket that does not exist yet is fine (every request connects anew, so a daemon started later is found).
+/// The server's health follows the daemon from then on.
+pub fn serving(app: App) -> Result<Orchestrator> {
+    let host = std::env::var("DOCKER_HOST").unwrap_or_default();
+    let docker = match host.strip_prefix("unix://") {
+        Some(path) => docker::unix_client(path),
+        None if host.is_empty() => docker::unix_client("/var/run/docker.sock"),
+        None => bollard::Docker::connect_with_local_defaults()
+            .map_err(|e| crate::executor::ExecutorError::Unavailable(e.to_string())),
+    }?;
+    Ok(assemble(app, docker))
+}

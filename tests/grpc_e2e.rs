@@ -89,3 +89,131 @@ async fn run_step_returns_the_step_result_of_a_real_container_run() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+/// A Docker socket the test switches on and off: while up it relays every connection to the real daemon; down, its
+/// socket file is gone and every relayed connection is cut, as when dockerd stops.
+struct DaemonSwitch {
+    path: std::path::PathBuf,
+    up: Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<Vec<std::os::unix::net::UnixStream>>,
+    )>,
+}
+
+impl DaemonSwitch {
+    fn new(path: std::path::PathBuf) -> DaemonSwitch {
+        DaemonSwitch { path, up: None }
+    }
+
+    fn up(&mut self) {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let listener = UnixListener::bind(&self.path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let daemon = support::docker_socket();
+        let relay = std::thread::spawn(move || {
+            let mut open = vec![];
+            while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let server = UnixStream::connect(&daemon).unwrap();
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+                open.extend([client, server]);
+            }
+            open
+        });
+        self.up = Some((stop, relay));
+    }
+
+    fn down(&mut self) {
+        let (stop, relay) = self.up.take().expect("the switch is up");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for stream in relay.join().unwrap() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        std::fs::remove_file(&self.path).unwrap();
+    }
+}
+
+/// Polls health until it says `want`; returns how long that took.
+async fn health_becomes(address: &str, want: i32, within: Duration) -> Duration {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let start = std::time::Instant::now();
+    let mut last = None;
+    while start.elapsed() < within {
+        if let Ok(channel) = tonic::transport::Channel::from_shared(address.to_owned())
+            .unwrap()
+            .connect()
+            .await
+        {
+            let check = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            last = Some(check.map(|c| c.into_inner().status));
+            if matches!(last, Some(Ok(status)) if status == want) {
+                return start.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("health never became {want} within {within:?}; last answer {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_starts_without_docker_and_health_follows_the_daemon() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    if !support::docker_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = DaemonSwitch::new(dir.path().join("docker.sock"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("RUNNER_HOME", dir.path().join("home"))
+        .env("DOCKER_HOST", format!("unix://{}", daemon.path.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let address = format!("http://127.0.0.1:{port}");
+    let (serving, not_serving) = (
+        ServingStatus::Serving as i32,
+        ServingStatus::NotServing as i32,
+    );
+
+    // No daemon: the server is up all the same, and says it cannot serve.
+    health_becomes(&address, not_serving, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    health_becomes(&address, not_serving, Duration::from_millis(1)).await;
+
+    daemon.up();
+    health_becomes(&address, serving, Duration::from_secs(15)).await;
+    daemon.down();
+    health_becomes(&address, not_serving, Duration::from_secs(15)).await;
+    daemon.up();
+    health_becomes(&address, serving, Duration::from_secs(15)).await;
+
+    server.start_kill().unwrap();
+    let _ = server.wait().await;
+    daemon.down();
+}

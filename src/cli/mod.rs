@@ -571,7 +571,8 @@ async fn serve(home: &Path, policy: Option<&Path>, args: ServeArgs) -> Result<()
             message: crate::error::error_text(&other),
         },
     })?;
-    let orchestrator = crate::runtime::local(open_app(home, policy).await?).await?;
+    // No daemon needed to start: health says NOT_SERVING until one answers (and reaps then).
+    let orchestrator = crate::runtime::serving(open_app(home, policy).await?)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| Error::Home {

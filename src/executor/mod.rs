@@ -176,6 +176,7 @@ pub struct LeftOver {
 ///   their network and volumes are removed before `run_step` returns; service logs go to `logs` first.
 /// - [`left_overs`](Executor::left_overs) lists labelled containers, networks and volumes still present, and
 ///   [`remove`](Executor::remove) removes one; the orchestrator decides which belong to dead runners.
+/// - [`available`](Executor::available) says whether the backend answers now (the server's health).
 pub trait Executor: Send + Sync {
     fn run_step<'a>(
         &'a self,
@@ -187,4 +188,9 @@ pub trait Executor: Send + Sync {
     fn left_overs(&self) -> BoxFuture<'_, Result<Vec<LeftOver>, ExecutorError>>;
 
     fn remove<'a>(&'a self, left_over: &'a LeftOver) -> BoxFuture<'a, Result<(), ExecutorError>>;
+
+    /// Whether the backend answers now; a backend with nothing to reach always does.
+    fn available(&self) -> BoxFuture<'_, Result<(), ExecutorError>> {
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -117,48 +117,13 @@ pub async fn run(
     let lease = orchestrator.hold_lease(stop.child_token()).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_not_serving::<pb::change_service_server::ChangeServiceServer<changes::Changes>>()
-        .await;
-    {
-        // SERVING once the store is open (it is: we hold a lease in it) and the Docker daemon answered the reaper.
-        let (health, orchestrator, stop, every) = (
-            health.clone(),
-            orchestrator.clone(),
-            stop.clone(),
-            config.reap_every,
-        );
-        tokio::spawn(async move {
-            let mut serving = false;
-            loop {
-                match orchestrator.reap().await {
-                    Ok(reaped) if !serving => {
-                        tracing::info!(?reaped, "docker answered; serving");
-                        health.set_serving::<pb::change_service_server::ChangeServiceServer<changes::Changes>>().await;
-                        health.set_serving::<pb::project_service_server::ProjectServiceServer<projects::Projects>>().await;
-                        health
-                            .set_service_status("", tonic_health::ServingStatus::Serving)
-                            .await;
-                        serving = true;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reaping failed; is the Docker daemon up?")
-                    }
-                }
-                let wait = if serving {
-                    every
-                } else {
-                    Duration::from_secs(1)
-                };
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
-        });
-    }
-
+    set_health(&health, tonic_health::ServingStatus::NotServing).await;
+    tokio::spawn(follow_docker(
+        health.clone(),
+        orchestrator.clone(),
+        stop.clone(),
+        config.reap_every,
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -222,4 +187,73 @@ pub async fn run(
     }
     let _ = lease.await;
     served.map_err(ServerError::Transport)
+}
+
+/// How often health asks the daemon whether it is there.
+const DOCKER_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Health follows the Docker daemon: SERVING while it answers (the store is open: we hold a lease in it),
+/// NOT_SERVING while it does not — at start, or when it goes away. What a dead runner left is reaped when the
+/// daemon answers and every `reap_every` after.
+async fn follow_docker(
+    health: tonic_health::server::HealthReporter,
+    orchestrator: Orchestrator,
+    stop: CancellationToken,
+    reap_every: Duration,
+) {
+    let (mut serving, mut said_missing) = (false, false);
+    let mut last_reap = std::time::Instant::now();
+    loop {
+        let answered = orchestrator.executor_available().await;
+        match (&answered, serving) {
+            (Ok(()), false) => {
+                match orchestrator.reap().await {
+                    Ok(reaped) => tracing::info!(?reaped, "docker answered; serving"),
+                    Err(e) => tracing::warn!(error = %e, "docker answered but reaping failed"),
+                }
+                last_reap = std::time::Instant::now();
+                set_health(&health, tonic_health::ServingStatus::Serving).await;
+                serving = true;
+            }
+            (Err(e), true) => {
+                tracing::warn!(error = %e, "the Docker daemon went away; not serving");
+                set_health(&health, tonic_health::ServingStatus::NotServing).await;
+                serving = false;
+            }
+            (Err(e), false) if !said_missing => {
+                tracing::warn!(error = %e, "no Docker daemon answers; not serving until one does");
+                said_missing = true;
+            }
+            (Ok(()), true) if last_reap.elapsed() >= reap_every => {
+                if let Err(e) = orchestrator.reap().await {
+                    tracing::warn!(error = %e, "reaping failed");
+                }
+                last_reap = std::time::Instant::now();
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(DOCKER_CHECK_EVERY) => {}
+        }
+    }
+}
+
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    health
+        .set_service_status(
+            <pb::change_service_server::ChangeServiceServer<changes::Changes> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <pb::project_service_server::ProjectServiceServer<projects::Projects> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health.set_service_status("", status).await;
 }

@@ -117,6 +117,13 @@ impl Orchestrator {
         &self.owner
     }
 
+    /// Whether the executor's backend (the Docker daemon) answers now.
+    pub async fn executor_available(
+        &self,
+    ) -> std::result::Result<(), crate::executor::ExecutorError> {
+        self.executor.available().await
+    }
+
     /// Live events of every change this process runs, after they are stored.
     pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
         self.live.subscribe()

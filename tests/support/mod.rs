@@ -39,7 +39,8 @@ fn docker_missing(socket: &str, opt_out: Option<&str>) -> bool {
     false
 }
 
-fn docker_socket() -> String {
+/// The daemon socket `DOCKER_HOST` names (default `/var/run/docker.sock`).
+pub fn docker_socket() -> String {
     std::env::var("DOCKER_HOST")
         .ok()
         .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))

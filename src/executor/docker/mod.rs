@@ -37,6 +37,40 @@ pub async fn connect() -> Result<Docker, ExecutorError> {
     })
 }
 
+/// A client of the daemon at the unix socket `path`, which need not exist yet (bollard's own unix client refuses a
+/// missing socket): every request connects anew, so a daemon that starts later is found, and one that stops is
+/// noticed at the next request.
+pub fn unix_client(path: &str) -> Result<Docker, ExecutorError> {
+    let path = std::path::PathBuf::from(path);
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let path = path.clone();
+        Box::pin(async move {
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+        })
+    });
+    let mut builder =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    builder.pool_max_idle_per_host(0);
+    let client = std::sync::Arc::new(builder.build(connector));
+    Docker::connect_with_custom_transport(
+        move |request: bollard::BollardRequest| {
+            let client = client.clone();
+            async move {
+                client
+                    .request(request)
+                    .await
+                    .map_err(bollard::errors::Error::from)
+            }
+        },
+        Some("http://docker"),
+        120,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .map_err(|e| ExecutorError::Unavailable(e.to_string()))
+}
+
 impl DockerExecutor {
     pub fn new(docker: Docker) -> DockerExecutor {
         let socket = crate::buildkit::DockerEndpoint::from_env()
@@ -369,6 +403,20 @@ impl Executor for DockerExecutor {
             let outcome = outcome?;
             torn_down?;
             Ok(outcome)
+        }
+        .boxed()
+    }
+
+    /// Asks the daemon for its version, which also settles the API version every clone of this client speaks
+    /// (a server started before its daemon learns it here).
+    fn available(&self) -> BoxFuture<'_, Result<(), ExecutorError>> {
+        async move {
+            self.docker
+                .clone()
+                .negotiate_version()
+                .await
+                .map(|_| ())
+                .map_err(|e| ExecutorError::Unavailable(e.to_string()))
         }
         .boxed()
     }
