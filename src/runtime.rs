@@ -78,5 +78,5 @@ pub fn serving(app: App) -> Result<Orchestrator> {
         None => bollard::Docker::connect_with_local_defaults()
             .map_err(|e| crate::executor::ExecutorError::Unavailable(e.to_string())),
     }?;
-    Ok(assemble(app, docker))
+    Ok(assemble(app, docker, settings()?))
 }
