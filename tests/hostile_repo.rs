@@ -845,3 +845,124 @@ fn the_data_directory_store_and_secrets_are_private_even_if_they_were_not() {
     assert_eq!(mode(&fresh_home), 0o700);
     assert_eq!(mode(&fresh_home.join("runner.db")), 0o600);
 }
+
+// ---- Step containers within the operator's limits ----
+
+#[test]
+fn resources_above_the_operators_maximum_are_refused_before_anything_runs() {
+    if !support::docker_available() {
+        return;
+    }
+    let h = Hostile::new();
+    h.commit(
+        &[(
+            ".opschain/actions.json",
+            r#"{"actions": {"deploy": {"steps": ["fine", "greedy"]}, "fine": {"run": "true"},
+                "greedy": {"run": "true", "resources": {"memory": "64GiB"}}}}"#,
+        )],
+        &[],
+    );
+    // A child asking for too much fails the whole change when it is created, not half-way through.
+    refused_at_create(
+        &h,
+        "deploy",
+        "the step asks for memory 64GiB, above the operator's maximum 4GiB",
+    );
+    let out = h.change("deploy");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("raise `max_memory` in [steps] of"),
+        "{}",
+        text(&out)
+    );
+    h.commit(
+        &[(
+            ".opschain/actions.json",
+            r#"{"actions": {"forky": {"run": "true", "resources": {"pids": 1000000}}}}"#,
+        )],
+        &[],
+    );
+    refused_at_create(&h, "forky", "raise `max_pids`");
+}
+
+#[test]
+fn resources_that_are_not_sizes_are_refused() {
+    if !support::docker_available() {
+        return;
+    }
+    let h = Hostile::new();
+    h.commit(
+        &[(
+            ".opschain/actions.json",
+            r#"{"actions": {"it": {"run": "true", "resources": {"memory": "lots"}}}}"#,
+        )],
+        &[],
+    );
+    refused_at_create(
+        &h,
+        "it",
+        "action \"it\" in .opschain/actions.json: `resources` invalid size \"lots\"",
+    );
+}
+
+#[test]
+fn a_fork_bomb_and_a_memory_hog_each_fail_alone_while_a_sibling_succeeds() {
+    if !support::docker_available() {
+        return;
+    }
+    support::base_image();
+    let h = Hostile::new();
+    h.commit(
+        &[(
+            ".opschain/actions.json",
+            r#"{"actions": {
+                "all": {"steps": ["bomb", "hog", "sibling"], "run_as": "parallel"},
+                "bomb": {"run": "b() { b | b & }; b; sleep 60; echo the bomb was not stopped",
+                         "resources": {"pids": 64}, "timeout": "5m"},
+                "hog": {"run": "x=$(head -c 400000000 /dev/zero | tr '\\0' a); echo the hog survived ${#x}",
+                        "resources": {"memory": "64MiB"}, "timeout": "5m"},
+                "sibling": {"run": "sleep 2; echo sibling done"},
+                "ok": {"run": "echo fine"}}}"#,
+        )],
+        &[],
+    );
+    let out = h.change("all");
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(!all.contains("panicked"), "{all}");
+    let id = h.changes()[0]["id"].as_str().unwrap().to_owned();
+    let shown = h.json(&["change", "show", &id]);
+    let step = |action: &str| -> Value {
+        shown["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["action"] == action)
+            .cloned()
+            .unwrap_or_else(|| panic!("no step {action}: {shown}"))
+    };
+    let (bomb, hog, sibling) = (step("bomb"), step("hog"), step("sibling"));
+    assert_eq!(bomb["state"], "error", "{shown}");
+    assert!(
+        bomb["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("process limit reached (pids 64)"),
+        "{bomb}"
+    );
+    assert_eq!(hog["state"], "error", "{shown}");
+    assert!(
+        hog["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("out of memory (limit 64MiB)"),
+        "{hog}"
+    );
+    assert_eq!(sibling["state"], "success", "{shown}");
+    assert!(all.contains("sibling done"), "{all}");
+    assert!(!all.contains("the bomb was not stopped"), "{all}");
+    assert!(!all.contains("the hog survived"), "{all}");
+    h.assert_nothing_left_running();
+    // The runner carries on: the next change runs as usual.
+    let out = h.change("ok");
+    assert!(out.status.success(), "{}", text(&out));
+}

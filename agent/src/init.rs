@@ -37,6 +37,8 @@ pub struct Supervised {
     pub ended: Ended,
     /// The signals the agent received and forwarded to the action's group, in order.
     pub forwarded: Vec<i32>,
+    /// The container's process limit (`pids.max`), when the action hit it and was stopped for that.
+    pub pids_limit: Option<String>,
 }
 
 impl Supervised {
@@ -46,11 +48,15 @@ impl Supervised {
             Ended::Exited(code) => (Some(code), None),
             Ended::Signalled(signal) => (None, Some(signal_name(signal))),
         };
-        json!({
+        let mut exit = json!({
             "code": code,
             "signal": signal,
             "forwarded_signals": self.forwarded.iter().map(|s| signal_name(*s)).collect::<Vec<_>>(),
-        })
+        });
+        if let Some(max) = &self.pids_limit {
+            exit["limit"] = json!({ "pids": max });
+        }
+        exit
     }
 }
 
@@ -118,13 +124,31 @@ pub fn supervise(command: &mut Command) -> Result<Supervised, String> {
     // The child is waited for below with waitpid, never through `Child`.
     drop(child);
     let mut forwarded = vec![];
+    let mut pids_limit = None;
+    let refused_forks = pids_events().map(|(count, _)| count);
     let timeout = libc::timespec {
         tv_sec: 0,
-        tv_nsec: Duration::from_millis(500).as_nanos() as libc::c_long,
+        tv_nsec: Duration::from_millis(200).as_nanos() as libc::c_long,
     };
     loop {
+        // A fork refused by the container's process limit means a runaway (a fork bomb): it may never end by
+        // itself, so everything but the agent is killed, until nothing is left to kill. Checked before reaping, so
+        // an action that gave up after a refused fork is still reported as having hit the limit.
+        if let (Some(before), Some((now, max))) = (refused_forks, pids_events()) {
+            if now > before && pids_limit.is_none() {
+                pids_limit = Some(max);
+            }
+        }
+        if pids_limit.is_some() {
+            // SAFETY: SIGKILL to every process this one may signal but itself (and the container's init).
+            unsafe { libc::kill(-1, libc::SIGKILL) };
+        }
         if let Some(ended) = reap(pid) {
-            return Ok(Supervised { ended, forwarded });
+            return Ok(Supervised {
+                ended,
+                forwarded,
+                pids_limit,
+            });
         }
         // SAFETY: waits for one of the blocked signals in `set`; `info` is ours.
         let signal = unsafe {
@@ -138,6 +162,27 @@ pub fn supervise(command: &mut Command) -> Result<Supervised, String> {
         }
         // SIGCHLD, a timeout or an interruption: the next turn reaps.
     }
+}
+
+/// The container's count of forks refused by its process limit (`pids.events`' `max`) and that limit
+/// (`pids.max`), from cgroup v1 or v2; `None` when the container has no pids controller to read.
+fn pids_events() -> Option<(u64, String)> {
+    ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
+        .iter()
+        .find_map(|dir| {
+            let events = std::fs::read_to_string(format!("{dir}/pids.events")).ok()?;
+            let max = std::fs::read_to_string(format!("{dir}/pids.max")).unwrap_or_default();
+            Some((events, max.trim().to_owned()))
+        })
+        .and_then(|(events, max)| Some((refused_forks(&events)?, max)))
+}
+
+/// The `max` counter of a `pids.events` file.
+fn refused_forks(events: &str) -> Option<u64> {
+    events
+        .lines()
+        .find_map(|line| line.strip_prefix("max "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// Reaps every child that has ended; returns how `action` ended if it was among them.
@@ -169,6 +214,7 @@ mod tests {
         let killed = Supervised {
             ended: Ended::Signalled(libc::SIGTERM),
             forwarded: vec![libc::SIGTERM],
+            pids_limit: None,
         };
         assert_eq!(killed.ended.exit_code(), 143);
         assert_eq!(
@@ -178,6 +224,7 @@ mod tests {
         let exited = Supervised {
             ended: Ended::Exited(3),
             forwarded: vec![],
+            pids_limit: None,
         };
         assert_eq!(exited.ended.exit_code(), 3);
         assert_eq!(
@@ -185,5 +232,18 @@ mod tests {
             json!({"code": 3, "signal": null, "forwarded_signals": []})
         );
         assert_eq!(signal_name(40), "SIG40");
+        let bombed = Supervised {
+            ended: Ended::Signalled(libc::SIGKILL),
+            forwarded: vec![],
+            pids_limit: Some("64".into()),
+        };
+        assert_eq!(bombed.to_json()["limit"], json!({"pids": "64"}));
+    }
+
+    #[test]
+    fn refused_forks_are_read_from_pids_events() {
+        assert_eq!(refused_forks("max 0\n"), Some(0));
+        assert_eq!(refused_forks("max 34\n"), Some(34));
+        assert_eq!(refused_forks(""), None);
     }
 }

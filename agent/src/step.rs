@@ -277,6 +277,11 @@ pub fn main() -> Result<u8, String> {
     phase("running");
     let supervised = crate::init::supervise(&mut command)?;
     let code = supervised.ended.exit_code();
+    if let Some(max) = &supervised.pids_limit {
+        phase(&format!(
+            "process limit reached (pids {max}): the action and everything it started were stopped"
+        ));
+    }
     for signal in &supervised.forwarded {
         phase(&format!(
             "forwarded {} to the action",

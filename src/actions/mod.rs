@@ -47,6 +47,38 @@ pub struct Action {
     /// Docker access from the step (seed 004); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<DockerAccess>,
+    /// Limits of the step's container: less than the operator's defaults, or more up to the maximums.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<StepResourceAsk>,
+}
+
+/// What an action asks for its step container (`"resources": {"memory": "512MiB", "cpus": 0.5, "pids": 256}`);
+/// the operator's policy decides what it gets.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepResourceAsk {
+    /// e.g. `512MiB`, `1GiB`, or bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+impl Action {
+    /// The resources this action asks for, in the policy's terms (memory was checked when the manifest was read).
+    pub fn resource_request(&self) -> crate::policy::ResourceRequest {
+        let ask = self.resources.clone().unwrap_or_default();
+        crate::policy::ResourceRequest {
+            memory: ask
+                .memory
+                .as_deref()
+                .and_then(|m| crate::policy::parse_size(m).ok()),
+            cpus: ask.cpus,
+            pids: ask.pids,
+        }
+    }
 }
 
 /// How a step reaches a Docker daemon.
@@ -243,6 +275,12 @@ pub enum ManifestError {
     Cycle { path: String, cycle: Vec<String> },
     #[error("action name {name:?} in {path} is invalid: use 1-{MAX_ACTION_NAME_LEN} printable characters")]
     BadActionName { path: String, name: String },
+    #[error("action {action:?} in {path}: `resources` {problem}")]
+    BadResources {
+        path: String,
+        action: String,
+        problem: String,
+    },
     #[error("action {action:?} in {path}: `run` must not be empty")]
     EmptyRun { path: String, action: String },
     #[error("action {action:?} in {path}: service {service:?} {problem}")]
@@ -289,6 +327,15 @@ impl Manifest {
                         shown
                     },
                 });
+            }
+            if let Some(memory) = action.resources.as_ref().and_then(|r| r.memory.as_deref()) {
+                crate::policy::parse_size(memory).map_err(|problem| {
+                    ManifestError::BadResources {
+                        path: path.to_owned(),
+                        action: name.clone(),
+                        problem,
+                    }
+                })?;
             }
             let empty = match &action.run {
                 Some(Command::Shell(s)) => s.trim().is_empty(),
@@ -407,6 +454,22 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// `name` and every action its `steps` reach, each once.
+    pub fn reachable<'a>(&'a self, name: &'a str) -> Vec<&'a str> {
+        let mut seen: Vec<&str> = vec![];
+        let mut todo = vec![name];
+        while let Some(next) = todo.pop() {
+            if seen.contains(&next) {
+                continue;
+            }
+            seen.push(next);
+            if let Some(action) = self.actions.get(next) {
+                todo.extend(action.steps.iter().map(String::as_str));
+            }
+        }
+        seen
     }
 
     /// The named action, or an error listing the defined ones.

@@ -52,6 +52,31 @@ pub struct StepRun {
     pub services: BTreeMap<String, Service>,
     /// Docker access for the step's action.
     pub docker: Option<StepDocker>,
+    /// Memory, CPU and process limits of the step's container (the operator's policy decided them); `None`
+    /// runs it without limits.
+    pub resources: Option<crate::policy::StepResources>,
+}
+
+/// A limit of the step's container that ended its process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitHit {
+    /// The kernel killed a process of the step for want of memory.
+    Memory { bytes: u64 },
+    /// The step tried to start more processes than its limit allows (`max` is the limit as the cgroup says it).
+    Pids { max: String },
+}
+
+impl std::fmt::Display for LimitHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitHit::Memory { bytes } => write!(
+                f,
+                "out of memory (limit {})",
+                crate::policy::format_size(*bytes)
+            ),
+            LimitHit::Pids { max } => write!(f, "process limit reached (pids {max})"),
+        }
+    }
 }
 
 /// How a step reaches a Docker daemon, with what that needs already prepared.
@@ -109,6 +134,8 @@ pub struct StepOutcome {
     pub exit_code: i64,
     /// `step_result.json`, if the step wrote one.
     pub result: Option<Value>,
+    /// The container limit that ended the step, if one did.
+    pub limit: Option<LimitHit>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,12 @@ impl Orchestrator {
             environment: &environment.code,
         };
         self.app.policy.require_action(subject, action)?;
+        // Every step the action runs must fit the operator's limits: one asking for too much fails the change here.
+        for name in manifest.reachable(&request.action) {
+            if let Some(reached) = manifest.actions.get(name) {
+                self.app.policy.action_resources(subject, reached)?;
+            }
+        }
         let project_props = store.properties(&(&project).into(), None).await?;
         let environment_props = store.properties(&(&environment).into(), None).await?;
         for kind in [SecretKind::Build, SecretKind::Runner] {

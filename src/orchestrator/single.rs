@@ -237,6 +237,11 @@ impl Orchestrator {
             stop_grace: self.settings.stop_grace,
             services: beside.services,
             docker: beside.docker,
+            resources: Some(
+                self.app
+                    .policy
+                    .action_resources(Subject::RunStep, &action)?,
+            ),
         };
         phase(
             Phase::RunStarted,

@@ -194,6 +194,10 @@ impl Orchestrator {
             ),
         );
 
+        let resources = match self.app.policy.action_resources(subject, action) {
+            Ok(resources) => resources,
+            Err(e) => return fail(StepState::Error, e.to_string()).await,
+        };
         let step_run = StepRun {
             change_id: run.change.id.clone(),
             step_id: step.id.clone(),
@@ -212,6 +216,7 @@ impl Orchestrator {
             stop_grace: self.settings.stop_grace,
             services: beside.services,
             docker: beside.docker,
+            resources: Some(resources),
         };
         Self::phase(
             events,
@@ -264,10 +269,16 @@ impl Orchestrator {
             Ended::Exited if outcome.exit_code != 0 => {
                 return fail(
                     StepState::Error,
-                    format!(
-                        "step {} exited with code {}",
-                        step.action, outcome.exit_code
-                    ),
+                    match &outcome.limit {
+                        Some(limit) => format!(
+                            "step {} exited with code {}: {limit}",
+                            step.action, outcome.exit_code
+                        ),
+                        None => format!(
+                            "step {} exited with code {}",
+                            step.action, outcome.exit_code
+                        ),
+                    },
                 )
                 .await;
             }

@@ -1,13 +1,14 @@
 //! What an action of the repository asks for that only the operator can allow: Docker access and privileged
 //! services. Checked when a change is created (its first action) and again before every step runs.
 
-use super::{Feature, Policy, PolicyError, Subject};
+use super::{Feature, Policy, PolicyError, StepResources, Subject};
 use crate::actions::{Action, DockerAccess};
 
 impl Policy {
     /// `Ok` when `subject` may run `action` as its repository wrote it; else the first refusal, naming the
     /// setting that allows it.
     pub fn require_action(&self, subject: Subject<'_>, action: &Action) -> Result<(), PolicyError> {
+        self.action_resources(subject, action)?;
         match action.docker {
             Some(DockerAccess::Socket) => self.require_for(subject, Feature::DockerSocket)?,
             Some(DockerAccess::Dind) => self.require_for(subject, Feature::DockerDind)?,
@@ -46,6 +47,25 @@ impl Policy {
                 })?;
         }
         Ok(())
+    }
+}
+
+impl Policy {
+    /// The limits `action`'s step container runs with: the operator's `[steps]` defaults, or what the action asks
+    /// for up to the maximums; asking for more is an error naming the setting that raises it.
+    pub fn action_resources(
+        &self,
+        subject: Subject<'_>,
+        action: &Action,
+    ) -> Result<StepResources, PolicyError> {
+        let (project, environment) = match subject {
+            Subject::Change {
+                project,
+                environment,
+            } => (project, environment),
+            Subject::RunStep => ("", ""),
+        };
+        self.resolve_resources(project, environment, &action.resource_request())
     }
 }
 

@@ -14,7 +14,7 @@ pub mod resources;
 use std::path::{Path, PathBuf};
 
 pub use file::parse;
-pub use resources::{parse_size, ResourceLimits, ResourceRequest, StepResources};
+pub use resources::{format_size, parse_size, ResourceLimits, ResourceRequest, StepResources};
 
 /// The policy's file name in the data directory.
 pub const FILE_NAME: &str = "policy.toml";

@@ -156,16 +156,17 @@ impl Executor for FakeExecutor {
             tokio::select! {
                 _ = tokio::time::sleep(script.delay.min(deadline)) => {}
                 _ = cancel.cancelled() => {
-                    return Ok(StepOutcome { ended: Ended::Cancelled, exit_code: 143, result: None });
+                    return Ok(StepOutcome { ended: Ended::Cancelled, exit_code: 143, result: None, limit: None });
                 }
             }
             if script.delay > deadline {
-                return Ok(StepOutcome { ended: Ended::TimedOut, exit_code: 143, result: None });
+                return Ok(StepOutcome { ended: Ended::TimedOut, exit_code: 143, result: None, limit: None });
             }
             Ok(StepOutcome {
                 ended: Ended::Exited,
                 exit_code: script.exit_code,
                 result: script.result,
+                limit: None,
             })
         }
         .boxed()

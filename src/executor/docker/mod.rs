@@ -188,10 +188,22 @@ impl DockerExecutor {
             // No result line (the agent was killed, or an image without our agent): read the file itself.
             None => self.step_result(id, run).await?,
         };
+        let oom_killed = docker
+            .inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .ok()
+            .and_then(|c| c.state)
+            .and_then(|s| s.oom_killed)
+            .unwrap_or(false);
+        let limit = spec::limit_hit(oom_killed, result.as_ref(), run.resources.as_ref());
         Ok(StepOutcome {
             ended,
             exit_code,
             result,
+            limit,
         })
     }
 

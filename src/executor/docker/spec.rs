@@ -65,10 +65,61 @@ pub fn container_body(run: &StepRun, host_socket: &str) -> ContainerCreateBody {
             network_mode: needs_network(run).then(|| network_name(run)),
             binds: socket.then(|| vec![format!("{host_socket}:{STEP_DOCKER_SOCKET}")]),
             mounts: dind.then(|| vec![volume_mount(&dind_volumes(run).socket, DIND_SOCKET_DIR)]),
-            ..Default::default()
+            ..confined(run.resources.as_ref())
         }),
         ..Default::default()
     }
+}
+
+/// The capabilities a step keeps (Docker's default set less `NET_RAW`, `MKNOD`, `AUDIT_WRITE`, `SETFCAP`,
+/// `SETPCAP` and `SYS_CHROOT`): enough to install packages, change owners and drop to another user.
+pub const STEP_CAPABILITIES: [&str; 8] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "NET_BIND_SERVICE",
+    "SETGID",
+    "SETUID",
+];
+
+/// What keeps a step from taking down the host or its neighbours: its memory (no swap on top), CPU and process
+/// limits, no privilege gained through setuid binaries, and a reduced capability set.
+pub fn confined(resources: Option<&crate::policy::StepResources>) -> HostConfig {
+    let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    HostConfig {
+        memory: resources.map(|r| clamp(r.memory)),
+        memory_swap: resources.map(|r| clamp(r.memory)),
+        nano_cpus: resources.map(|r| (r.cpus * 1e9).round() as i64),
+        pids_limit: resources.map(|r| clamp(r.pids)),
+        security_opt: Some(vec!["no-new-privileges:true".into()]),
+        cap_drop: Some(vec!["ALL".into()]),
+        cap_add: Some(STEP_CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
+        ..Default::default()
+    }
+}
+
+/// The limit that ended a step: the daemon saw the kernel's OOM killer in its container, or the agent stopped a
+/// runaway at the process limit (reported in the result's `exit.limit.pids`).
+pub fn limit_hit(
+    oom_killed: bool,
+    result: Option<&Value>,
+    resources: Option<&crate::policy::StepResources>,
+) -> Option<crate::executor::LimitHit> {
+    use crate::executor::LimitHit;
+    if oom_killed {
+        return Some(LimitHit::Memory {
+            bytes: resources.map(|r| r.memory).unwrap_or_default(),
+        });
+    }
+    let max = result?.pointer("/exit/limit/pids")?;
+    Some(LimitHit::Pids {
+        max: max
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| max.to_string()),
+    })
 }
 
 /// A step gets a network of its own when something runs beside it.
@@ -305,6 +356,7 @@ mod tests {
             stop_grace: Duration::from_secs(10),
             services: Default::default(),
             docker: None,
+            resources: None,
         }
     }
 
@@ -325,6 +377,66 @@ mod tests {
         assert!(!everything.contains("canary-value"), "{everything}");
         assert!(!everything.contains("TOKEN"), "{everything}");
         assert_eq!(container_name(&run()), "runner-step-s1");
+    }
+
+    #[test]
+    fn a_step_is_confined_by_its_limits_no_new_privileges_and_fewer_capabilities() {
+        let mut run = run();
+        run.resources = Some(crate::policy::StepResources {
+            memory: 64 << 20,
+            cpus: 0.5,
+            pids: 64,
+        });
+        let host = container_body(&run, "/var/run/docker.sock")
+            .host_config
+            .unwrap();
+        assert_eq!(host.memory, Some(64 << 20));
+        assert_eq!(host.memory_swap, Some(64 << 20), "no swap beyond the limit");
+        assert_eq!(host.nano_cpus, Some(500_000_000));
+        assert_eq!(host.pids_limit, Some(64));
+        assert_eq!(
+            host.security_opt,
+            Some(vec!["no-new-privileges:true".to_owned()])
+        );
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+        let kept = host.cap_add.unwrap();
+        for dropped in ["NET_RAW", "MKNOD", "SYS_ADMIN", "SYS_CHROOT", "SETPCAP"] {
+            assert!(!kept.contains(&dropped.to_owned()), "{dropped}");
+        }
+        assert!(kept.contains(&"CHOWN".to_owned()));
+        assert_eq!(host.privileged, None);
+        assert_eq!(host.init, Some(true), "the rest of the body is kept");
+
+        // Without limits (no policy given) the container still gets the privilege and capability rules.
+        run.resources = None;
+        let host = container_body(&run, "/var/run/docker.sock")
+            .host_config
+            .unwrap();
+        assert_eq!((host.memory, host.pids_limit), (None, None));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+    }
+
+    #[test]
+    fn the_limit_that_ended_a_step_is_named() {
+        let resources = crate::policy::StepResources {
+            memory: 64 << 20,
+            cpus: 1.0,
+            pids: 64,
+        };
+        assert_eq!(
+            limit_hit(true, None, Some(&resources)).unwrap().to_string(),
+            "out of memory (limit 64MiB)"
+        );
+        let bombed = json!({"exit": {"code": null, "signal": "SIGKILL", "limit": {"pids": "64"}}});
+        assert_eq!(
+            limit_hit(false, Some(&bombed), Some(&resources))
+                .unwrap()
+                .to_string(),
+            "process limit reached (pids 64)"
+        );
+        let fine = json!({"exit": {"code": 1, "signal": null}});
+        assert_eq!(limit_hit(false, Some(&fine), Some(&resources)), None);
+        assert_eq!(limit_hit(false, None, None), None);
     }
 
     #[test]
