@@ -6,7 +6,7 @@ use serde_json::Value;
 use tonic::Status;
 
 use crate::app::App;
-use crate::events::Masker;
+use crate::mask::Masker;
 
 /// Masks secret values out of what the API returns.
 #[derive(Debug, Clone)]
@@ -25,17 +25,10 @@ impl Redactor {
         Ok(Redactor::new(values.iter().map(String::as_str)))
     }
 
+    /// Masks each value (and each line of a multi-line one: see [`Masker`]).
     pub fn new<'a>(values: impl IntoIterator<Item = &'a str>) -> Redactor {
-        // Each line of a multi-line value (a PEM key) is masked on its own too: a step may print it line by line.
-        let mut all: Vec<&str> = Vec::new();
-        for value in values {
-            all.push(value);
-            if value.contains('\n') {
-                all.extend(value.lines().map(str::trim).filter(|l| l.len() >= 4));
-            }
-        }
         Redactor {
-            masker: Masker::new(all),
+            masker: Masker::new(values),
         }
     }
 
