@@ -138,7 +138,10 @@ impl Error {
                 | SnapshotError::Malformed { .. }
                 | SnapshotError::Symlink { .. },
             ) => InvalidInput,
-            Error::Snapshot(SnapshotError::Fetch { .. }) => Unavailable,
+            Error::Snapshot(SnapshotError::Fetch { problem, .. }) if problem.is_transient() => {
+                Unavailable
+            }
+            Error::Snapshot(SnapshotError::Fetch { .. } | SnapshotError::Remote(_)) => InvalidInput,
             Error::Snapshot(_) => Internal,
             Error::RepositoryPath(PathError::Io { .. }) => Internal,
             Error::RepositoryPath(_) => InvalidInput,
@@ -184,4 +187,10 @@ pub fn error_text(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     message
+}
+
+impl From<crate::snapshot::RemoteError> for Error {
+    fn from(e: crate::snapshot::RemoteError) -> Error {
+        Error::Snapshot(SnapshotError::Remote(e))
+    }
 }

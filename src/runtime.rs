@@ -32,7 +32,22 @@ pub fn settings() -> Result<Settings> {
     Ok(settings)
 }
 
-fn assemble(app: App, docker: bollard::Docker, settings: Settings) -> Orchestrator {
+/// Connect and no-data timeout of git fetches: `RUNNER_GIT_TIMEOUT` (e.g. `30s`), default 60s; a value that is
+/// not a duration is an error.
+pub fn git_timeout() -> Result<std::time::Duration> {
+    match std::env::var("RUNNER_GIT_TIMEOUT") {
+        Ok(timeout) => {
+            crate::actions::parse_duration(&timeout).map_err(|_| Error::InvalidArgument {
+                what: "RUNNER_GIT_TIMEOUT",
+                value: timeout,
+                expected: "give a duration such as 30s or 5m",
+            })
+        }
+        Err(_) => Ok(crate::snapshot::remote::DEFAULT_TIMEOUT),
+    }
+}
+
+fn assemble(app: App, docker: bollard::Docker, settings: Settings) -> Result<Orchestrator> {
     let images = BuildKitImages::new(
         app.home.clone(),
         DockerEndpoint::from_env(),
@@ -41,20 +56,22 @@ fn assemble(app: App, docker: bollard::Docker, settings: Settings) -> Orchestrat
     );
     let sources = GitSources {
         home: app.home.clone(),
+        policy: app.policy.clone(),
+        timeout: git_timeout()?,
     };
-    Orchestrator::new(
+    Ok(Orchestrator::new(
         app,
         Arc::new(sources),
         Arc::new(images),
         Arc::new(DockerExecutor::new(docker)),
         settings,
-    )
+    ))
 }
 
 /// An orchestrator on the local Docker daemon; fails if the daemon does not answer.
 pub async fn local(app: App) -> Result<Orchestrator> {
     let settings = settings()?;
-    let orchestrator = assemble(app, docker::connect().await?, settings);
+    let orchestrator = assemble(app, docker::connect().await?, settings)?;
     // Whatever a crashed runner left behind goes first.
     orchestrator.reap().await?;
     Ok(orchestrator)
@@ -64,7 +81,7 @@ pub async fn local(app: App) -> Result<Orchestrator> {
 pub fn offline(app: App) -> Result<Orchestrator> {
     let docker = bollard::Docker::connect_with_local_defaults()
         .map_err(|e| crate::executor::ExecutorError::Unavailable(e.to_string()))?;
-    Ok(assemble(app, docker, settings()?))
+    assemble(app, docker, settings()?)
 }
 
 /// An orchestrator for `runner serve`, which must start without a daemon: nothing is contacted, and a unix
@@ -78,5 +95,5 @@ pub fn serving(app: App) -> Result<Orchestrator> {
         None => bollard::Docker::connect_with_local_defaults()
             .map_err(|e| crate::executor::ExecutorError::Unavailable(e.to_string())),
     }?;
-    Ok(assemble(app, docker, settings()?))
+    assemble(app, docker, settings()?)
 }

@@ -327,6 +327,7 @@ async fn errors_map_to_status_codes() {
         code: "demo".into(),
         name: "x".into(),
         git_remote: String::new(),
+        git_credential: String::new(),
     };
     assert_eq!(
         projects

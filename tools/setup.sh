@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes a machine ready to build, test and demo the runner: a Docker daemon that answers, Debian's static busybox
-# (the base runner image's shell), and git. Idempotent; safe to run on every invocation. Sourced or executed.
+# (the base runner image's shell), git, OpenSSL headers for git's HTTPS/SSH transports, and OpenSSH's sshd for the
+# git remote tests. Idempotent; safe to run on every invocation. Sourced or executed.
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -26,6 +27,12 @@ ensure_packages() {
   local missing=()
   command -v curl >/dev/null || missing+=(curl)
   command -v git >/dev/null || missing+=(git)
+  # git2's HTTPS and SSH transports build against Debian's OpenSSL (libssh2 comes bundled with libssh2-sys).
+  dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  # The git remote tests serve repositories over SSH with Debian's sshd and ssh-keygen.
+  [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+  command -v ssh-keygen >/dev/null || missing+=(openssh-client)
   # The base runner image copies this exact file: Debian's statically linked busybox.
   if ! [ -x /bin/busybox ] || ! file_is_static /bin/busybox; then missing+=(busybox-static); fi
   if [ ${#missing[@]} -gt 0 ]; then log "installing ${missing[*]}"; apt_install "${missing[@]}"; fi

@@ -1,6 +1,10 @@
 //! The core API: what a user can ask of the runner, shared by the CLI and the gRPC layer so both have the same
 //! semantics and errors. Thin over the store and the properties engine; never prints.
 
+mod git_remote;
+
+pub use git_remote::FetchReport;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -96,6 +100,9 @@ impl App {
         git_remote: Option<&str>,
     ) -> Result<Project> {
         validate_code("project code", code)?;
+        if let Some(url) = git_remote {
+            git_remote::check_remote(url, None)?;
+        }
         Ok(self.store.create_project(code, name, git_remote).await?)
     }
 

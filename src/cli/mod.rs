@@ -186,18 +186,30 @@ enum ProjectCommand {
         code: String,
         #[arg(long)]
         name: String,
-        /// Git remote URL or local path of the project's repository.
+        /// Git remote of the project's repository: https://…, ssh://…, user@host:path or a local path.
         #[arg(long)]
         git_remote: Option<String>,
+        /// Name of the secret holding the remote's credential (HTTPS: GIT_USERNAME, GIT_TOKEN; SSH: GIT_SSH_KEY,
+        /// GIT_SSH_PASSPHRASE); the operator must grant it to the project.
+        #[arg(long)]
+        git_credential: Option<String>,
     },
     /// List projects.
     List,
-    /// Set the git remote (URL or local path) of a project.
+    /// Set the git remote of a project, and the secret holding its credential (none without --credential).
     SetGitRemote {
         #[command(flatten)]
         project: ProjectArg,
         #[arg(long)]
         url: String,
+        /// Name of the secret holding the remote's credential.
+        #[arg(long)]
+        credential: Option<String>,
+    },
+    /// Fetch the project's repository from its remote now.
+    Fetch {
+        #[command(flatten)]
+        project: ProjectArg,
     },
     #[command(flatten)]
     Properties(PropertiesVerb<ProjectArg>),
@@ -349,16 +361,31 @@ async fn project(app: &remote::Backend, cmd: ProjectCommand, out: Output) -> Res
             code,
             name,
             git_remote,
+            git_credential,
         } => {
             let project = app
-                .create_project(&code, &name, git_remote.as_deref())
+                .create_project(
+                    &code,
+                    &name,
+                    git_remote.as_deref(),
+                    git_credential.as_deref(),
+                )
                 .await?;
             render::created(out, "project", &project.code, &project);
         }
         ProjectCommand::List => render::projects(out, &app.list_projects().await?),
-        ProjectCommand::SetGitRemote { project, url } => {
-            let project = app.set_git_remote(&project.project, &url).await?;
+        ProjectCommand::SetGitRemote {
+            project,
+            url,
+            credential,
+        } => {
+            let project = app
+                .set_git_remote(&project.project, &url, credential.as_deref())
+                .await?;
             render::created(out, "git remote of project", &project.code, &project);
+        }
+        ProjectCommand::Fetch { project } => {
+            render::fetched(out, &app.fetch_project(&project.project).await?);
         }
         ProjectCommand::Properties(verb) => properties_verb(app, verb, out).await?,
     }

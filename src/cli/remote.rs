@@ -125,14 +125,19 @@ impl Backend {
         code: &str,
         name: &str,
         git_remote: Option<&str>,
+        git_credential: Option<&str>,
     ) -> Result<Project> {
         match self {
-            Backend::Local(app) => app.create_project(code, name, git_remote).await,
+            Backend::Local(app) => {
+                app.create_project_with_credential(code, name, git_remote, git_credential)
+                    .await
+            }
             Backend::Remote(r) => {
                 let request = pb::CreateProjectRequest {
                     code: code.into(),
                     name: name.into(),
                     git_remote: git_remote.unwrap_or_default().into(),
+                    git_credential: git_credential.unwrap_or_default().into(),
                 };
                 Ok(convert::project_from(
                     r.projects()
@@ -141,6 +146,31 @@ impl Backend {
                         .map_err(status)?
                         .into_inner(),
                 ))
+            }
+        }
+    }
+
+    pub async fn fetch_project(&self, project: &str) -> Result<crate::app::FetchReport> {
+        match self {
+            Backend::Local(app) => {
+                app.fetch_project(project, crate::runtime::git_timeout()?)
+                    .await
+            }
+            Backend::Remote(r) => {
+                let request = pb::FetchProjectRequest {
+                    project: project.into(),
+                };
+                let done = r
+                    .projects()
+                    .fetch_project(r.request(request))
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                Ok(crate::app::FetchReport {
+                    project: done.project,
+                    git_remote: done.git_remote,
+                    refs: done.refs,
+                })
             }
         }
     }
@@ -164,13 +194,19 @@ impl Backend {
         }
     }
 
-    pub async fn set_git_remote(&self, project: &str, url: &str) -> Result<Project> {
+    pub async fn set_git_remote(
+        &self,
+        project: &str,
+        url: &str,
+        credential: Option<&str>,
+    ) -> Result<Project> {
         match self {
-            Backend::Local(app) => Ok(app.store.set_git_remote(project, url).await?),
+            Backend::Local(app) => app.set_git_remote(project, url, credential).await,
             Backend::Remote(r) => {
                 let request = pb::SetGitRemoteRequest {
                     project: project.into(),
                     git_remote: url.into(),
+                    git_credential: credential.unwrap_or_default().into(),
                 };
                 Ok(convert::project_from(
                     r.projects()

@@ -37,6 +37,16 @@ pub fn projects(out: Output, projects: &[Project]) {
     }
 }
 
+pub fn fetched(out: Output, report: &crate::app::FetchReport) {
+    match out {
+        Output::Json => json(report),
+        Output::Text => println!(
+            "project {} fetched from {}: {} branches and tags",
+            report.project, report.git_remote, report.refs
+        ),
+    }
+}
+
 pub fn environments(out: Output, environments: &[Environment]) {
     if out == Output::Json {
         return json(environments);

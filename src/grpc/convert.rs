@@ -9,6 +9,7 @@ pub fn project(p: Project) -> pb::Project {
         code: p.code,
         name: p.name,
         git_remote: p.git_remote.unwrap_or_default(),
+        git_credential: p.git_credential.unwrap_or_default(),
         created_at: p.created_at,
     }
 }
@@ -155,6 +156,7 @@ pub fn project_from(p: pb::Project) -> Project {
         code: p.code,
         name: p.name,
         git_remote: some(p.git_remote),
+        git_credential: some(p.git_credential),
         created_at: p.created_at,
     }
 }

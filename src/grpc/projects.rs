@@ -35,8 +35,11 @@ impl pb::project_service_server::ProjectService for Projects {
     ) -> Result<Response<pb::Project>, Status> {
         let r = request.into_inner();
         let remote = (!r.git_remote.is_empty()).then_some(r.git_remote.as_str());
+        let credential = (!r.git_credential.is_empty()).then_some(r.git_credential.as_str());
         Ok(Response::new(convert::project(
-            self.app.create_project(&r.code, &r.name, remote).await?,
+            self.app
+                .create_project_with_credential(&r.code, &r.name, remote, credential)
+                .await?,
         )))
     }
 
@@ -55,13 +58,28 @@ impl pb::project_service_server::ProjectService for Projects {
         request: Request<pb::SetGitRemoteRequest>,
     ) -> Result<Response<pb::Project>, Status> {
         let r = request.into_inner();
+        let credential = (!r.git_credential.is_empty()).then_some(r.git_credential.as_str());
         let project = self
             .app
-            .store
-            .set_git_remote(&r.project, &r.git_remote)
-            .await
-            .map_err(Error::from)?;
+            .set_git_remote(&r.project, &r.git_remote, credential)
+            .await?;
         Ok(Response::new(convert::project(project)))
+    }
+
+    async fn fetch_project(
+        &self,
+        request: Request<pb::FetchProjectRequest>,
+    ) -> Result<Response<pb::FetchProjectResponse>, Status> {
+        let r = request.into_inner();
+        let report = self
+            .app
+            .fetch_project(&r.project, crate::runtime::git_timeout()?)
+            .await?;
+        Ok(Response::new(pb::FetchProjectResponse {
+            project: report.project,
+            git_remote: report.git_remote,
+            refs: report.refs,
+        }))
     }
 
     async fn create_environment(

@@ -98,6 +98,7 @@ impl Orchestrator {
             code: format!("remote-{key}"),
             name: text(context, "/context/project/name", "").to_owned(),
             git_remote: Some(request.git_remote.clone()),
+            git_credential: None,
             created_at: String::new(),
         };
         let environment = Environment {

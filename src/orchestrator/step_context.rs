@@ -63,6 +63,7 @@ mod tests {
             code: "demo".into(),
             name: "Demo".into(),
             git_remote: None,
+            git_credential: None,
             created_at: "t".into(),
         };
         let environment = Environment {

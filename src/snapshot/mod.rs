@@ -2,14 +2,18 @@
 //! deterministic `repo.tar` a step image is built from.
 
 mod beneath;
+mod fetch;
+pub mod remote;
 mod repo_tar;
 mod sources;
 
 pub use beneath::{PathError, SnapshotDir};
+pub use fetch::FetchProblem;
+pub use remote::{RemoteAccess, RemoteError, Transport};
 pub use repo_tar::{repo_tar, repo_tree};
-pub use sources::{on_mirror, GitSources};
+pub use sources::{fetch_mirror, on_mirror, remote_access, GitSources};
 
-use git2::{FetchOptions, Oid, Repository};
+use git2::{Oid, Repository};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -20,12 +24,13 @@ use crate::properties::deep_merge;
 pub enum SnapshotError {
     #[error("project {project:?} has no git remote: set one with `runner project set-git-remote --project {project} --url URL|PATH`")]
     NoRemote { project: String },
-    #[error("failed to fetch {remote} into {mirror}: {source}")]
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("fetching {remote} over {transport} failed: {problem}")]
     Fetch {
         remote: String,
-        mirror: PathBuf,
-        #[source]
-        source: git2::Error,
+        transport: Transport,
+        problem: Box<FetchProblem>,
     },
     #[error("revision {rev:?} does not exist in {remote}: use a branch, tag or commit SHA of that repository (`git -C {remote} log --oneline` lists commits)")]
     UnknownRev { rev: String, remote: String },
@@ -141,36 +146,12 @@ impl Mirror {
         })
     }
 
-    /// Fetches every branch and tag, pruning what the remote deleted. Serialised across processes by a lock file,
-    /// since two runners may create changes of one project at once.
+    /// Fetches every branch and tag of a remote that needs no credential, pruning what the remote deleted.
     pub fn fetch(&self) -> Result<(), SnapshotError> {
-        let lock = lock(self.repo.path())?;
-        let removed = remove_interrupted_fetches(self.repo.path())?;
-        if !removed.is_empty() {
-            tracing::info!(mirror = %self.repo.path().display(), ?removed, "removed what an interrupted fetch left");
-        }
-        let fetch_error = |source| SnapshotError::Fetch {
-            remote: self.remote.clone(),
-            mirror: self.repo.path().to_owned(),
-            source,
-        };
-        let mut remote = self
-            .repo
-            .remote_anonymous(&self.remote)
-            .map_err(fetch_error)?;
-        let mut options = FetchOptions::new();
-        options
-            .prune(git2::FetchPrune::On)
-            .download_tags(git2::AutotagOption::All);
-        remote
-            .fetch(
-                &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-                Some(&mut options),
-                None,
-            )
-            .map_err(fetch_error)?;
-        drop(lock);
-        Ok(())
+        self.fetch_with(
+            &RemoteAccess::default(),
+            &std::sync::atomic::AtomicBool::new(false),
+        )
     }
 
     /// Resolves any revision git understands to a full commit SHA.
@@ -273,6 +254,18 @@ impl Mirror {
             return Ok(Some(value));
         }
         Ok(None)
+    }
+
+    /// How many branches and tags the mirror holds.
+    pub fn ref_count(&self) -> u32 {
+        self.repo
+            .references()
+            .map(|refs| {
+                refs.flatten()
+                    .filter(|r| r.is_branch() || r.is_tag())
+                    .count() as u32
+            })
+            .unwrap_or(0)
     }
 
     pub fn repository(&self) -> &Repository {

@@ -12,6 +12,8 @@ pub struct Project {
     pub code: String,
     pub name: String,
     pub git_remote: Option<String>,
+    /// The name of the secret holding the remote's credential (never its value).
+    pub git_credential: Option<String>,
     pub created_at: String,
 }
 
@@ -31,6 +33,7 @@ fn project_row(row: &sqlx::sqlite::SqliteRow) -> Project {
         code: row.get("code"),
         name: row.get("name"),
         git_remote: row.get("git_remote"),
+        git_credential: row.get("git_credential"),
         created_at: row.get("created_at"),
     }
 }
@@ -83,6 +86,7 @@ impl Store {
             code: code.to_owned(),
             name: name.to_owned(),
             git_remote: git_remote.map(str::to_owned),
+            git_credential: None,
             created_at,
         })
     }
@@ -108,16 +112,20 @@ impl Store {
             })
     }
 
+    /// Sets the remote and the name of its credential secret (none: the remote needs no credential).
     pub async fn set_git_remote(
         &self,
         code: &str,
         git_remote: &str,
+        git_credential: Option<&str>,
     ) -> Result<Project, StoreError> {
-        let done = sqlx::query("UPDATE projects SET git_remote = ? WHERE code = ?")
-            .bind(git_remote)
-            .bind(code)
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query("UPDATE projects SET git_remote = ?, git_credential = ? WHERE code = ?")
+                .bind(git_remote)
+                .bind(git_credential)
+                .bind(code)
+                .execute(&self.pool)
+                .await?;
         if done.rows_affected() == 0 {
             return Err(self.project(code).await.unwrap_err());
         }
