@@ -62,6 +62,8 @@ pub enum Error {
     #[error(transparent)]
     Context(#[from] ContextError),
     #[error(transparent)]
+    Prune(#[from] crate::cache::prune::PruneError),
+    #[error(transparent)]
     BuildKit(#[from] BuildError),
     #[error(transparent)]
     BaseImage(#[from] BaseImageError),
@@ -147,6 +149,8 @@ impl Error {
             Error::RepositoryPath(_) => InvalidInput,
             Error::Context(ContextError::Exists { .. } | ContextError::Env(_)) => InvalidInput,
             Error::Context(_) => Internal,
+            Error::Prune(crate::cache::prune::PruneError::Docker { .. }) => Unavailable,
+            Error::Prune(_) => Internal,
             Error::BuildKit(BuildError::DaemonUnreachable { .. })
             | Error::BaseImage(BaseImageError::Docker(_)) => Unavailable,
             Error::BuildKit(BuildError::Cancelled) => Internal,

@@ -922,3 +922,81 @@ fn a_service_image_is_built_from_the_repository_at_the_changes_commit() {
     );
     nothing_left(&demo.last_change());
 }
+
+/// The entries of a cache directory of the demo's data directory (temporaries and locks aside).
+fn cached(demo: &Demo, dir: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(demo.home.path().join("cache").join(dir))
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.') && !n.ends_with(".lock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn cache_prune_removes_what_no_unfinished_change_uses_and_keeps_what_one_does() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = Demo::new();
+    let id = demo
+        .ok(&support::create_args("dev", "sleep", &["--background"]))
+        .trim()
+        .to_owned();
+    wait_for("the action to start", Duration::from_secs(60), || {
+        demo.ok(&["change", "show-logs", &id]).contains("sleeping")
+    });
+    let (tars, contexts) = (cached(&demo, "repo-tars"), cached(&demo, "contexts"));
+    assert_eq!(tars.len(), 1, "{tars:?}");
+    assert_eq!(contexts.len(), 1, "{contexts:?}");
+    // Never images here: the daemon is shared with the other tests, whose fresh images must stay.
+    let keep_images = ["--keep-images", "1000000"];
+
+    let dry = demo.ok(&[&["cache", "prune", "--dry-run"][..], &keep_images].concat());
+    assert!(
+        dry.contains("would remove 0 items"),
+        "the running change uses them: {dry}"
+    );
+    let out = demo.ok(&[&["cache", "prune"][..], &keep_images].concat());
+    assert!(out.contains("removed 0 items"), "{out}");
+    assert_eq!(cached(&demo, "repo-tars"), tars);
+
+    demo.ok(&["change", "cancel", &id]);
+    wait_for("the change to end", Duration::from_secs(30), || {
+        demo.json(&["change", "show", &id])["change"]["state"] != "running"
+    });
+    let young = demo.ok(&[&["cache", "prune", "--older-than", "1d"][..], &keep_images].concat());
+    assert!(
+        young.contains("removed 0 items"),
+        "all of it is younger: {young}"
+    );
+    let dry = demo.ok(&[&["cache", "prune", "--dry-run"][..], &keep_images].concat());
+    assert!(
+        dry.contains("would remove repo-tar ") && dry.contains("would remove context "),
+        "{dry}"
+    );
+    assert_eq!(
+        cached(&demo, "repo-tars"),
+        tars,
+        "a dry run removes nothing"
+    );
+    let json = demo.json(&[&["cache", "prune"][..], &keep_images].concat());
+    assert!(json["bytes"].as_u64().unwrap() > 1000, "{json}");
+    assert!(cached(&demo, "repo-tars").is_empty() && cached(&demo, "contexts").is_empty());
+
+    let images = demo.ok(&["cache", "prune", "--dry-run"]);
+    assert!(
+        images.contains("would remove runner-step runner-step:"),
+        "step images no unfinished change uses are candidates: {images}"
+    );
+    // What was pruned is rebuilt on demand.
+    let (ok, _, stderr) = demo.change("dev", "noop");
+    assert!(ok, "{stderr}");
+    let bad = demo.run(&["cache", "prune", "--older-than", "soon"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a duration"));
+}

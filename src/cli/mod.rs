@@ -79,6 +79,9 @@ enum Command {
     /// Helpers for working on a project repository.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// The build cache in the data directory and the runner's images.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Serve the gRPC API (and run the changes created through it).
     Serve(ServeArgs),
     /// Benchmarks against the docker CLI, measured in the same run.
@@ -93,6 +96,35 @@ enum ImageCommand {
     /// Build the Docker-in-Docker image for `docker: dind` steps offline from this machine's docker.io (the first
     /// such step builds it too; skipped when its inputs did not change).
     BuildDind,
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// Remove cached repo.tars, repository trees, build contexts and runner-step/runner-service images that no
+    /// unfinished change uses.
+    Prune {
+        /// Only what was last written (or an image created) longer ago than this, e.g. 7d, 12h.
+        #[arg(long, value_parser = parse_age)]
+        older_than: Option<std::time::Duration>,
+        /// Keep the newest N images of each kind, whatever their age.
+        #[arg(long, default_value_t = 0)]
+        keep_images: usize,
+        /// List what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// A duration such as `30m`, `12h` or `7d`.
+fn parse_age(text: &str) -> std::result::Result<std::time::Duration, String> {
+    if let Some(days) = text.strip_suffix('d') {
+        return days
+            .parse::<u64>()
+            .map(|d| std::time::Duration::from_secs(d * 86_400))
+            .map_err(|_| format!("{text:?} is not a duration: give e.g. 7d, 12h, 30m or 90s"));
+    }
+    crate::actions::parse_duration(text)
+        .map_err(|_| format!("{text:?} is not a duration: give e.g. 7d, 12h, 30m or 90s"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -315,6 +347,18 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Image(ImageCommand::BuildBase) => build_image(&home, OfflineImage::Base).await,
         Command::Image(ImageCommand::BuildDind) => build_image(&home, OfflineImage::Dind).await,
         Command::Serve(args) => serve(&home, cli.policy.as_deref(), args).await,
+        Command::Cache(CacheCommand::Prune {
+            older_than,
+            keep_images,
+            dry_run,
+        }) => {
+            let options = crate::cache::prune::PruneOptions {
+                older_than,
+                keep_images,
+                dry_run,
+            };
+            prune(&open_app(&home, cli.policy.as_deref()).await?, &options, out).await
+        }
         Command::Bench(cmd) => bench::run(&home, cmd).await,
         Command::Secret(_) if cli.server.is_some() => Err(Error::InvalidArgument {
             what: "command for --server",
@@ -620,6 +664,37 @@ async fn serve(home: &Path, policy: Option<&Path>, args: ServeArgs) -> Result<()
         .map_err(|e| Error::Server {
             message: crate::error::error_text(&e),
         })
+}
+
+/// `runner cache prune`: files first (no daemon needed), then images.
+async fn prune(
+    app: &crate::app::App,
+    options: &crate::cache::prune::PruneOptions,
+    out: Output,
+) -> Result<()> {
+    let used = crate::cache::prune::in_use(&app.store).await?;
+    let mut pruned = crate::cache::prune::prune_files(&app.home, &used, options)?;
+    let docker = crate::executor::docker::connect().await?;
+    pruned.extend(crate::cache::prune::prune_images(&docker, &used, options).await?);
+    let total: u64 = pruned.iter().map(|p| p.bytes).sum();
+    match out {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"dry_run": options.dry_run, "removed": pruned, "bytes": total})
+        ),
+        Output::Text => {
+            let verb = if options.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            };
+            for p in &pruned {
+                println!("{verb} {} {} ({} bytes)", p.kind, p.what, p.bytes);
+            }
+            println!("{verb} {} items, {total} bytes", pruned.len());
+        }
+    }
+    Ok(())
 }
 
 /// Reads a file, or stdin for `-`.
