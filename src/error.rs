@@ -147,7 +147,9 @@ impl Error {
             Error::Snapshot(_) => Internal,
             Error::RepositoryPath(PathError::Io { .. }) => Internal,
             Error::RepositoryPath(_) => InvalidInput,
-            Error::Context(ContextError::Exists { .. } | ContextError::Env(_)) => InvalidInput,
+            Error::Context(
+                ContextError::Exists { .. } | ContextError::Env(_) | ContextError::User { .. },
+            ) => InvalidInput,
             Error::Context(_) => Internal,
             Error::Prune(crate::cache::prune::PruneError::Docker { .. }) => Unavailable,
             Error::Prune(_) => Internal,
@@ -159,6 +161,7 @@ impl Error {
                 source: BuildError::DaemonUnreachable { .. },
                 ..
             }) => Unavailable,
+            Error::BaseImage(BaseImageError::SourceMissing { .. }) => NotFound,
             Error::BaseImage(_) => InvalidInput,
             Error::Server { .. } => Unavailable,
             Error::Remote { code, .. } => match code {

@@ -35,6 +35,7 @@ fn inputs<'a>(
         git_rev: "main",
         git_sha: "0123456789abcdef0123456789abcdef01234567",
         base_runner: "runner/opschain-runner:0.1.0",
+        runner_user: "0:0",
     }
 }
 

@@ -33,6 +33,9 @@ ensure_packages() {
   # The git remote tests serve repositories over SSH with Debian's sshd and ssh-keygen.
   [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
   command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+  # The base-image tests stage an image from this machine's own dash and perl.
+  [ -x /bin/dash ] || missing+=(dash)
+  command -v perl >/dev/null || missing+=(perl-base)
   # The base runner image copies this exact file: Debian's statically linked busybox.
   if ! [ -x /bin/busybox ] || ! file_is_static /bin/busybox; then missing+=(busybox-static); fi
   if [ ${#missing[@]} -gt 0 ]; then log "installing ${missing[*]}"; apt_install "${missing[@]}"; fi

@@ -18,6 +18,11 @@ pub fn repo_trees(home: &Path) -> PathBuf {
     home.join("cache/repo-trees")
 }
 
+/// Build directories of base runner images layered onto a user's image, per source image ID.
+pub fn base_images(home: &Path) -> PathBuf {
+    home.join("cache/base-images")
+}
+
 /// Build contexts per step image content key.
 pub fn contexts(home: &Path) -> PathBuf {
     home.join("cache/contexts")

@@ -162,6 +162,7 @@ async fn build(scratch: &Path, sizes: &[u64], runs: usize) -> Result<()> {
             git_rev: "main",
             git_sha: &sha,
             base_runner: &base,
+            runner_user: "0:0",
         })?;
         let written = crate::context::write(
             &plan,

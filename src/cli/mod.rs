@@ -91,8 +91,18 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum ImageCommand {
-    /// Build the base runner image offline from runner-image/ (skipped when its inputs did not change).
-    BuildBase,
+    /// Build the base runner image offline from runner-image/, or, with --from, layer the runner's in-container
+    /// parts onto a local image that has a POSIX shell (skipped when its inputs did not change; nothing is pulled).
+    BuildBase {
+        /// A local image (name[:tag] or image ID) to build the base from, e.g. debian:bookworm-slim.
+        #[arg(long)]
+        from: Option<String>,
+        /// The name to give the result (default runner/opschain-runner-<name>:<tag> of --from).
+        #[arg(long, requires = "from")]
+        tag: Option<String>,
+    },
+    /// List the base runner images the runner built: name, source, image ID, size, age.
+    List,
     /// Build the Docker-in-Docker image for `docker: dind` steps offline from this machine's docker.io (the first
     /// such step builds it too; skipped when its inputs did not change).
     BuildDind,
@@ -344,8 +354,19 @@ async fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", path.display());
             Ok(())
         }
-        Command::Image(ImageCommand::BuildBase) => build_image(&home, OfflineImage::Base).await,
+        Command::Image(ImageCommand::BuildBase { from: None, .. }) => {
+            build_image(&home, OfflineImage::Base).await
+        }
+        Command::Image(ImageCommand::BuildBase {
+            from: Some(from),
+            tag,
+        }) => build_image(&home, OfflineImage::Layered { from, tag }).await,
         Command::Image(ImageCommand::BuildDind) => build_image(&home, OfflineImage::Dind).await,
+        Command::Image(ImageCommand::List) => {
+            let docker = crate::executor::docker::connect().await?;
+            render::base_images(out, &crate::image::layered::list(&docker).await?);
+            Ok(())
+        }
         Command::Serve(args) => serve(&home, cli.policy.as_deref(), args).await,
         Command::Cache(CacheCommand::Prune {
             older_than,
@@ -541,10 +562,10 @@ fn secret(app: &App, cmd: SecretCommand) -> Result<()> {
     Ok(())
 }
 
-/// The images the runner builds offline from this machine's files.
-#[derive(Clone, Copy)]
+/// The images the runner builds offline from this machine's files (or, for a layered base, a local image).
 enum OfflineImage {
     Base,
+    Layered { from: String, tag: Option<String> },
     Dind,
 }
 
@@ -567,6 +588,36 @@ async fn build_image(home: &Path, which: OfflineImage) -> Result<()> {
     let cancel = tokio_util::sync::CancellationToken::new();
     let inputs = crate::image::base::BaseImageInputs::from_env();
     let (what, image) = match which {
+        OfflineImage::Layered { from, tag } => {
+            // The shell probe runs a container: it is labelled with this process's id and held under a lease, so
+            // the reaper of another runner leaves it alone and removes it should this process die.
+            let app = App::open(home).await?;
+            let owner = crate::image::layered::ProbeOwner {
+                owner: uuid::Uuid::new_v4().to_string(),
+                store: app.store.id().to_owned(),
+            };
+            let lease_expires = crate::orchestrator::lease::now_ms()
+                + crate::orchestrator::lease::LEASE_TTL.as_millis() as i64 * 10;
+            app.store
+                .renew_lease(
+                    &owner.owner,
+                    &crate::orchestrator::lease::hostname(),
+                    std::process::id(),
+                    lease_expires,
+                )
+                .await?;
+            let request = crate::image::layered::LayeredRequest {
+                from,
+                tag,
+                agent: inputs.agent.clone(),
+            };
+            let built = crate::image::layered::build_layered(
+                home, &endpoint, &docker, &request, &owner, tx, cancel,
+            )
+            .await;
+            app.store.drop_lease(&owner.owner).await?;
+            ("base runner image", built?)
+        }
         OfflineImage::Base => (
             "base runner image",
             crate::image::base::build_base(

@@ -299,3 +299,59 @@ impl EventRenderer {
         }
     }
 }
+
+/// `runner image list`: one line per base runner image (every name it has), newest first.
+pub fn base_images(out: Output, images: &[crate::image::layered::BaseImageEntry]) {
+    if out == Output::Json {
+        return json(images);
+    }
+    let now = chrono::Utc::now().timestamp();
+    println!(
+        "{:<48} {:<32} {:<19} {:>9} AGE",
+        "NAME", "FROM", "IMAGE ID", "SIZE"
+    );
+    for image in images {
+        let short = |id: &str| {
+            let hex = id.trim_start_matches("sha256:");
+            hex[..hex.len().min(12)].to_owned()
+        };
+        let from = match &image.from_id {
+            Some(id) => format!("{} ({})", image.from, short(id)),
+            None => image.from.clone(),
+        };
+        let names = if image.names.is_empty() {
+            vec!["<untagged>".to_owned()]
+        } else {
+            image.names.clone()
+        };
+        for name in names {
+            println!(
+                "{:<48} {:<32} {:<19} {:>9} {}",
+                name,
+                from,
+                format!("sha256:{}", short(&image.id)),
+                size_text(image.size_bytes),
+                age_text(now - image.created)
+            );
+        }
+    }
+}
+
+fn size_text(bytes: i64) -> String {
+    let bytes = bytes.max(0) as f64;
+    match bytes {
+        b if b >= 1e9 => format!("{:.1}GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1}MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1}kB", b / 1e3),
+        b => format!("{b}B"),
+    }
+}
+
+fn age_text(seconds: i64) -> String {
+    match seconds.max(0) {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use crate::cache::files;
 use crate::properties::{env_vars, OpschainError};
 
+mod owner;
+pub use owner::repo_tar_for_user;
+
 /// The default step runner Dockerfile, compiled in.
 pub const DEFAULT_DOCKERFILE: &str = include_str!("../../dockerfiles/Dockerfile");
 
@@ -20,6 +23,8 @@ pub const REPOSITORY_DOCKERFILE: &str = ".opschain/Dockerfile";
 pub enum ContextError {
     #[error("invalid opschain.env for the step image: {0}")]
     Env(#[from] OpschainError),
+    #[error("invalid base image user {user:?}: expected a numeric uid:gid (the image's runner.base.user label; rebuild it with `runner image build-base --from`)")]
+    User { user: String },
     #[error("{path} exists already: pass --force to overwrite it")]
     Exists { path: PathBuf },
     #[error("failed to write {path}: {source}")]
@@ -42,6 +47,8 @@ pub struct ContextInputs<'a> {
     pub git_rev: &'a str,
     pub git_sha: &'a str,
     pub base_runner: &'a str,
+    /// The numeric `uid:gid` the base image's steps run as (its `runner.base.user` label; `0:0` without one).
+    pub runner_user: &'a str,
 }
 
 /// Which Dockerfile a plan uses.
@@ -79,13 +86,20 @@ pub fn step_context_env(properties: &Value, context: &Value) -> Result<Value, Op
     Ok(json!({ "env": env, "context": context }))
 }
 
-/// Decides the context's files and build args.
 /// The build arguments every image built from a change's commit gets (step images and service images alike).
-pub fn build_args(git_rev: &str, git_sha: &str, base_runner: &str) -> BTreeMap<String, String> {
+/// `OPSCHAIN_RUNNER_USER` is who the base image's steps run as, so a Dockerfile can give them the repository
+/// (`ADD --chown=${OPSCHAIN_RUNNER_USER} repo.tar /opt/opschain/`).
+pub fn build_args(
+    git_rev: &str,
+    git_sha: &str,
+    base_runner: &str,
+    runner_user: &str,
+) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("GIT_REV".to_owned(), git_rev.to_owned()),
         ("GIT_SHA".to_owned(), git_sha.to_owned()),
         ("OPSCHAIN_BASE_RUNNER".to_owned(), base_runner.to_owned()),
+        ("OPSCHAIN_RUNNER_USER".to_owned(), runner_user.to_owned()),
         (
             "OPSCHAIN_VERSION".to_owned(),
             env!("CARGO_PKG_VERSION").to_owned(),
@@ -93,6 +107,7 @@ pub fn build_args(git_rev: &str, git_sha: &str, base_runner: &str) -> BTreeMap<S
     ])
 }
 
+/// Decides the context's files and build args.
 pub fn plan(inputs: &ContextInputs) -> Result<ContextPlan, ContextError> {
     let (dockerfile_source, dockerfile) = match inputs.repository_dockerfile {
         Some(bytes) => (DockerfileSource::Repository, bytes.to_vec()),
@@ -104,7 +119,13 @@ pub fn plan(inputs: &ContextInputs) -> Result<ContextPlan, ContextError> {
     let env = step_context_env(inputs.properties, inputs.context)?;
     let mut step_context_env = serde_json::to_vec_pretty(&env).expect("a Value serialises");
     step_context_env.push(b'\n');
-    let build_args = build_args(inputs.git_rev, inputs.git_sha, inputs.base_runner);
+    let build_args = build_args(
+        inputs.git_rev,
+        inputs.git_sha,
+        inputs.base_runner,
+        inputs.runner_user,
+    );
+
     Ok(ContextPlan {
         dockerfile_source,
         dockerfile,

@@ -170,6 +170,8 @@ pub fn stage(inputs: &BaseImageInputs, dir: &Path) -> Result<String, BaseImageEr
     };
     file(&passwd, "/etc/passwd", 0o644)?;
     key.update(content.as_bytes());
+    // The labels are inputs too: an image built before it was labelled gets rebuilt with them.
+    key.update(b"runner.base.from=scratch");
     let dockerfile = dir.join("Dockerfile");
     if std::fs::read_to_string(&dockerfile).ok().as_deref() != Some(DOCKERFILE) {
         std::fs::write(&dockerfile, DOCKERFILE).map_err(stage_err(&dockerfile))?;
@@ -189,7 +191,15 @@ pub async fn build_base(
 ) -> Result<BaseImage, BaseImageError> {
     let dir = home.join("base-image");
     let key = stage(inputs, &dir)?;
-    super::rootfs::build_if_changed(endpoint, docker, &dir, &key, reference, progress, cancel).await
+    // Labelled like the bases built `--from` an image, so `runner image list` shows it beside them.
+    let labels = std::collections::BTreeMap::from([(
+        super::layered::FROM_LABEL.to_owned(),
+        "scratch".to_owned(),
+    )]);
+    super::rootfs::build_if_changed(
+        endpoint, docker, &dir, &key, reference, labels, progress, cancel,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -223,7 +223,17 @@ pub async fn build_dind(
     let key = tokio::task::spawn_blocking(move || stage(&busybox_path, Path::new("/"), &dir_path))
         .await
         .expect("staging does not panic")?;
-    build_if_changed(endpoint, docker, &dir, &key, reference, progress, cancel).await
+    build_if_changed(
+        endpoint,
+        docker,
+        &dir,
+        &key,
+        reference,
+        Default::default(),
+        progress,
+        cancel,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -3,5 +3,6 @@
 
 pub mod base;
 pub mod dind;
+pub mod layered;
 pub mod rootfs;
 pub mod step;

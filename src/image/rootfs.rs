@@ -36,6 +36,16 @@ pub enum OfflineImageError {
     },
     #[error("the Docker daemon is unreachable: {0}")]
     Docker(String),
+    #[error("the image {image:?} is not in the Docker Engine: nothing is pulled, so bring it in first (`docker pull {image}` where a registry is reachable, or `docker import` a root filesystem, e.g. one made by debootstrap) and check `docker images`")]
+    SourceMissing { image: String },
+    #[error("invalid {what} {reference:?}: {message}")]
+    InvalidReference {
+        what: &'static str,
+        reference: String,
+        message: String,
+    },
+    #[error("the image {image:?} has no usable POSIX shell at /bin/sh ({detail}): steps run their `run` strings and Dockerfile RUN lines with /bin/sh, so pick an image that has one (dash, bash or busybox at /bin/sh), or add one to it first")]
+    NoShell { image: String, detail: String },
 }
 
 /// An image built (or found) from a staged directory.
@@ -48,12 +58,15 @@ pub struct OfflineImage {
 }
 
 /// Builds `dir` (its `Dockerfile` and files) into `reference`, unless an image of that name carries `key` already.
+/// `labels` go on the image beside the content key.
+#[allow(clippy::too_many_arguments)]
 pub async fn build_if_changed(
     endpoint: &DockerEndpoint,
     docker: &bollard::Docker,
     dir: &Path,
     key: &str,
     reference: &str,
+    mut labels: BTreeMap<String, String>,
     progress: UnboundedSender<BuildProgress>,
     cancel: CancellationToken,
 ) -> Result<OfflineImage, OfflineImageError> {
@@ -77,7 +90,10 @@ pub async fn build_if_changed(
         context_dir: dir.to_owned().into(),
         dockerfile_dir: dir.to_owned().into(),
         dockerfile_name: "Dockerfile".into(),
-        labels: BTreeMap::from([(CONTENT_KEY_LABEL.to_owned(), key.to_owned())]),
+        labels: {
+            labels.insert(CONTENT_KEY_LABEL.to_owned(), key.to_owned());
+            labels
+        },
         tags: vec![reference.to_owned()],
         ..Default::default()
     };

@@ -79,6 +79,14 @@ impl SingleFlight {
     }
 }
 
+/// A base runner image as a step's build uses it.
+struct Base {
+    reference: String,
+    id: String,
+    /// The numeric `uid:gid` its steps run as.
+    user: String,
+}
+
 /// Builds step images with the daemon's BuildKit.
 pub struct BuildKitImages {
     home: PathBuf,
@@ -107,6 +115,22 @@ impl BuildKitImages {
         }
     }
 
+    /// The base image steps build `FROM`: the project's or environment's setting, else the operator's default.
+    async fn base(&self, setting: Option<&str>) -> Option<Base> {
+        let reference = setting.unwrap_or(&self.base_image).to_owned();
+        let image = self.docker.inspect_image(&reference).await.ok()?;
+        let user = image
+            .config
+            .and_then(|c| c.labels)
+            .and_then(|mut l| l.remove(crate::image::layered::USER_LABEL))
+            .unwrap_or_else(|| "0:0".to_owned());
+        Some(Base {
+            reference,
+            id: image.id?,
+            user,
+        })
+    }
+
     async fn image_id(&self, reference: &str) -> Option<String> {
         self.docker
             .inspect_image(reference)
@@ -129,11 +153,14 @@ impl BuildKitImages {
             Ok((tar, dockerfile))
         })
         .await?;
-        let base_id =
-            self.image_id(&self.base_image)
+        let base =
+            self.base(request.base_image)
                 .await
                 .ok_or_else(|| BuildError::BaseImageMissing {
-                    message: format!("{} does not exist", self.base_image),
+                    message: format!(
+                        "{} does not exist",
+                        request.base_image.unwrap_or(&self.base_image)
+                    ),
                 })?;
         let mut values = step_context::context_values(&id);
         if let Some(map) = values.as_object_mut() {
@@ -152,14 +179,15 @@ impl BuildKitImages {
             context: &values,
             git_rev: &id.change.git_rev,
             git_sha: &id.change.git_sha,
-            base_runner: &self.base_image,
+            base_runner: &base.reference,
+            runner_user: &base.user,
         })?;
         let key = content_key(
             &plan.dockerfile,
             &id.change.git_sha,
             &plan.step_context_env,
             &plan.build_args,
-            &base_id,
+            &base.id,
         );
         let reference = format!("{STEP_IMAGE_REPOSITORY}:{}", &key[..32]);
         if self.image_id(&reference).await.is_some() {
@@ -172,6 +200,12 @@ impl BuildKitImages {
             "opschain-build-env".to_owned(),
             request.build_secrets.to_env_file(),
         )]);
+        let tar = {
+            let user = base.user.clone();
+            tokio::task::spawn_blocking(move || context::repo_tar_for_user(&tar, &user))
+                .await
+                .expect("re-owning a tar does not panic")?
+        };
         let dir = crate::cache::contexts(&self.home).join(&key[..32]);
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1);
         let written = context::write(&plan, &tar, &dir, mtime)?;
@@ -271,15 +305,23 @@ impl BuildKitImages {
         snapshot
             .dir("build context", build.context())
             .map_err(at_commit)?;
-        let base_id = self.image_id(&self.base_image).await.unwrap_or_default();
-        let build_args =
-            context::build_args(&id.change.git_rev, &id.change.git_sha, &self.base_image);
+        let base = self.base(request.base_image).await.unwrap_or_else(|| Base {
+            reference: request.base_image.unwrap_or(&self.base_image).to_owned(),
+            id: String::new(),
+            user: "0:0".to_owned(),
+        });
+        let build_args = context::build_args(
+            &id.change.git_rev,
+            &id.change.git_sha,
+            &base.reference,
+            &base.user,
+        );
         let key = content_key(
             &dockerfile,
             &id.change.git_sha,
             format!("service context {}", build.context()).as_bytes(),
             &build_args,
-            &base_id,
+            &base.id,
         );
         let reference = format!("{SERVICE_IMAGE_REPOSITORY}:{}", &key[..32]);
         if self.image_id(&reference).await.is_some() {

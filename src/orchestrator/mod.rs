@@ -85,6 +85,8 @@ struct Run {
     manifest: Manifest,
     manifest_path: String,
     repository_properties: Value,
+    /// The base runner image set for the project or environment when the change started (`None`: the operator's).
+    base_image: Option<String>,
     events: EventTx,
     cancel: CancellationToken,
 }

@@ -207,6 +207,10 @@ impl Orchestrator {
             .sources
             .repository_properties(&project, &change.git_sha, &environment.code)
             .await?;
+        let base_image = store
+            .base_image_for(&project.code, &environment.code)
+            .await?
+            .image;
         let root = store
             .steps(&change.id)
             .await?
@@ -220,6 +224,7 @@ impl Orchestrator {
             manifest,
             manifest_path,
             repository_properties,
+            base_image,
             events,
             cancel,
         });

@@ -42,6 +42,8 @@ pub struct ImageRequest<'a> {
     /// The merged properties the step sees (for `step_context_env.json`).
     pub properties: &'a Value,
     pub build_secrets: &'a SecretValues,
+    /// The base runner image set for the project or environment; `None` uses the operator's default.
+    pub base_image: Option<&'a str>,
 }
 
 /// A step's image, ready to run.
@@ -58,6 +60,8 @@ pub struct ServiceImageRequest<'a> {
     pub identity: StepIdentity<'a>,
     pub service: &'a str,
     pub build: &'a ServiceBuild,
+    /// As [`ImageRequest::base_image`].
+    pub base_image: Option<&'a str>,
 }
 
 /// Builds (or reuses) the images a step needs. Build progress goes to `events` as [`Event::Build`].

@@ -20,6 +20,7 @@ impl Orchestrator {
     pub(crate) async fn prepare_beside(
         &self,
         identity: StepIdentity<'_>,
+        base_image: Option<&str>,
         action: &Action,
         events: &EventTx,
         cancel: &CancellationToken,
@@ -33,6 +34,7 @@ impl Orchestrator {
                 identity,
                 service: name,
                 build,
+                base_image,
             };
             let image = self
                 .images

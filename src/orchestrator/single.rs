@@ -190,6 +190,7 @@ impl Orchestrator {
                     identity,
                     properties: &view,
                     build_secrets: &build_secrets,
+                    base_image: None,
                 },
                 events.clone(),
                 cancel.clone(),
@@ -197,7 +198,7 @@ impl Orchestrator {
             .await;
         let image = match image {
             Ok(image) => self
-                .prepare_beside(identity, &action, &events, &cancel)
+                .prepare_beside(identity, None, &action, &events, &cancel)
                 .await
                 .map(|beside| (image, beside)),
             Err(e) => Err(e),

@@ -139,6 +139,7 @@ impl Orchestrator {
             identity,
             properties: &view,
             build_secrets: &build_secrets,
+            base_image: run.base_image.as_deref(),
         };
         let image = match self
             .images
@@ -169,7 +170,13 @@ impl Orchestrator {
             .set_step_image(&step.id, &image.image, image.cached)
             .await?;
         let beside = match self
-            .prepare_beside(identity, action, events, &run.cancel)
+            .prepare_beside(
+                identity,
+                run.base_image.as_deref(),
+                action,
+                events,
+                &run.cancel,
+            )
             .await
         {
             Ok(beside) => beside,

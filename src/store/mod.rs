@@ -3,11 +3,13 @@
 //! All SQL lives below this module; callers see typed records. SQLite is the embedded default; the SQL is kept
 //! to what PostgreSQL also speaks so the pool type is the only thing to swap.
 
+mod base_images;
 mod changes;
 mod logs;
 mod projects;
 mod properties;
 
+pub use base_images::{BaseImageSetting, BaseImageSource};
 pub use changes::{Change, ChangeFilter, NewChange, Step, StepFinish};
 pub use logs::{rfc3339_ms, BatchEntry, Pruned};
 pub use projects::{Environment, Project};

@@ -21,13 +21,13 @@ pub enum PropertiesOwner {
 }
 
 impl PropertiesOwner {
-    fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             PropertiesOwner::Project { .. } => "project",
             PropertiesOwner::Environment { .. } => "environment",
         }
     }
-    fn id(&self) -> i64 {
+    pub(crate) fn id(&self) -> i64 {
         match self {
             PropertiesOwner::Project { id, .. } | PropertiesOwner::Environment { id, .. } => *id,
         }
