@@ -133,7 +133,7 @@ struct World {
 }
 
 const ACTIONS: &str = r#"{ "actions": {
-  "answer": { "run": "opschain-properties set --scope project /answer \"$(perl -e 'print 6*7')\" && opschain-properties set --scope environment /uid \"$(perl -e 'print $<')\"" },
+  "answer": { "run": "a=$(perl -e 'print 6*7') && opschain-properties set --scope project /answer \"$a\" && u=$(perl -e 'print $<') && opschain-properties set --scope environment /uid \"$u\"" },
   "sh": { "run": "echo from the shell" }
 } }"#;
 
@@ -205,28 +205,47 @@ impl World {
 
     /// Runs `action` on `dev` with `base` as the operator's default base image.
     fn change(&self, action: &str, base: &str) -> (bool, String, String) {
-        let out = self
-            .command(&[
-                "change",
-                "create",
-                "--project",
-                "perl",
-                "--environment",
-                "dev",
-                "--git-rev",
-                "main",
-                "--action",
-                action,
-            ])
-            .env("RUNNER_BASE_IMAGE", base)
-            .output()
-            .unwrap();
+        self.change_with(action, Some(base))
+    }
+
+    /// Runs `action` on `dev`; `base`, if given, is the operator's default base image (`RUNNER_BASE_IMAGE`).
+    fn change_with(&self, action: &str, base: Option<&str>) -> (bool, String, String) {
+        let mut command = self.command(&[
+            "change",
+            "create",
+            "--project",
+            "perl",
+            "--environment",
+            "dev",
+            "--git-rev",
+            "main",
+            "--action",
+            action,
+        ]);
+        match base {
+            Some(base) => command.env("RUNNER_BASE_IMAGE", base),
+            None => command.env_remove("RUNNER_BASE_IMAGE"),
+        };
+        let out = command.output().unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+}
+
+/// The step image (its content-keyed reference) the last change's step ran in.
+fn last_step_image(world: &World) -> String {
+    let changes = world.json(&["change", "list"]);
+    let id = changes[0]["id"].as_str().unwrap().to_owned();
+    let change = world.json(&["change", "show", &id]);
+    change["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s["image_id"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("a step with an image: {change}"))
 }
 
 fn image_labels(reference: &str) -> serde_json::Value {
@@ -415,4 +434,148 @@ fn a_missing_source_image_is_named_with_how_to_get_it() {
     let (ok, _, stderr) = world.build_base("runner-test/does-not-exist:1", "Not A Tag");
     assert!(!ok);
     assert!(stderr.contains("invalid --tag \"Not A Tag\""), "{stderr}");
+}
+
+#[test]
+fn a_project_setting_switches_its_steps_base_and_their_content_key() {
+    if !support::docker_available() {
+        return;
+    }
+    support::base_image();
+    let staged = staged();
+    let world = World::new();
+    let tag = base_tag("perl", &staged.perl);
+    let (ok, _, stderr) = world.build_base(&staged.perl, &tag);
+    assert!(ok, "{stderr}");
+    std::fs::write(
+        world.home.path().join("policy.toml"),
+        format!("[[grant]]\nproject = \"perl\"\nbase_images = [\"{tag}\"]\n"),
+    )
+    .unwrap();
+    let show = || {
+        world.json(&[
+            "environment",
+            "show-base-image",
+            "--project",
+            "perl",
+            "--environment",
+            "dev",
+        ])
+    };
+    assert_eq!(show()["source"], "operator");
+
+    // The operator's offline busybox base: a shell step runs, perl is not there.
+    let (ok, stdout, stderr) = world.change_with("sh", None);
+    assert!(ok, "{stdout}{stderr}");
+    let on_default = last_step_image(&world);
+    let (ok, _, _) = world.change_with("answer", None);
+    assert!(!ok, "the default base has no perl");
+
+    let set = world.ok(&[
+        "project",
+        "set-base-image",
+        "--project",
+        "perl",
+        "--image",
+        &tag,
+    ]);
+    assert_eq!(set.trim(), format!("{tag} (set on the project)"));
+    assert_eq!(show()["image"], tag.as_str());
+    assert_eq!(show()["source"], "project");
+    let (ok, stdout, stderr) = world.change_with("sh", None);
+    assert!(ok, "{stdout}{stderr}");
+    let on_perl = last_step_image(&world);
+    assert_ne!(
+        on_perl, on_default,
+        "same commit and action, another base: another content key"
+    );
+    let (ok, stdout, stderr) = world.change_with("answer", None);
+    assert!(ok, "the project's base has perl: {stdout}{stderr}");
+    let project = world.json(&["project", "show-properties", "--project", "perl"]);
+    assert_eq!(project["answer"], 42);
+
+    // The environment's own setting wins; clearing it gives the project's back.
+    let default = runner::image::base::default_reference();
+    world.ok(&[
+        "environment",
+        "set-base-image",
+        "--project",
+        "perl",
+        "--environment",
+        "dev",
+        "--image",
+        &default,
+    ]);
+    assert_eq!(show()["source"], "environment");
+    world.ok(&[
+        "environment",
+        "set-base-image",
+        "--project",
+        "perl",
+        "--environment",
+        "dev",
+        "--clear",
+    ]);
+    assert_eq!(show()["image"], tag.as_str());
+
+    // Cleared at the project too: back to the operator's default and to the very same step image.
+    world.ok(&["project", "set-base-image", "--project", "perl", "--clear"]);
+    let (ok, stdout, stderr) = world.change_with("sh", None);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(last_step_image(&world), on_default);
+}
+
+#[test]
+fn a_base_image_the_policy_does_not_grant_fails_the_change_naming_the_setting() {
+    if !support::docker_available() {
+        return;
+    }
+    let world = World::new();
+    world.ok(&[
+        "project",
+        "set-base-image",
+        "--project",
+        "perl",
+        "--image",
+        "runner-test/not-granted:1",
+    ]);
+    let (ok, stdout, stderr) = world.change_with("sh", None);
+    assert!(!ok);
+    let text = format!("{stdout}{stderr}");
+    assert!(
+        text.contains("base image \"runner-test/not-granted:1\"")
+            && text.contains("base_images = [\"runner-test/not-granted:1\"]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn base_image_settings_are_checked_and_only_admins_set_them() {
+    let world = World::new();
+    let (ok, _, stderr) = world.run(&[
+        "project",
+        "set-base-image",
+        "--project",
+        "perl",
+        "--image",
+        "Not An Image",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("invalid base image \"Not An Image\""),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = world.run(&[
+        "project",
+        "set-base-image",
+        "--project",
+        "nope",
+        "--image",
+        "a:1",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("\"nope\" does not exist"), "{stderr}");
+    let (ok, _, stderr) = world.run(&["project", "set-base-image", "--project", "perl"]);
+    assert!(!ok, "--image or --clear is required");
+    assert!(stderr.contains("--image"), "{stderr}");
 }

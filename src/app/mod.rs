@@ -1,8 +1,10 @@
 //! The core API: what a user can ask of the runner, shared by the CLI and the gRPC layer so both have the same
 //! semantics and errors. Thin over the store and the properties engine; never prints.
 
+mod base_image;
 mod git_remote;
 
+pub use base_image::BaseImage;
 pub use git_remote::FetchReport;
 
 use serde_json::Value;

@@ -220,6 +220,29 @@ enum PropertiesVerb<S: Args> {
     },
 }
 
+/// The base runner image verbs shared by projects and environments.
+#[derive(Subcommand, Debug)]
+enum BaseImageVerb<S: Args> {
+    /// Show the base runner image the steps start from and which level decided it (environment, project or the
+    /// operator's default).
+    ShowBaseImage {
+        #[command(flatten)]
+        scope: S,
+    },
+    /// Set the base runner image the steps start from (e.g. one `runner image build-base --from` built), or
+    /// --clear it; the operator's policy (`base_images`) decides which images changes may use.
+    SetBaseImage {
+        #[command(flatten)]
+        scope: S,
+        /// NAME[:TAG] or sha256:<image id>.
+        #[arg(long, required_unless_present = "clear", conflicts_with = "clear")]
+        image: Option<String>,
+        /// Remove this level's setting (the level above decides again).
+        #[arg(long)]
+        clear: bool,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum ProjectCommand {
     /// Create a project.
@@ -255,6 +278,8 @@ enum ProjectCommand {
     },
     #[command(flatten)]
     Properties(PropertiesVerb<ProjectArg>),
+    #[command(flatten)]
+    BaseImage(BaseImageVerb<ProjectArg>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -275,6 +300,8 @@ enum EnvironmentCommand {
     },
     #[command(flatten)]
     Properties(PropertiesVerb<EnvironmentArgs>),
+    #[command(flatten)]
+    BaseImage(BaseImageVerb<EnvironmentArgs>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -453,6 +480,7 @@ async fn project(app: &remote::Backend, cmd: ProjectCommand, out: Output) -> Res
             render::fetched(out, &app.fetch_project(&project.project).await?);
         }
         ProjectCommand::Properties(verb) => properties_verb(app, verb, out).await?,
+        ProjectCommand::BaseImage(verb) => base_image_verb(app, verb, out).await?,
     }
     Ok(())
 }
@@ -478,7 +506,23 @@ async fn environment(app: &remote::Backend, cmd: EnvironmentCommand, out: Output
             render::environments(out, &app.list_environments(&project.project).await?)
         }
         EnvironmentCommand::Properties(verb) => properties_verb(app, verb, out).await?,
+        EnvironmentCommand::BaseImage(verb) => base_image_verb(app, verb, out).await?,
     }
+    Ok(())
+}
+
+async fn base_image_verb<S: Args + ToScope>(
+    app: &remote::Backend,
+    verb: BaseImageVerb<S>,
+    out: Output,
+) -> Result<()> {
+    let base = match verb {
+        BaseImageVerb::ShowBaseImage { scope } => app.base_image(&scope.scope()).await?,
+        BaseImageVerb::SetBaseImage { scope, image, .. } => {
+            app.set_base_image(&scope.scope(), image.as_deref()).await?
+        }
+    };
+    render::base_image(out, &base);
     Ok(())
 }
 

@@ -266,6 +266,45 @@ impl Backend {
         }
     }
 
+    pub async fn base_image(&self, s: &Scope) -> Result<crate::app::BaseImage> {
+        match self {
+            Backend::Local(app) => app.base_image(s).await,
+            Backend::Remote(r) => {
+                let request = pb::GetBaseImageRequest { scope: scope(s) };
+                Ok(convert::base_image_from(
+                    r.projects()
+                        .get_base_image(r.request(request))
+                        .await
+                        .map_err(status)?
+                        .into_inner(),
+                ))
+            }
+        }
+    }
+
+    pub async fn set_base_image(
+        &self,
+        s: &Scope,
+        image: Option<&str>,
+    ) -> Result<crate::app::BaseImage> {
+        match self {
+            Backend::Local(app) => app.set_base_image(s, image).await,
+            Backend::Remote(r) => {
+                let request = pb::SetBaseImageRequest {
+                    scope: scope(s),
+                    image: image.unwrap_or_default().to_owned(),
+                };
+                Ok(convert::base_image_from(
+                    r.projects()
+                        .set_base_image(r.request(request))
+                        .await
+                        .map_err(status)?
+                        .into_inner(),
+                ))
+            }
+        }
+    }
+
     pub async fn properties(&self, s: &Scope, version: Option<i64>) -> Result<PropertiesVersion> {
         match self {
             Backend::Local(app) => app.properties(s, version).await,

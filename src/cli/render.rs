@@ -355,3 +355,19 @@ fn age_text(seconds: i64) -> String {
         s => format!("{}d", s / 86_400),
     }
 }
+
+/// The base runner image of a project or environment and where it comes from.
+pub fn base_image(out: Output, base: &crate::app::BaseImage) {
+    use crate::store::BaseImageSource;
+    match out {
+        Output::Json => json(base),
+        Output::Text => {
+            let from = match base.source {
+                BaseImageSource::Environment => "set on the environment",
+                BaseImageSource::Project => "set on the project",
+                BaseImageSource::Operator => "the operator's default",
+            };
+            println!("{} ({from})", base.image);
+        }
+    }
+}

@@ -271,3 +271,23 @@ pub fn record_from(e: pb::ChangeEvent) -> Option<EventRecord> {
         event,
     })
 }
+
+pub fn base_image(base: crate::app::BaseImage) -> pb::BaseImage {
+    pb::BaseImage {
+        image: base.image,
+        source: base.source.as_str().to_owned(),
+    }
+}
+
+pub fn base_image_from(base: pb::BaseImage) -> crate::app::BaseImage {
+    use crate::store::BaseImageSource;
+    let source = match base.source.as_str() {
+        "environment" => BaseImageSource::Environment,
+        "project" => BaseImageSource::Project,
+        _ => BaseImageSource::Operator,
+    };
+    crate::app::BaseImage {
+        image: base.image,
+        source,
+    }
+}

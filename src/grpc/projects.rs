@@ -109,6 +109,25 @@ impl pb::project_service_server::ProjectService for Projects {
         }))
     }
 
+    async fn get_base_image(
+        &self,
+        request: Request<pb::GetBaseImageRequest>,
+    ) -> Result<Response<pb::BaseImage>, Status> {
+        let r = request.into_inner();
+        let base = self.app.base_image(&scope(r.scope)?).await?;
+        Ok(Response::new(convert::base_image(base)))
+    }
+
+    async fn set_base_image(
+        &self,
+        request: Request<pb::SetBaseImageRequest>,
+    ) -> Result<Response<pb::BaseImage>, Status> {
+        let r = request.into_inner();
+        let image = (!r.image.is_empty()).then_some(r.image.as_str());
+        let base = self.app.set_base_image(&scope(r.scope)?, image).await?;
+        Ok(Response::new(convert::base_image(base)))
+    }
+
     async fn get_properties(
         &self,
         request: Request<pb::GetPropertiesRequest>,

@@ -211,6 +211,14 @@ impl Orchestrator {
             .base_image_for(&project.code, &environment.code)
             .await?
             .image;
+        if let Some(image) = &base_image {
+            // Project admins choose among the images the operator allows; the operator's default needs no grant.
+            self.app.policy.require(
+                &project.code,
+                &environment.code,
+                crate::policy::Feature::BaseImage(image.clone()),
+            )?;
+        }
         let root = store
             .steps(&change.id)
             .await?
