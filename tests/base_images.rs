@@ -16,6 +16,8 @@ struct Staged {
     perl_non_root: String,
     /// perl alone: no /bin/sh.
     no_shell: String,
+    /// dash alone: a shell, no perl.
+    dash: String,
 }
 
 fn staged() -> &'static Staged {
@@ -27,8 +29,9 @@ fn staged() -> &'static Staged {
             .unwrap();
         runtime.block_on(async {
             let docker = bollard::Docker::connect_with_local_defaults().unwrap();
-            let with_shell = rootfs_tar(true);
-            let without_shell = rootfs_tar(false);
+            let with_shell = rootfs_tar(true, true);
+            let without_shell = rootfs_tar(false, true);
+            let shell_only = rootfs_tar(true, false);
             Staged {
                 perl: import(&docker, "runner-test/perl", &with_shell, None).await,
                 perl_non_root: import(
@@ -39,14 +42,18 @@ fn staged() -> &'static Staged {
                 )
                 .await,
                 no_shell: import(&docker, "runner-test/perl-no-shell", &without_shell, None).await,
+                dash: import(&docker, "runner-test/dash", &shell_only, None).await,
             }
         })
     })
 }
 
-/// A root filesystem of this machine's perl (and dash as /bin/sh) with every library `ldd` lists.
-fn rootfs_tar(with_shell: bool) -> Vec<u8> {
-    let mut files: Vec<(String, PathBuf)> = vec![("usr/bin/perl".into(), "/usr/bin/perl".into())];
+/// A root filesystem of this machine's perl and dash (as /bin/sh) with every library `ldd` lists.
+fn rootfs_tar(with_shell: bool, with_perl: bool) -> Vec<u8> {
+    let mut files: Vec<(String, PathBuf)> = vec![];
+    if with_perl {
+        files.push(("usr/bin/perl".into(), "/usr/bin/perl".into()));
+    }
     if with_shell {
         files.push(("bin/sh".into(), "/bin/dash".into()));
     }
@@ -441,12 +448,16 @@ fn a_project_setting_switches_its_steps_base_and_their_content_key() {
     if !support::docker_available() {
         return;
     }
-    support::base_image();
     let staged = staged();
     let world = World::new();
     let tag = base_tag("perl", &staged.perl);
     let (ok, _, stderr) = world.build_base(&staged.perl, &tag);
     assert!(ok, "{stderr}");
+    // The operator's default here: a base of this test's own (a shell, no perl), so nothing else moves it.
+    let operator = base_tag("dash", &staged.dash);
+    let (ok, _, stderr) = world.build_base(&staged.dash, &operator);
+    assert!(ok, "{stderr}");
+    let change = |action: &str| world.change_with(action, Some(&operator));
     std::fs::write(
         world.home.path().join("policy.toml"),
         format!("[[grant]]\nproject = \"perl\"\nbase_images = [\"{tag}\"]\n"),
@@ -464,11 +475,11 @@ fn a_project_setting_switches_its_steps_base_and_their_content_key() {
     };
     assert_eq!(show()["source"], "operator");
 
-    // The operator's offline busybox base: a shell step runs, perl is not there.
-    let (ok, stdout, stderr) = world.change_with("sh", None);
+    // The operator's base: a shell step runs, perl is not there.
+    let (ok, stdout, stderr) = change("sh");
     assert!(ok, "{stdout}{stderr}");
     let on_default = last_step_image(&world);
-    let (ok, _, _) = world.change_with("answer", None);
+    let (ok, _, _) = change("answer");
     assert!(!ok, "the default base has no perl");
 
     let set = world.ok(&[
@@ -482,20 +493,20 @@ fn a_project_setting_switches_its_steps_base_and_their_content_key() {
     assert_eq!(set.trim(), format!("{tag} (set on the project)"));
     assert_eq!(show()["image"], tag.as_str());
     assert_eq!(show()["source"], "project");
-    let (ok, stdout, stderr) = world.change_with("sh", None);
+    let (ok, stdout, stderr) = change("sh");
     assert!(ok, "{stdout}{stderr}");
     let on_perl = last_step_image(&world);
     assert_ne!(
         on_perl, on_default,
         "same commit and action, another base: another content key"
     );
-    let (ok, stdout, stderr) = world.change_with("answer", None);
+    let (ok, stdout, stderr) = change("answer");
     assert!(ok, "the project's base has perl: {stdout}{stderr}");
     let project = world.json(&["project", "show-properties", "--project", "perl"]);
     assert_eq!(project["answer"], 42);
 
     // The environment's own setting wins; clearing it gives the project's back.
-    let default = runner::image::base::default_reference();
+    let default = operator.clone();
     world.ok(&[
         "environment",
         "set-base-image",
@@ -520,7 +531,7 @@ fn a_project_setting_switches_its_steps_base_and_their_content_key() {
 
     // Cleared at the project too: back to the operator's default and to the very same step image.
     world.ok(&["project", "set-base-image", "--project", "perl", "--clear"]);
-    let (ok, stdout, stderr) = world.change_with("sh", None);
+    let (ok, stdout, stderr) = change("sh");
     assert!(ok, "{stdout}{stderr}");
     assert_eq!(last_step_image(&world), on_default);
 }
