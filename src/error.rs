@@ -31,6 +31,8 @@ pub enum Error {
     #[error(transparent)]
     Patch(#[from] PatchError),
     #[error(transparent)]
+    LogLimits(#[from] crate::logs::limits::LimitError),
+    #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Executor(#[from] ExecutorError),
@@ -131,6 +133,7 @@ impl Error {
             Error::Token(_) | Error::Refused { .. } => InvalidInput,
             Error::Patch(_) | Error::Document(_) | Error::InvalidProperties { .. } => InvalidInput,
             Error::ReadFile { .. } | Error::InvalidArgument { .. } => InvalidInput,
+            Error::LogLimits(_) => InvalidInput,
             Error::Home { .. } => Unavailable,
             Error::Manifest(_) => InvalidInput,
             Error::ChangeFailed { .. } => Internal,

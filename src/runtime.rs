@@ -17,10 +17,14 @@ pub fn base_image() -> String {
     std::env::var("RUNNER_BASE_IMAGE").unwrap_or_else(|_| base::default_reference())
 }
 
-/// Settings from the environment: `RUNNER_STOP_GRACE` (e.g. `10s`); a value that is not a duration is an error,
-/// not silently the default.
+/// Settings from the environment: `RUNNER_STOP_GRACE` (e.g. `10s`) and the log limits
+/// ([`crate::logs::LogLimits::from_env`]); a value that does not parse is an error naming the variable, not
+/// silently the default.
 pub fn settings() -> Result<Settings> {
-    let mut settings = Settings::default();
+    let mut settings = Settings {
+        logs: crate::logs::LogLimits::from_env()?,
+        ..Settings::default()
+    };
     if let Ok(grace) = std::env::var("RUNNER_STOP_GRACE") {
         settings.stop_grace =
             crate::actions::parse_duration(&grace).map_err(|_| Error::InvalidArgument {
@@ -72,8 +76,11 @@ fn assemble(app: App, docker: bollard::Docker, settings: Settings) -> Result<Orc
 pub async fn local(app: App) -> Result<Orchestrator> {
     let settings = settings()?;
     let orchestrator = assemble(app, docker::connect().await?, settings)?;
-    // Whatever a crashed runner left behind goes first.
+    // Whatever a crashed runner left behind goes first; then logs past the operator's retention.
     orchestrator.reap().await?;
+    if let Some(retention) = orchestrator.settings().logs.retention {
+        crate::logs::retention::prune_older_than(&orchestrator.app().store, retention).await?;
+    }
     Ok(orchestrator)
 }
 

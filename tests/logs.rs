@@ -364,3 +364,65 @@ async fn parallel_steps_keep_their_own_lines() {
         (0..500).map(|i| format!("b {i}")).collect::<Vec<_>>()
     );
 }
+
+/// Lines that do not compress to nothing: a cheap pseudo-random generator, hex-encoded.
+fn noisy_lines(count: usize) -> Vec<String> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..count)
+        .map(|i| {
+            let words: Vec<String> = (0..6)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    format!("{:016x}", state)
+                })
+                .collect();
+            format!("{i:06} {}", words.join(" "))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn prune_frees_space_and_keeps_the_change_records() {
+    let script = Script {
+        output: noisy_lines(30_000),
+        ..Default::default()
+    };
+    let w = world(vec![("print", script)], &[], LogLimits::default()).await;
+    let (id, state) = w.run("print").await;
+    let store = &w.orchestrator.app().store;
+    let events_before: Vec<EventRecord> = w
+        .records(&id)
+        .await
+        .into_iter()
+        .filter(|r| !matches!(r.event, Event::Log { .. }))
+        .collect();
+    let steps_before = store.steps(&id).await.unwrap();
+    let before = store.file_bytes();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    // A change younger than the cut-off keeps its lines.
+    let kept = runner::logs::retention::prune_older_than(store, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(kept.chunks, 0);
+    assert_eq!(w.lines(&id).await.len(), 30_000);
+
+    let pruned = runner::logs::retention::prune_older_than(store, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(pruned.changes, 1);
+    assert!(pruned.text_bytes > 3_000_000, "{pruned:?}");
+    let after = store.file_bytes();
+    assert!(
+        after + 1_000_000 < before,
+        "the store should shrink by the pruned chunks: {before} -> {after} bytes"
+    );
+    // The change, its steps and its other events are untouched; only the lines are gone.
+    assert!(w.lines(&id).await.is_empty());
+    let change = store.change(&id).await.unwrap();
+    assert_eq!(change.state, state);
+    assert_eq!(store.steps(&id).await.unwrap(), steps_before);
+    assert_eq!(w.records(&id).await, events_before);
+}

@@ -6,6 +6,7 @@
 mod output;
 mod bench;
 mod change;
+mod logs;
 mod remote;
 mod render;
 
@@ -82,6 +83,9 @@ enum Command {
     /// The build cache in the data directory and the runner's images.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Log maintenance: retention.
+    #[command(subcommand)]
+    Logs(logs::LogsCommand),
     /// Serve the gRPC API (and run the changes created through it).
     Serve(ServeArgs),
     /// Benchmarks against the docker CLI, measured in the same run.
@@ -414,6 +418,12 @@ async fn run(cli: Cli) -> Result<()> {
             expected: "secrets never travel over the API: manage them with `runner secret` on the server's host",
         }),
         Command::Secret(cmd) => secret(&open_app(&home, cli.policy.as_deref()).await?, cmd),
+        Command::Logs(_) if cli.server.is_some() => Err(Error::InvalidArgument {
+            what: "command for --server",
+            value: "logs".into(),
+            expected: "log retention is the operator's: run `runner logs prune` on the server's host",
+        }),
+        Command::Logs(cmd) => logs::logs(&open_app(&home, cli.policy.as_deref()).await?, cmd, out).await,
         Command::Change(cmd) => match &cli.server {
             Some(url) => change::change_remote(remote::Remote::connect(url, cli.token.clone(), cli.tls_ca.as_deref()).await?, cmd, out).await,
             None => change::change(open_app(&home, cli.policy.as_deref()).await?, cmd, out).await,
@@ -745,6 +755,11 @@ async fn serve(home: &Path, policy: Option<&Path>, args: ServeArgs) -> Result<()
             path: args.listen.to_string().into(),
             source,
         })?;
+    let _retention = orchestrator
+        .settings()
+        .logs
+        .retention
+        .map(|age| crate::logs::retention::keep_pruning(orchestrator.app().store.clone(), age));
     eprintln!("serving the runner API on {}", args.listen);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

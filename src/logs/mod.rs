@@ -5,6 +5,7 @@ pub mod chunk;
 pub mod limits;
 pub mod lines;
 pub mod recorder;
+pub mod retention;
 
 pub use limits::LogLimits;
 pub use lines::LINE_CONTINUES;

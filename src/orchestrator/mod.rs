@@ -110,6 +110,10 @@ impl Orchestrator {
         }
     }
 
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     pub fn app(&self) -> &App {
         &self.app
     }

@@ -208,14 +208,17 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         // Lines stored as single events before chunks existed.
-        sqlx::query(&format!(
+        let old_lines = sqlx::query(&format!(
             "DELETE FROM events WHERE change_id IN ({old}) AND event LIKE '{{\"type\":\"log\"%'"
         ))
         .bind(before)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
         tx.commit().await?;
-        self.reclaim_space().await?;
+        if pruned.chunks > 0 || old_lines > 0 {
+            self.reclaim_space().await?;
+        }
         pruned.store_bytes_after = self.file_bytes();
         Ok(pruned)
     }
