@@ -426,3 +426,127 @@ async fn prune_frees_space_and_keeps_the_change_records() {
     assert_eq!(store.steps(&id).await.unwrap(), steps_before);
     assert_eq!(w.records(&id).await, events_before);
 }
+
+/// Runs the `runner` binary against the world's data directory.
+fn cli(w: &World, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .arg("--home")
+        .arg(w.home.path())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout_lines(output: &std::process::Output) -> Vec<String> {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn show_logs_tail_since_grep_and_json_select_the_right_lines() {
+    let script = Script {
+        output: (0..1000).map(|i| format!("unit {i:04} done")).collect(),
+        ..Default::default()
+    };
+    let w = world(vec![("print", script)], &[], LogLimits::default()).await;
+    let (id, _) = w.run("print").await;
+    let show = |extra: &[&str]| {
+        let mut args = vec!["change", "show-logs", id.as_str()];
+        args.extend_from_slice(extra);
+        cli(&w, &args)
+    };
+
+    assert_eq!(
+        stdout_lines(&show(&["--tail", "3"])),
+        [
+            "[print] unit 0997 done",
+            "[print] unit 0998 done",
+            "[print] unit 0999 done"
+        ]
+    );
+    let grepped = stdout_lines(&show(&["--grep", "unit 09[0-9]5 "]));
+    assert_eq!(grepped.len(), 10, "{grepped:?}");
+    assert!(grepped
+        .iter()
+        .all(|l| l.ends_with("5 done") && l.contains("unit 09")));
+    assert_eq!(
+        stdout_lines(&show(&["--grep", "done$", "--tail", "1"])),
+        ["[print] unit 0999 done"]
+    );
+    // Everything happened in the last hour; nothing after a time to come.
+    let recent = stdout_lines(&show(&["--since", "1h"]));
+    assert_eq!(recent.iter().filter(|l| l.contains("unit ")).count(), 1000);
+    assert!(
+        recent.iter().any(|l| l.contains("success")),
+        "events are shown too"
+    );
+    assert!(stdout_lines(&show(&["--since", "2999-01-01T00:00:00Z"])).is_empty());
+
+    let stamped = stdout_lines(&show(&["--tail", "1", "--timestamps"]));
+    let (time, rest) = stamped[0].split_once(' ').unwrap();
+    assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{time}");
+    assert_eq!(rest, "[print] unit 0999 done");
+
+    let json = stdout_lines(&show(&["--output", "json", "--tail", "2"]));
+    assert_eq!(json.len(), 2);
+    let last: Value = serde_json::from_str(&json[1]).unwrap();
+    assert_eq!(last["change"], id.as_str());
+    assert_eq!(last["action"], "print");
+    assert_eq!(last["stream"], "stdout");
+    assert_eq!(last["line"], "unit 0999 done");
+    assert!(last["step"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(chrono::DateTime::parse_from_rfc3339(last["time"].as_str().unwrap()).is_ok());
+    // Every log line is one JSON object, and only log lines are.
+    let all = stdout_lines(&show(&["--output", "json"]));
+    assert_eq!(all.len(), 1000);
+}
+
+#[tokio::test]
+async fn show_logs_refuses_a_bad_pattern_or_time_with_a_clear_error() {
+    let w = world(
+        vec![("print", Script::default())],
+        &[],
+        LogLimits::default(),
+    )
+    .await;
+    let (id, _) = w.run("print").await;
+    for (flag, value, expected) in [
+        ("--grep", "(unclosed", "not a valid regular expression"),
+        ("--since", "last tuesday", "neither a duration"),
+    ] {
+        let out = cli(&w, &["change", "show-logs", &id, flag, value]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn logs_prune_through_the_cli_reports_what_it_freed() {
+    let script = Script {
+        output: noisy_lines(5_000),
+        ..Default::default()
+    };
+    let w = world(vec![("print", script)], &[], LogLimits::default()).await;
+    let (id, _) = w.run("print").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let out = cli(
+        &w,
+        &["--output", "json", "logs", "prune", "--older-than", "0s"],
+    );
+    let report: Value = serde_json::from_str(&stdout_lines(&out).join("\n")).unwrap();
+    assert_eq!(report["changes"], 1);
+    assert!(report["log_bytes"].as_u64().unwrap() > 500_000, "{report}");
+    assert!(w.lines(&id).await.is_empty());
+    let bad = cli(&w, &["logs", "prune", "--older-than", "soon"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--older-than"));
+}

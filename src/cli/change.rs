@@ -5,12 +5,14 @@ use std::io::IsTerminal;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+use super::logs::LogPrinter;
 use super::remote::{status, Remote};
 use super::{render, Output};
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::events::{ChangeState, Event, EventRecord};
 use crate::grpc::{convert, pb};
+use crate::logs::view::LogView;
 use crate::orchestrator::{CreateChange, Orchestrator};
 use crate::store::ChangeFilter;
 
@@ -41,7 +43,8 @@ pub enum ChangeCommand {
         #[arg(long, env = "RUNNER_ENVIRONMENT")]
         environment: Option<String>,
     },
-    /// Print a change's log: phases, build progress and step output.
+    /// Print a change's log: phases, build progress and step output. With --output json: one object per log
+    /// line (change, step, action, stream, time, seq, line), for log shippers.
     ShowLogs {
         id: String,
         /// Keep printing until the change ends.
@@ -53,6 +56,18 @@ pub enum ChangeCommand {
         /// Only this background service's log lines.
         #[arg(long)]
         service: Option<String>,
+        /// Only what happened since then: a duration back from now (10m, 2h) or a time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only log lines matching this regular expression.
+        #[arg(long)]
+        grep: Option<String>,
+        /// Only the last N log lines (then, with --follow, every new one).
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Prefix every line with its time.
+        #[arg(long)]
+        timestamps: bool,
     },
     /// Stop a change: running steps get SIGTERM, then SIGKILL after the grace period.
     Cancel { id: String },
@@ -139,7 +154,14 @@ pub async fn change(app: App, cmd: ChangeCommand, out: Output) -> Result<()> {
             follow,
             step,
             service,
-        } => show_logs(&app, &id, follow, &LogFilter { step, service }, out).await,
+            since,
+            grep,
+            tail,
+            timestamps,
+        } => {
+            let view = log_view(step, service, since, grep, tail)?;
+            show_logs(&app, &id, follow, &view, LogPrinter::new(out, timestamps)).await
+        }
         ChangeCommand::Cancel { id } => {
             let orchestrator = crate::runtime::offline(app)?;
             let change = orchestrator.cancel_change(&id).await?;
@@ -252,63 +274,55 @@ fn outcome(change: crate::store::Change) -> Result<()> {
     }
 }
 
-/// Which events `show-logs` prints.
-struct LogFilter {
+fn log_view(
     step: Option<String>,
     service: Option<String>,
+    since: Option<String>,
+    grep: Option<String>,
+    tail: Option<usize>,
+) -> Result<LogView> {
+    let now = chrono::Utc::now().timestamp_millis();
+    LogView::parse(step, service, since.as_deref(), grep.as_deref(), tail, now).map_err(|e| {
+        Error::Refused {
+            message: e.to_string(),
+        }
+    })
 }
 
-impl LogFilter {
-    fn wants(&self, event: &Event) -> bool {
-        let step_ok = self
-            .step
-            .as_deref()
-            .is_none_or(|s| event_step(event) == Some(s));
-        let service_ok = match (&self.service, event) {
-            (None, _) => true,
-            // Service logs are kept as the step's lines `[service NAME] …`.
-            (Some(name), Event::Log { line, .. }) => {
-                line.starts_with(&format!("[service {name}] "))
-            }
-            (Some(_), _) => false,
-        };
-        step_ok && service_ok
-    }
-}
-
+/// Shows what is stored (with `--tail`, its last lines), then with `--follow` what comes until the change ends.
 async fn show_logs(
     app: &App,
     id: &str,
     follow: bool,
-    filter: &LogFilter,
-    out: Output,
+    view: &LogView,
+    mut printer: LogPrinter,
 ) -> Result<()> {
     app.store.change(id).await?;
-    let mut renderer = render::EventRenderer::new(out, false);
     let mut after = 0;
+    let mut first = true;
     loop {
         let records: Vec<EventRecord> = app.store.events_after(id, after).await?;
-        for record in &records {
-            after = record.seq;
-            renderer.learn(record);
-            if filter.wants(&record.event) {
-                renderer.show(record);
-            }
+        if let Some(last) = records.last() {
+            after = last.seq;
         }
-        if !follow || app.store.change(id).await?.state.is_final() && records.is_empty() {
+        records.iter().for_each(|r| printer.learn(r));
+        let shown = if first {
+            view.select(&records)
+        } else {
+            records.iter().filter(|r| view.wants(r)).collect()
+        };
+        first = false;
+        for record in shown {
+            printer.show(record);
+        }
+        printer.flush();
+        if printer.closed()
+            || !follow
+            || app.store.change(id).await?.state.is_final() && records.is_empty()
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn event_step(event: &Event) -> Option<&str> {
-    match event {
-        Event::StepState { step_id, .. }
-        | Event::Phase { step_id, .. }
-        | Event::Build { step_id, .. }
-        | Event::Log { step_id, .. } => Some(step_id),
-        Event::ChangeState { .. } => None,
     }
 }
 
@@ -406,16 +420,37 @@ pub async fn change_remote(remote: Remote, cmd: ChangeCommand, out: Output) -> R
             follow,
             step,
             service,
+            since,
+            grep,
+            tail,
+            timestamps,
         } => {
-            let mut renderer = render::EventRenderer::new(out, false);
-            let filter = LogFilter { step, service };
-            watch_remote(&remote, &id, !follow, |record| {
-                renderer.learn(record);
-                if filter.wants(&record.event) {
-                    renderer.show(record);
+            let view = log_view(step, service, since, grep, tail)?;
+            let mut printer = LogPrinter::new(out, timestamps);
+            let mut after = 0;
+            if view.tail.is_some() {
+                // The last lines of the history first, then (with --follow) every new one.
+                let mut history = vec![];
+                watch_remote(&remote, &id, 0, true, |r| history.push(r.clone())).await?;
+                history.iter().for_each(|r| printer.learn(r));
+                view.select(&history)
+                    .into_iter()
+                    .for_each(|r| printer.show(r));
+                after = history.last().map_or(0, |r| r.seq);
+                if !follow {
+                    printer.flush();
+                    return Ok(());
+                }
+            }
+            watch_remote(&remote, &id, after, !follow, |record| {
+                printer.learn(record);
+                if view.wants(record) {
+                    printer.show(record);
                 }
             })
-            .await
+            .await?;
+            printer.flush();
+            Ok(())
         }
         ChangeCommand::Cancel { id } => {
             let change = changes
@@ -449,12 +484,13 @@ pub async fn step_remote(remote: Remote, cmd: StepCommand, out: Output) -> Resul
 async fn watch_remote(
     remote: &Remote,
     id: &str,
+    after_seq: i64,
     history_only: bool,
     mut show: impl FnMut(&EventRecord),
 ) -> Result<()> {
     let request = pb::WatchChangeRequest {
         id: id.to_owned(),
-        after_seq: 0,
+        after_seq,
         history_only,
     };
     let mut stream = remote
@@ -474,7 +510,7 @@ async fn watch_remote(
 /// Follows a change the server runs to its end; succeeds only if the change did.
 async fn follow_remote(remote: &Remote, id: &str, out: Output) -> Result<()> {
     let mut renderer = render::EventRenderer::new(out, std::io::stderr().is_terminal());
-    watch_remote(remote, id, false, |record| renderer.show(record)).await?;
+    watch_remote(remote, id, 0, false, |record| renderer.show(record)).await?;
     let detail = remote
         .changes()
         .get_change(remote.request(pb::GetChangeRequest { id: id.to_owned() }))

@@ -6,6 +6,7 @@ pub mod limits;
 pub mod lines;
 pub mod recorder;
 pub mod retention;
+pub mod view;
 
 pub use limits::LogLimits;
 pub use lines::LINE_CONTINUES;
