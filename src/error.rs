@@ -76,6 +76,13 @@ pub enum Error {
     /// A call to `runner serve` failed; the server's message says why.
     #[error("{message}")]
     Remote { code: tonic::Code, message: String },
+    /// A change is not in a state that allows what was asked (it runs, or ran, elsewhere).
+    #[error("change {id} is {state}: {hint}")]
+    ChangeBusy {
+        id: String,
+        state: String,
+        hint: String,
+    },
     #[error("change {id} ended {state}: {reason}")]
     ChangeFailed {
         id: String,
@@ -137,6 +144,7 @@ impl Error {
             Error::Home { .. } => Unavailable,
             Error::Manifest(_) => InvalidInput,
             Error::ChangeFailed { .. } => Internal,
+            Error::ChangeBusy { .. } => Conflict,
             Error::Snapshot(
                 SnapshotError::UnknownRev { .. }
                 | SnapshotError::NoRemote { .. }

@@ -8,6 +8,7 @@ pub mod buildkit;
 pub mod cache;
 pub mod cli;
 pub mod context;
+pub mod daemon;
 pub mod data_dir;
 pub mod error;
 pub mod events;

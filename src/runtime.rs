@@ -74,10 +74,26 @@ fn assemble(app: App, docker: bollard::Docker, settings: Settings) -> Result<Orc
 
 /// An orchestrator on the local Docker daemon; fails if the daemon does not answer.
 pub async fn local(app: App) -> Result<Orchestrator> {
+    local_as(app, None).await
+}
+
+/// [`local`], acting as runner process `owner` if given (a background `change run` continues as the owner its
+/// change was created for).
+pub async fn local_as(app: App, owner: Option<String>) -> Result<Orchestrator> {
     let settings = settings()?;
-    let orchestrator = assemble(app, docker::connect().await?, settings)?;
+    let mut orchestrator = assemble(app, docker::connect().await?, settings)?;
+    if let Some(owner) = owner {
+        orchestrator = orchestrator.with_owner(owner);
+    }
     // Whatever a crashed runner left behind goes first; then logs past the operator's retention.
-    orchestrator.reap().await?;
+    let reaped = orchestrator.reap().await?;
+    if reaped != Default::default() {
+        tracing::warn!(
+            changes = ?reaped.changes,
+            removed = reaped.containers,
+            "start-up clean-up: ended the changes of runners that died and removed what they left"
+        );
+    }
     if let Some(retention) = orchestrator.settings().logs.retention {
         crate::logs::retention::prune_older_than(&orchestrator.app().store, retention).await?;
     }

@@ -5,7 +5,7 @@ mod support;
 use runner::app::App;
 use runner::events::{ChangeState, Event, StepState};
 use runner::orchestrator::{CreateChange, Orchestrator, Settings};
-use runner::store::Step;
+use runner::store::{Claim, PropertiesOwner, Step, StepSettle, Transition, WrittenBy};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -94,6 +94,18 @@ impl World {
             action: action.into(),
         };
         self.orchestrator.create_change(&request).await.unwrap().id
+    }
+
+    /// Creates a change owned by another runner process `owner` (which holds no lease unless the test takes one).
+    async fn create_as(&self, owner: &str, env: &str, action: &str) -> String {
+        let request = CreateChange {
+            project: "demo".into(),
+            environment: env.into(),
+            git_rev: "main".into(),
+            action: action.into(),
+        };
+        let other = self.orchestrator.clone().with_owner(owner.into());
+        other.create_change(&request).await.unwrap().id
     }
 
     async fn run(&self, action: &str) -> (ChangeState, Vec<Step>) {
@@ -429,11 +441,15 @@ async fn events_are_stored_in_order_and_the_reaper_fails_changes_of_dead_runners
 
     // A change claimed by an owner that holds no lease (a killed runner) is failed by the next runner's reaper.
     let store = &w.orchestrator.app().store;
-    let orphan = w.create("prod", "a").await;
-    assert!(store
-        .claim_environment(&orphan, "dead-runner")
-        .await
-        .unwrap());
+    let orphan = w.create_as("dead-runner", "prod", "a").await;
+    store.queue_change(&orphan, "dead-runner").await.unwrap();
+    assert_eq!(
+        store
+            .claim_environment(&orphan, "dead-runner")
+            .await
+            .unwrap(),
+        Claim::Claimed
+    );
     let reaped = w.orchestrator.reap().await.unwrap();
     assert_eq!(reaped.changes, std::slice::from_ref(&orphan));
     let change = store.change(&orphan).await.unwrap();
@@ -522,4 +538,304 @@ async fn bad_requests_fail_before_anything_runs() {
         .unwrap_err();
     assert!(err.to_string().contains("form a cycle: x -> x"), "{err}");
     assert!(w.executor.runs.lock().unwrap().is_empty());
+}
+
+/// A runner process that is alive: it holds a lease in the store.
+async fn live_lease(w: &World, owner: &str) {
+    w.orchestrator
+        .clone()
+        .with_owner(owner.into())
+        .take_lease_for(std::process::id())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_change_has_its_runner_as_owner_from_creation() {
+    let w = world(tree(), vec![("a", ok())]).await;
+    let id = w.create("dev", "a").await;
+    let change = w.orchestrator.app().store.change(&id).await.unwrap();
+    assert_eq!(change.state, ChangeState::Pending);
+    assert_eq!(change.owner.as_deref(), Some(w.orchestrator.owner()));
+}
+
+#[tokio::test]
+async fn an_orphaned_pending_change_is_reaped_with_a_reason_and_frees_its_environment() {
+    let w = world(tree(), vec![("a", ok())]).await;
+    let store = &w.orchestrator.app().store;
+    let orphan = w.create_as("killed-before-running", "dev", "a").await;
+    let queued = w.create_as("killed-while-queued", "dev", "a").await;
+    store
+        .queue_change(&queued, "killed-while-queued")
+        .await
+        .unwrap();
+    // Only the store is needed: this is what `change show` and `change list` do before answering.
+    let reaped = runner::orchestrator::reap_changes(store, None)
+        .await
+        .unwrap();
+    assert_eq!(reaped.len(), 2);
+    for id in [&orphan, &queued] {
+        let change = store.change(id).await.unwrap();
+        assert_eq!(change.state, ChangeState::Error);
+        let reason = change.reason.unwrap();
+        assert!(
+            reason.contains("died before the change started"),
+            "{reason}"
+        );
+        assert!(reason.contains("change retry"), "{reason}");
+        let steps = store.steps(id).await.unwrap();
+        assert!(steps.iter().all(|s| s.state == StepState::Aborted));
+    }
+    // The environment is free again: the next change runs at once.
+    let (state, _) = tokio::time::timeout(Duration::from_secs(5), w.run("a"))
+        .await
+        .expect("the next change on the environment must not wait behind the orphans");
+    assert_eq!(state, ChangeState::Success);
+}
+
+#[tokio::test]
+async fn a_live_runners_changes_are_never_reaped() {
+    let w = world(tree(), vec![("a", ok())]).await;
+    live_lease(&w, "alive").await;
+    let id = w.create_as("alive", "dev", "a").await;
+    let reaped = runner::orchestrator::reap_changes(&w.orchestrator.app().store, None)
+        .await
+        .unwrap();
+    assert!(reaped.is_empty());
+    let change = w.orchestrator.app().store.change(&id).await.unwrap();
+    assert_eq!(change.state, ChangeState::Pending);
+}
+
+#[tokio::test]
+async fn a_change_runs_at_most_once() {
+    let w = world(tree(), vec![("a", ok())]).await;
+    let id = w.create("dev", "a").await;
+    let change = w
+        .orchestrator
+        .run_change(&id, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(change.state, ChangeState::Success);
+    let again = w
+        .orchestrator
+        .run_change(&id, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(again.to_string().contains("change retry"), "{again}");
+    assert_eq!(w.ran(), ["a"]);
+    // Nor can another process run a change it does not hold.
+    let other = w.create("dev", "a").await;
+    let err = w
+        .orchestrator
+        .clone()
+        .with_owner("intruder".into())
+        .run_change(&other, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("another runner process holds it"),
+        "{err}"
+    );
+    assert_eq!(w.ran(), ["a"]);
+}
+
+#[tokio::test]
+async fn a_change_cancelled_before_it_starts_never_starts() {
+    let w = world(tree(), vec![("a", ok())]).await;
+    let id = w.create("dev", "a").await;
+    // Its owner (this process) is alive, so the cancel is a request the runner honours.
+    let requested = w.orchestrator.cancel_change(&id).await.unwrap();
+    assert!(requested.cancel_requested);
+    let change = w
+        .orchestrator
+        .run_change(&id, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(change.state, ChangeState::Cancelled);
+    assert_eq!(
+        change.reason.as_deref(),
+        Some("cancelled before it started")
+    );
+    assert!(w.ran().is_empty(), "a cancelled change ran a step");
+}
+
+#[tokio::test]
+async fn of_two_concurrent_retries_one_wins_and_the_other_is_told_it_is_already_running() {
+    let w = world(tree(), vec![("a", fails())]).await;
+    let (state, _) = w.run("a").await;
+    assert_eq!(state, ChangeState::Error);
+    let id = w
+        .orchestrator
+        .app()
+        .store
+        .list_changes(&Default::default())
+        .await
+        .unwrap()[0]
+        .id
+        .clone();
+    let first = w.orchestrator.clone().with_owner("first".into());
+    let second = w.orchestrator.clone().with_owner("second".into());
+    let (a, b) = tokio::join!(first.prepare_retry(&id), second.prepare_retry(&id));
+    assert_eq!(
+        a.is_ok() as u8 + b.is_ok() as u8,
+        1,
+        "exactly one retry wins: {a:?} {b:?}"
+    );
+    let err = a.err().or(b.err()).unwrap();
+    assert!(err.to_string().contains("already running"), "{err}");
+    assert_eq!(err.kind(), runner::error::ErrorKind::Conflict);
+}
+
+#[tokio::test]
+async fn claiming_an_environment_checks_the_changes_own_state_and_owner() {
+    let w = world(tree(), vec![("a", ok())]).await;
+    let store = &w.orchestrator.app().store;
+    let id = w.create_as("owner", "dev", "a").await;
+    // Not queued yet, or queued by someone else: never claimed.
+    assert_eq!(
+        store.claim_environment(&id, "owner").await.unwrap(),
+        Claim::Lost
+    );
+    store.queue_change(&id, "owner").await.unwrap();
+    assert_eq!(
+        store.claim_environment(&id, "other").await.unwrap(),
+        Claim::Lost
+    );
+    // Cancelled while queued: never claimed.
+    store.request_cancel(&id).await.unwrap();
+    assert_eq!(
+        store.claim_environment(&id, "owner").await.unwrap(),
+        Claim::Lost
+    );
+}
+
+#[tokio::test]
+async fn a_requested_cancel_survives_the_runners_death() {
+    let w = world(tree(), vec![("a", ok())]).await;
+    let store = &w.orchestrator.app().store;
+    let id = w.create_as("dies", "dev", "seq").await;
+    store.queue_change(&id, "dies").await.unwrap();
+    store.claim_environment(&id, "dies").await.unwrap();
+    store.request_cancel(&id).await.unwrap();
+    // `change cancel` from another process, after the runner died: the change ends cancelled, not error.
+    let change = w.orchestrator.cancel_change(&id).await.unwrap();
+    assert_eq!(change.state, ChangeState::Cancelled, "{:?}", change.reason);
+    assert!(change
+        .reason
+        .unwrap()
+        .contains("died before the cancel completed"));
+}
+
+#[tokio::test]
+async fn a_later_success_replaces_an_earlier_reason() {
+    let w = world(tree(), vec![("a", ok())]).await;
+    let id = w.create("dev", "a").await;
+    w.orchestrator.cancel_change(&id).await.unwrap();
+    let cancelled = w
+        .orchestrator
+        .run_change(&id, CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(cancelled.reason.is_some());
+    w.orchestrator.prepare_retry(&id).await.unwrap();
+    let change = w
+        .orchestrator
+        .run_change(&id, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(change.state, ChangeState::Success);
+    assert_eq!(change.reason, None, "the cancel's reason was kept");
+}
+
+#[tokio::test]
+async fn dynamic_children_are_validated_before_the_parents_patch_applies() {
+    let manifest = json!({"actions": {
+        "root": {"steps": ["loops"]},
+        "loops": {"run": "loops"},
+        "again": {"run": "again"},
+        "many": {"run": "many"},
+        "leaf": {"run": "leaf"}
+    }});
+    let child = |action: &str| json!({"action": action});
+    let with = |children: Vec<Value>| Script {
+        result: Some(json!({
+            "project": {"properties_diff": [{"op": "add", "path": "/landed", "value": true}]},
+            "steps": {"children": children}
+        })),
+        ..ok()
+    };
+    let w = world(
+        manifest,
+        vec![
+            ("loops", with(vec![child("root")])),
+            ("again", with(vec![child("again")])),
+            ("many", with((0..101).map(|_| child("leaf")).collect())),
+        ],
+    )
+    .await;
+    let store = &w.orchestrator.app().store;
+    let project = store.project("demo").await.unwrap();
+    for (action, expected) in [
+        ("root", "an action above this step"),
+        ("again", "own action"),
+        ("many", "at most 100"),
+    ] {
+        let (state, steps) = w.run(action).await;
+        assert_eq!(state, ChangeState::Error, "{action}");
+        let failed = steps.iter().find(|s| s.state == StepState::Error).unwrap();
+        let reason = failed.reason.clone().unwrap();
+        assert!(reason.contains(expected), "{action}: {reason}");
+        let props = store.properties(&(&project).into(), None).await.unwrap();
+        assert_eq!(props.version, 1, "{action}: the failed step's patch landed");
+    }
+}
+
+#[tokio::test]
+async fn a_step_whose_change_was_reaped_lands_nothing() {
+    let w = world(tree(), vec![("a", ok())]).await;
+    let store = &w.orchestrator.app().store;
+    let id = w.create_as("dies", "dev", "a").await;
+    store.queue_change(&id, "dies").await.unwrap();
+    store.claim_environment(&id, "dies").await.unwrap();
+    let step = store.steps(&id).await.unwrap().remove(0);
+    assert_eq!(
+        store.start_step(&step.id, "dies", 1, 1).await.unwrap(),
+        Transition::Done
+    );
+    runner::orchestrator::reap_changes(store, None)
+        .await
+        .unwrap();
+    // The dead runner's last words arrive late (or a retry replays them): refused, nothing written.
+    let project = store.project("demo").await.unwrap();
+    let owner: PropertiesOwner = (&project).into();
+    let environment = store.environment("demo", "dev").await.unwrap();
+    let env_owner: PropertiesOwner = (&environment).into();
+    let patch = runner::orchestrator::patches::patches_from_result(
+        &json!({"project": {"properties_diff": [{"op": "add", "path": "/x", "value": 1}]}}),
+    )
+    .unwrap();
+    let settle = StepSettle {
+        change_id: &id,
+        step_id: &step.id,
+        owner: "dies",
+        exit_code: Some(0),
+        properties: None,
+        children: None,
+    };
+    let landed = runner::orchestrator::patches::apply_step_patches(
+        store,
+        (&owner, 1),
+        (&env_owner, 1),
+        &patch,
+        &WrittenBy::Change {
+            change_id: id.clone(),
+            step_id: step.id.clone(),
+        },
+        Some(&settle),
+    )
+    .await
+    .unwrap();
+    assert_eq!(landed, Transition::Refused);
+    assert_eq!(store.properties(&owner, None).await.unwrap().version, 1);
+    assert_eq!(store.step(&step.id).await.unwrap().state, StepState::Error);
 }

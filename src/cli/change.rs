@@ -77,9 +77,14 @@ pub enum ChangeCommand {
         #[arg(long)]
         background: bool,
     },
-    /// Run an existing change in this process (what --background starts).
+    /// Run an existing change in this process (what --background starts), as the runner process `owner` the
+    /// change was created or retried for.
     #[command(hide = true)]
-    Run { id: String },
+    Run {
+        id: String,
+        #[arg(long)]
+        owner: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,41 +102,65 @@ pub async fn change(app: App, cmd: ChangeCommand, out: Output) -> Result<()> {
             action,
             background,
         } => {
+            let request = CreateChange {
+                project,
+                environment,
+                git_rev,
+                action,
+            };
             let orchestrator = crate::runtime::local(app).await?;
-            let change = orchestrator
-                .create_change(&CreateChange {
-                    project,
-                    environment,
-                    git_rev,
-                    action,
+            if background {
+                let id = in_background(&orchestrator, |child| async move {
+                    Ok(child.create_change(&request).await?.id)
                 })
                 .await?;
-            if background {
-                spawn_background(&orchestrator, &change.id)?;
-                println!("{}", change.id);
-                return Ok(());
-            }
-            eprintln!(
-                "change {} created at {} ({})",
-                change.id, change.git_sha, change.git_rev
-            );
-            run_in_foreground(&orchestrator, &change.id, out).await
-        }
-        ChangeCommand::Retry { id, background } => {
-            let orchestrator = crate::runtime::local(app).await?;
-            orchestrator.prepare_retry(&id).await?;
-            if background {
-                spawn_background(&orchestrator, &id)?;
                 println!("{id}");
                 return Ok(());
             }
-            run_in_foreground(&orchestrator, &id, out).await
+            // The lease is taken before the change exists: from its creation, the change has a live owner.
+            let lease = Lease::take(&orchestrator).await?;
+            let change = orchestrator.create_change(&request).await;
+            let result = match change {
+                Ok(change) => {
+                    eprintln!(
+                        "change {} created at {} ({})",
+                        change.id, change.git_sha, change.git_rev
+                    );
+                    run_in_foreground(&orchestrator, &change.id, out).await
+                }
+                Err(e) => Err(e),
+            };
+            lease.give_up().await;
+            result
         }
-        ChangeCommand::Run { id } => {
+        ChangeCommand::Retry { id, background } => {
             let orchestrator = crate::runtime::local(app).await?;
-            run_in_foreground(&orchestrator, &id, Output::Text).await
+            if background {
+                let id = in_background(&orchestrator, |child| async move {
+                    Ok(child.prepare_retry(&id).await?.id)
+                })
+                .await?;
+                println!("{id}");
+                return Ok(());
+            }
+            let lease = Lease::take(&orchestrator).await?;
+            let result = match orchestrator.prepare_retry(&id).await {
+                Ok(_) => run_in_foreground(&orchestrator, &id, out).await,
+                Err(e) => Err(e),
+            };
+            lease.give_up().await;
+            result
+        }
+        ChangeCommand::Run { id, owner } => {
+            let orchestrator = crate::runtime::local_as(app, Some(owner)).await?;
+            let lease = Lease::take(&orchestrator).await?;
+            let result = run_in_foreground(&orchestrator, &id, Output::Text).await;
+            lease.give_up().await;
+            result
         }
         ChangeCommand::Show { id } => {
+            // Changes whose runner died are ended first (no Docker needed), so what is shown is the truth.
+            crate::orchestrator::reap_changes(&app.store, None).await?;
             let change = app.store.change(&id).await?;
             let steps = app.store.steps(&id).await?;
             render::change(out, &change, &steps);
@@ -146,6 +175,7 @@ pub async fn change(app: App, cmd: ChangeCommand, out: Output) -> Result<()> {
                 environment,
                 ..Default::default()
             };
+            crate::orchestrator::reap_changes(&app.store, None).await?;
             render::changes(out, &app.store.list_changes(&filter).await?);
             Ok(())
         }
@@ -181,8 +211,51 @@ pub async fn step(app: App, cmd: StepCommand, out: Output) -> Result<()> {
     }
 }
 
-/// Starts `runner change run ID` as a detached process that outlives this one; its output goes to a log file.
-fn spawn_background(orchestrator: &Orchestrator, id: &str) -> Result<()> {
+/// This process's lease, held while it runs changes; given up only once they have ended.
+struct Lease {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    async fn take(orchestrator: &Orchestrator) -> Result<Lease> {
+        let stop = CancellationToken::new();
+        let task = orchestrator.hold_lease(stop.clone()).await?;
+        Ok(Lease { stop, task })
+    }
+
+    async fn give_up(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Creates or retries a change (`start`) for a new runner process that then runs it in the background: the change
+/// is owned by that process from the start. Its lease is taken here first (with this process's pid, then the
+/// child's), so no reaper ever sees the change without a live owner, and a change whose child died is reaped.
+async fn in_background<F, Fut>(orchestrator: &Orchestrator, start: F) -> Result<String>
+where
+    F: FnOnce(Orchestrator) -> Fut,
+    Fut: std::future::Future<Output = Result<String>>,
+{
+    let owner = uuid::Uuid::new_v4().to_string();
+    let child = orchestrator.clone().with_owner(owner.clone());
+    child.take_lease_for(std::process::id()).await?;
+    let id = match start(child.clone()).await {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = orchestrator.app().store.drop_lease(&owner).await;
+            return Err(e);
+        }
+    };
+    let pid = spawn_background(orchestrator, &id, &owner)?;
+    child.take_lease_for(pid).await?;
+    Ok(id)
+}
+
+/// Starts `runner change run ID --owner OWNER` as a detached process that outlives this one; its output goes to a
+/// log file. Returns its pid.
+fn spawn_background(orchestrator: &Orchestrator, id: &str, owner: &str) -> Result<u32> {
     use std::os::unix::process::CommandExt;
     let home = &orchestrator.app().home;
     let log_dir = home.join("logs");
@@ -193,39 +266,34 @@ fn spawn_background(orchestrator: &Orchestrator, id: &str) -> Result<()> {
     std::fs::create_dir_all(&log_dir).map_err(io)?;
     let log = std::fs::File::create(log_dir.join(format!("{id}.log"))).map_err(io)?;
     let exe = std::env::current_exe().map_err(io)?;
-    std::process::Command::new(exe)
+    let child = std::process::Command::new(exe)
         .args(["--home"])
         .arg(home)
-        .args(["change", "run", id])
+        .args(["change", "run", id, "--owner", owner])
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().map_err(io)?)
         .stderr(log)
         .process_group(0)
         .spawn()
         .map_err(io)?;
-    Ok(())
+    Ok(child.id())
 }
 
-/// Runs the change here, rendering its events as they happen; Ctrl-C cancels it.
+/// Runs the change here, rendering its events as they happen. SIGTERM, SIGINT or SIGHUP cancels it; this returns
+/// once its steps have stopped and their containers are gone (the caller gives up the lease after that).
 async fn run_in_foreground(orchestrator: &Orchestrator, id: &str, out: Output) -> Result<()> {
     let mut events = orchestrator.subscribe();
     let cancel = CancellationToken::new();
-    let lease = orchestrator.hold_lease(cancel.child_token()).await?;
-    let stop_lease = cancel.clone();
-    let ctrl_c = {
-        let cancel = cancel.clone();
+    let signals = crate::daemon::shutdown::signals().map_err(|source| Error::Home {
+        path: "signal handlers".into(),
+        source,
+    })?;
+    let on_signal = {
+        let (cancel, id) = (cancel.clone(), id.to_owned());
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                cancel.cancel();
-            }
-        })
-    };
-    let run_cancel = CancellationToken::new();
-    let forward = {
-        let (cancel, run_cancel) = (cancel.clone(), run_cancel.clone());
-        tokio::spawn(async move {
-            cancel.cancelled().await;
-            run_cancel.cancel();
+            let signal = signals.await;
+            eprintln!("{signal}: cancelling change {id}; its steps get SIGTERM, then SIGKILL after the grace period");
+            cancel.cancel();
         })
     };
     let id_owned = id.to_owned();
@@ -246,12 +314,9 @@ async fn run_in_foreground(orchestrator: &Orchestrator, id: &str, out: Output) -
             }
         }
     });
-    let change = orchestrator.run_change(id, run_cancel).await;
+    let change = orchestrator.run_change(id, cancel).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), render_task).await;
-    ctrl_c.abort();
-    forward.abort();
-    stop_lease.cancel();
-    let _ = lease.await;
+    on_signal.abort();
     outcome(change?)
 }
 

@@ -761,13 +761,17 @@ async fn serve(home: &Path, policy: Option<&Path>, args: ServeArgs) -> Result<()
         .retention
         .map(|age| crate::logs::retention::keep_pruning(orchestrator.app().store.clone(), age));
     eprintln!("serving the runner API on {}", args.listen);
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM can be handled");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+    let signals = crate::daemon::shutdown::signals().map_err(|source| Error::Home {
+        path: "signal handlers".into(),
+        source,
+    })?;
+    let grace = args.grace;
+    let shutdown = async move {
+        let signal = signals.await;
+        eprintln!(
+            "{signal}: no new changes; running changes get {} to finish, then are cancelled",
+            crate::actions::format_duration(grace)
+        );
     };
     crate::grpc::run(listener, orchestrator, config, shutdown)
         .await

@@ -114,7 +114,10 @@ pub async fn run(
             .map_err(ServerError::Tls)?;
     }
     let stop = CancellationToken::new();
-    let lease = orchestrator.hold_lease(stop.child_token()).await?;
+    // The lease outlives the grace period: it is given up only once every change this server runs has ended, so no
+    // runner started meanwhile mistakes its containers for a dead runner's.
+    let stop_lease = CancellationToken::new();
+    let lease = orchestrator.hold_lease(stop_lease.clone()).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, tonic_health::ServingStatus::NotServing).await;
@@ -185,6 +188,7 @@ pub async fn run(
         stop_runs.cancel();
         tasks.wait().await;
     }
+    stop_lease.cancel();
     let _ = lease.await;
     served.map_err(ServerError::Transport)
 }

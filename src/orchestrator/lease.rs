@@ -59,6 +59,17 @@ pub fn owner_is_dead(owner: &str, leases: &[Lease], this_host: &str, now_ms: i64
 }
 
 impl Orchestrator {
+    /// Takes (or renews) the lease of this orchestrator's owner on behalf of process `pid` — the process that
+    /// answers for its changes until that process renews the lease itself.
+    pub async fn take_lease_for(&self, pid: u32) -> Result<()> {
+        let expires = now_ms() + LEASE_TTL.as_millis() as i64;
+        Ok(self
+            .app
+            .store
+            .renew_lease(&self.owner, &hostname(), pid, expires)
+            .await?)
+    }
+
     /// Takes this process's lease and keeps renewing it until `stop` is cancelled; then drops it.
     pub async fn hold_lease(&self, stop: CancellationToken) -> Result<tokio::task::JoinHandle<()>> {
         let store = self.app.store.clone();

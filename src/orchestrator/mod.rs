@@ -2,8 +2,12 @@
 //! and dynamic), builds each step's image, runs each step in one discarded container, applies its patches, and
 //! records every transition as an [`Event`](crate::events::Event). Each concern has its own file:
 //! [`seams`] (the ports), `queue` (a change's life), `tree` (the step-tree walk), `step` (one step's work),
-//! `recorder` (events), [`lease`] and `reaper` (process lifetime and crash recovery).
+//! `children` (validating dynamic children), `failure` (what a stopped step's outcome is), `recorder` (events),
+//! [`lease`] and `reaper` (process lifetime and crash recovery), [`crash_point`] (the crash drill's hook).
 
+mod children;
+pub mod crash_point;
+mod failure;
 pub mod lease;
 pub mod patches;
 mod queue;
@@ -16,7 +20,7 @@ mod step;
 pub mod step_context;
 mod tree;
 
-pub use reaper::Reaped;
+pub use reaper::{reap_changes, verdict, Reaped};
 pub use seams::{EventTx, ImageRequest, PreparedImage, ServiceImageRequest, Sources, StepImages};
 pub use single::{SingleStep, SingleStepOutcome};
 
@@ -112,6 +116,13 @@ impl Orchestrator {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The same orchestrator acting as runner process `owner`: a background `change run` continues as the owner
+    /// its change was created (or retried) for.
+    pub fn with_owner(mut self, owner: String) -> Orchestrator {
+        self.owner = owner;
+        self
     }
 
     pub fn app(&self) -> &App {

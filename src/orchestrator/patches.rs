@@ -5,7 +5,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::properties::{self, Patch};
-use crate::store::{PropertiesOwner, PropertiesWrite, Store, StoreError, WrittenBy};
+use crate::store::{
+    PropertiesOwner, PropertiesWrite, StepSettle, Store, StoreError, Transition, WrittenBy,
+};
 
 /// The project and environment patches of a `step_result.json`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -89,14 +91,16 @@ const ATTEMPTS: usize = 100;
 
 /// Applies both patches in one transaction. `base_*` are the versions the step read when it started. Where a
 /// document moved on since, the patch is re-based onto the current version if it touches nothing that changed,
-/// and refused with a [`ConflictReport`] otherwise.
+/// and refused with a [`ConflictReport`] otherwise. With `settle`, the step's end lands in the same transaction
+/// as its patches (even when it has none), and the answer says whether the step was still there to settle.
 pub async fn apply_step_patches(
     store: &Store,
     project: (&PropertiesOwner, i64),
     environment: (&PropertiesOwner, i64),
     patches: &StepPatches,
     by: &WrittenBy,
-) -> Result<(), ApplyError> {
+    settle: Option<&StepSettle<'_>>,
+) -> Result<Transition, ApplyError> {
     let scopes = [
         (project.0, project.1, &patches.project),
         (environment.0, environment.1, &patches.environment),
@@ -130,8 +134,8 @@ pub async fn apply_step_patches(
             })?;
             documents.push((owner, current.version, document));
         }
-        if documents.is_empty() {
-            return Ok(());
+        if documents.is_empty() && settle.is_none() {
+            return Ok(Transition::Done);
         }
         let writes: Vec<PropertiesWrite> = documents
             .iter()
@@ -141,8 +145,15 @@ pub async fn apply_step_patches(
                 document,
             })
             .collect();
-        match store.write_properties(&writes, by).await {
-            Ok(_) => return Ok(()),
+        let written = match settle {
+            Some(settle) => store.settle_step(settle, &writes, by).await,
+            None => store
+                .write_properties(&writes, by)
+                .await
+                .map(|_| Transition::Done),
+        };
+        match written {
+            Ok(transition) => return Ok(transition),
             Err(StoreError::VersionConflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -218,7 +229,7 @@ mod tests {
             json!([{"op": "add", "path": "/a", "value": 1}]),
             json!([{"op": "add", "path": "/b", "value": 2}]),
         );
-        apply_step_patches(&store, (&p, 1), (&e, 1), &step, &WrittenBy::Cli)
+        apply_step_patches(&store, (&p, 1), (&e, 1), &step, &WrittenBy::Cli, None)
             .await
             .unwrap();
         assert_eq!(
@@ -235,17 +246,17 @@ mod tests {
         let second = patches(json!([{"op": "add", "path": "/y", "value": 2}]), json!([]));
         let clash = patches(json!([{"op": "add", "path": "/x", "value": 3}]), json!([]));
         // All three started from version 1.
-        apply_step_patches(&store, (&p, 1), (&e, 1), &first, &WrittenBy::Cli)
+        apply_step_patches(&store, (&p, 1), (&e, 1), &first, &WrittenBy::Cli, None)
             .await
             .unwrap();
-        apply_step_patches(&store, (&p, 1), (&e, 1), &second, &WrittenBy::Cli)
+        apply_step_patches(&store, (&p, 1), (&e, 1), &second, &WrittenBy::Cli, None)
             .await
             .unwrap();
         assert_eq!(
             store.properties(&p, None).await.unwrap().document,
             json!({"x": 1, "y": 2})
         );
-        let err = apply_step_patches(&store, (&p, 1), (&e, 1), &clash, &WrittenBy::Cli)
+        let err = apply_step_patches(&store, (&p, 1), (&e, 1), &clash, &WrittenBy::Cli, None)
             .await
             .unwrap_err();
         let ApplyError::Conflict(report) = err else {
@@ -267,7 +278,7 @@ mod tests {
             json!([{"op": "add", "path": "/ok", "value": 1}]),
             json!([{"op": "add", "path": "/opschain", "value": {"env": {"N": 5}}}]),
         );
-        let err = apply_step_patches(&store, (&p, 1), (&e, 1), &step, &WrittenBy::Cli)
+        let err = apply_step_patches(&store, (&p, 1), (&e, 1), &step, &WrittenBy::Cli, None)
             .await
             .unwrap_err();
         assert!(matches!(err, ApplyError::Invalid { .. }), "{err}");
@@ -285,7 +296,7 @@ mod tests {
                 json!([{"op": "add", "path": "/ok", "value": 1}]),
                 json!([{"op": "replace", "path": "", "value": value}]),
             );
-            let err = apply_step_patches(&store, (&p, 1), (&e, 1), &step, &WrittenBy::Cli)
+            let err = apply_step_patches(&store, (&p, 1), (&e, 1), &step, &WrittenBy::Cli, None)
                 .await
                 .unwrap_err();
             assert!(
@@ -315,7 +326,7 @@ mod tests {
             ),
         ] {
             let step = patches(json!([{"op": "add", "path": "/ok", "value": 1}]), patch);
-            let err = apply_step_patches(&store, (&p, 1), (&e, 1), &step, &WrittenBy::Cli)
+            let err = apply_step_patches(&store, (&p, 1), (&e, 1), &step, &WrittenBy::Cli, None)
                 .await
                 .unwrap_err();
             assert!(matches!(err, ApplyError::AdminOnly { .. }), "{err}");

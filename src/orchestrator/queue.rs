@@ -5,12 +5,12 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{lease, CreateChange, EventTx, Orchestrator, Run};
+use super::{reaper, CreateChange, EventTx, Orchestrator, Run};
 use crate::error::{Error, Result};
-use crate::events::{ChangeState, Event, Masker, StepState};
+use crate::events::{ChangeState, Event, StepState};
 use crate::policy::Subject;
 use crate::properties::SecretKind;
-use crate::store::{Change, StepFinish};
+use crate::store::{Change, Claim, Transition};
 
 impl Orchestrator {
     /// Creates a change: resolves the revision to a SHA once (everything after uses that SHA, retries included)
@@ -57,6 +57,7 @@ impl Orchestrator {
                 git_rev: &request.git_rev,
                 git_sha: &sha,
                 root_step_id: &uuid::Uuid::new_v4().to_string(),
+                owner: &self.owner,
             })
             .await?;
         let record = store
@@ -72,7 +73,8 @@ impl Orchestrator {
         Ok(store.change(&id).await?)
     }
 
-    /// Asks a change to stop. A change no live runner is running is cancelled at once.
+    /// Asks a change to stop. The runner running it (in any process) stops it; a change whose runner died is
+    /// ended `cancelled` at once.
     pub async fn cancel_change(&self, id: &str) -> Result<Change> {
         let store = &self.app.store;
         let change = store.change(id).await?;
@@ -80,54 +82,35 @@ impl Orchestrator {
             return Ok(change);
         }
         store.request_cancel(id).await?;
-        let leases = store.leases().await?;
-        let orphaned = match change.owner.as_deref() {
-            None => true,
-            Some(owner) => {
-                owner != self.owner
-                    && lease::owner_is_dead(owner, &leases, &lease::hostname(), lease::now_ms())
+        for reaped in reaper::reap_changes(store, Some(&self.owner)).await? {
+            for record in reaped.events {
+                let _ = self.live.send(record);
             }
-        };
-        if orphaned && matches!(change.state, ChangeState::Pending | ChangeState::Queued) {
-            let (tx, recorder) = self.recorder(id, Masker::default());
-            for step in store
-                .steps(id)
-                .await?
-                .iter()
-                .filter(|s| !s.state.is_final())
-            {
-                self.finish_step(&tx, step, StepState::Cancelled, StepFinish::default())
-                    .await?;
-            }
-            store
-                .set_change_state(
-                    id,
-                    ChangeState::Cancelled,
-                    Some("cancelled before it started"),
-                )
-                .await?;
-            let _ = tx.send(Event::ChangeState {
-                state: ChangeState::Cancelled,
-                reason: Some("cancelled before it started".into()),
-            });
-            drop(tx);
-            let _ = recorder.await;
         }
         Ok(store.change(id).await?)
     }
 
-    /// Makes a failed or cancelled change runnable again, at the same SHA; steps that succeeded are kept.
+    /// Makes a failed or cancelled change runnable again by this process, at the same SHA; steps that succeeded
+    /// are kept. Of two concurrent retries one wins; the other is told the change is already running.
     pub async fn prepare_retry(&self, id: &str) -> Result<Change> {
         let store = &self.app.store;
-        let change = store.change(id).await?;
-        if !change.state.is_final() || change.state == ChangeState::Success {
-            return Err(Error::InvalidArgument {
-                what: "change state",
-                value: change.state.to_string(),
-                expected: "only a change that ended in error or was cancelled can be retried",
+        if let Err(change) = store.reset_change(id, &self.owner).await? {
+            return Err(match change.state {
+                ChangeState::Success => Error::InvalidArgument {
+                    what: "change state",
+                    value: change.state.to_string(),
+                    expected: "only a change that ended in error or was cancelled can be retried",
+                },
+                state => Error::ChangeBusy {
+                    id: id.to_owned(),
+                    state: state.to_string(),
+                    hint: format!(
+                        "it is already running (another retry or run holds it), and only a change that ended in error or was cancelled can be retried; follow it with `runner change show-logs --follow {id}` or stop it with `runner change cancel {id}`"
+                    ),
+                },
             });
         }
-        store.reset_change(id).await?;
+        super::crash_point::reached("retrying").await;
         Ok(store.change(id).await?)
     }
 
@@ -141,6 +124,21 @@ impl Orchestrator {
     async fn run_change_inner(&self, id: &str, cancel: CancellationToken) -> Result<Change> {
         let store = &self.app.store;
         let change = store.change(id).await?;
+        if change.state != ChangeState::Pending || change.owner.as_deref() != Some(&self.owner) {
+            // A change runs at most once per creation or retry, in the process that holds it.
+            return Err(Error::ChangeBusy {
+                id: id.to_owned(),
+                state: change.state.to_string(),
+                hint: match change.state {
+                    ChangeState::Success | ChangeState::Error | ChangeState::Cancelled => {
+                        format!("it has ended; run it again with `runner change retry {id}`")
+                    }
+                    _ => format!(
+                        "another runner process holds it; follow it with `runner change show-logs --follow {id}`"
+                    ),
+                },
+            });
+        }
         let (events, recorder) = self.recorder(id, self.masker()?);
         let watch_cancel = self.watch_cancel(id, cancel.clone());
         let outcome = self.drive(change, events.clone(), cancel.clone()).await;
@@ -150,8 +148,17 @@ impl Orchestrator {
             Err(e) => (ChangeState::Error, Some(crate::error::error_text(e))),
         };
         let reason = events.masker().mask_opt(reason);
-        store.set_change_state(id, state, reason.as_deref()).await?;
-        let _ = events.send(Event::ChangeState { state, reason });
+        match store
+            .finish_change(id, &self.owner, state, reason.as_deref())
+            .await?
+        {
+            Transition::Done => {
+                let _ = events.send(Event::ChangeState { state, reason });
+            }
+            Transition::Refused => {
+                tracing::warn!(change_id = %id, "the change was ended elsewhere (reaped?) before this runner ended it")
+            }
+        }
         drop(events);
         let _ = recorder.await;
         Ok(store.change(id).await?)
@@ -181,14 +188,35 @@ impl Orchestrator {
         cancel: CancellationToken,
     ) -> Result<(ChangeState, Option<String>)> {
         let store = &self.app.store;
-        store
-            .set_change_state(&change.id, ChangeState::Queued, None)
-            .await?;
+        let change_id = change.id.clone();
+        let stopped = |what: &'static str| async move {
+            let now = store.change(&change_id).await?;
+            Ok::<_, Error>(if now.cancel_requested {
+                (ChangeState::Cancelled, Some(format!("cancelled {what}")))
+            } else {
+                (
+                    ChangeState::Error,
+                    Some(format!(
+                        "the change is {} and no longer held by this runner process; it was not run",
+                        now.state
+                    )),
+                )
+            })
+        };
+        if store.queue_change(&change.id, &self.owner).await? == Transition::Refused {
+            return stopped("before it started").await;
+        }
         let _ = events.send(Event::ChangeState {
             state: ChangeState::Queued,
             reason: None,
         });
-        while !store.claim_environment(&change.id, &self.owner).await? {
+        super::crash_point::reached("queued").await;
+        loop {
+            match store.claim_environment(&change.id, &self.owner).await? {
+                Claim::Claimed => break,
+                Claim::Lost => return stopped("while queued").await,
+                Claim::Blocked => {}
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok((ChangeState::Cancelled, Some("cancelled while queued".into()))),
                 _ = tokio::time::sleep(self.settings.poll) => {}
@@ -202,6 +230,7 @@ impl Orchestrator {
         let environment = store
             .environment(&change.project, &change.environment)
             .await?;
+        super::crash_point::reached("cloning").await;
         let (manifest, manifest_path) = self.manifest(&project, &change.git_sha).await?;
         let repository_properties = self
             .sources

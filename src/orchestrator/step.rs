@@ -4,16 +4,30 @@ use serde_json::Value;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
+use super::children::dynamic_children;
+use super::failure::{step_outcome, Stage, Stopped};
 use super::step_context::{self, StepIdentity};
 use super::{patches, ImageRequest, Orchestrator, Run};
 use crate::actions::{Action, RunAs};
-use crate::error::{Error, Result};
+use crate::error::{error_text, Error, Result};
 use crate::events::{Event, Phase, StepState};
 use crate::executor::{Ended, LogLine, StepRun};
 use crate::policy::Subject;
 use crate::properties::{self, Layers, SecretKind};
 use crate::secrets::SecretValues;
-use crate::store::{PropertiesOwner, Step, StepFinish, WrittenBy};
+use crate::store::{
+    PropertiesOwner, PropertiesVersion, Step, StepFinish, StepSettle, Transition, WrittenBy,
+};
+
+/// What a step's own work came to.
+pub(super) enum Own {
+    Failed(StepState, String),
+    /// Its end (and patches) landed; these children (already recorded) run next, this way.
+    Succeeded(Vec<Step>, RunAs),
+}
+
+/// Why a step's own work stopped short: its final state and reason.
+type Stop = (StepState, String);
 
 impl Orchestrator {
     /// The build and runner secrets a step gets, named by the project's and environment's properties and
@@ -54,43 +68,84 @@ impl Orchestrator {
         Ok(self.app.policy.secrets_for(subject, kind, named)?)
     }
 
-    /// A step's own work: properties, image, container, patches. Children are its caller's business.
+    /// A step's own work: properties, image, container, then its patches, end and children in one transaction.
+    /// Whatever stops it ends the step (never left `running`), through [`step_outcome`].
     pub(super) async fn run_own(&self, run: &Run, step: &Step, action: &Action) -> Result<Own> {
         let store = &self.app.store;
-        let events = &run.events;
-        let project_owner: PropertiesOwner = (&run.project).into();
-        let environment_owner: PropertiesOwner = (&run.environment).into();
-        let project_props = store.properties(&project_owner, None).await?;
-        let environment_props = store.properties(&environment_owner, None).await?;
-        store
-            .start_step(&step.id, project_props.version, environment_props.version)
+        let project_props = store.properties(&(&run.project).into(), None).await?;
+        let environment_props = store.properties(&(&run.environment).into(), None).await?;
+        let started = store
+            .start_step(
+                &step.id,
+                &self.owner,
+                project_props.version,
+                environment_props.version,
+            )
             .await?;
-        let _ = events.send(Event::StepState {
+        if started == Transition::Refused {
+            return Ok(Own::Failed(
+                StepState::Error,
+                format!(
+                    "change {} is no longer run by this runner process; step {} was not started",
+                    run.change.id, step.action
+                ),
+            ));
+        }
+        let _ = run.events.send(Event::StepState {
             step_id: step.id.clone(),
             parent_id: step.parent_id.clone(),
             action: step.action.clone(),
             state: StepState::Running,
             reason: None,
         });
-        let fail = |state: StepState, reason: String| async move {
-            self.finish_step(
-                events,
-                step,
-                state,
-                StepFinish {
-                    reason: Some(reason.clone()),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            Ok::<_, Error>(Own::Failed(state, reason))
-        };
+        let props = (project_props, environment_props);
+        match self.own_work(run, step, action, &props).await {
+            Ok(own) => Ok(own),
+            Err((state, reason)) => {
+                self.finish_step(
+                    &run.events,
+                    step,
+                    state,
+                    StepFinish {
+                        reason: Some(reason.clone()),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+                Ok(Own::Failed(state, reason))
+            }
+        }
+    }
 
-        let static_children = action.steps.clone();
-        let Some(_) = &action.run else {
-            // A pure grouping action: nothing to build or run; its state follows its children.
-            return Ok(Own::Succeeded((static_children, action.run_as)));
+    async fn own_work(
+        &self,
+        run: &Run,
+        step: &Step,
+        action: &Action,
+        (project_props, environment_props): &(PropertiesVersion, PropertiesVersion),
+    ) -> std::result::Result<Own, Stop> {
+        let store = &self.app.store;
+        let events = &run.events;
+        let stop = |stage: Stage, error: &str| {
+            step_outcome(
+                &step.action,
+                Stopped::Error { stage, error },
+                run.cancel.is_cancelled(),
+            )
         };
+        let failed = |stage: Stage, e: &Error| stop(stage, &error_text(e));
+
+        if action.run.is_none() {
+            // A pure grouping action: nothing to build or run; its state follows its static children.
+            let done = Settled {
+                children: action.steps.clone(),
+                strategy: action.run_as,
+                exit_code: None,
+                properties: None,
+                patches: None,
+            };
+            return self.settle(run, step, done).await;
+        }
 
         let view = properties::layered_view(&Layers {
             repository_project: Some(&run.repository_properties),
@@ -103,7 +158,7 @@ impl Orchestrator {
             project: &run.project.code,
             environment: &run.environment.code,
         };
-        let secrets = self
+        let (build_secrets, runner_secrets) = self
             .app
             .policy
             .require_action(subject, action)
@@ -115,11 +170,8 @@ impl Orchestrator {
                     &environment_props.document,
                     "project/environment",
                 )
-            });
-        let (build_secrets, runner_secrets) = match secrets {
-            Ok(secrets) => secrets,
-            Err(e) => return fail(StepState::Error, crate::error::error_text(&e)).await,
-        };
+            })
+            .map_err(|e| failed(Stage::Prepare, &e))?;
         let identity = StepIdentity {
             project: &run.project,
             environment: &run.environment,
@@ -134,6 +186,7 @@ impl Orchestrator {
             Phase::BuildStarted,
             format!("building the runner image for step {}", step.action),
         );
+        super::crash_point::reached("building").await;
         let started = Instant::now();
         let request = ImageRequest {
             identity,
@@ -141,35 +194,16 @@ impl Orchestrator {
             build_secrets: &build_secrets,
             base_image: run.base_image.as_deref(),
         };
-        let image = match self
+        let image = self
             .images
             .prepare(request, events.clone(), run.cancel.clone())
             .await
-        {
-            Ok(image) => image,
-            Err(e) if run.cancel.is_cancelled() => {
-                return fail(
-                    StepState::Cancelled,
-                    format!("cancelled while building: {}", crate::error::error_text(&e)),
-                )
-                .await
-            }
-            Err(e) => {
-                return fail(
-                    StepState::Error,
-                    format!(
-                        "failed to build runner image for step {}: {}",
-                        step.action,
-                        crate::error::error_text(&e)
-                    ),
-                )
-                .await
-            }
-        };
+            .map_err(|e| failed(Stage::Build, &e))?;
         store
             .set_step_image(&step.id, &image.image, image.cached)
-            .await?;
-        let beside = match self
+            .await
+            .map_err(|e| failed(Stage::Prepare, &e.into()))?;
+        let beside = self
             .prepare_beside(
                 identity,
                 run.base_image.as_deref(),
@@ -178,17 +212,7 @@ impl Orchestrator {
                 &run.cancel,
             )
             .await
-        {
-            Ok(beside) => beside,
-            Err(e) if run.cancel.is_cancelled() => {
-                return fail(
-                    StepState::Cancelled,
-                    format!("cancelled while building: {}", crate::error::error_text(&e)),
-                )
-                .await
-            }
-            Err(e) => return fail(StepState::Error, crate::error::error_text(&e)).await,
-        };
+            .map_err(|e| failed(Stage::Beside, &e))?;
         Self::phase(
             events,
             step,
@@ -201,10 +225,11 @@ impl Orchestrator {
             ),
         );
 
-        let resources = match self.app.policy.action_resources(subject, action) {
-            Ok(resources) => resources,
-            Err(e) => return fail(StepState::Error, e.to_string()).await,
-        };
+        let resources = self
+            .app
+            .policy
+            .action_resources(subject, action)
+            .map_err(|e| stop(Stage::Prepare, &e.to_string()))?;
         let step_run = StepRun {
             change_id: run.change.id.clone(),
             step_id: step.id.clone(),
@@ -246,10 +271,7 @@ impl Orchestrator {
             .run_step(&step_run, log_tx, run.cancel.child_token())
             .await;
         let _ = forward.await;
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(e) => return fail(StepState::Error, crate::error::error_text(&e)).await,
-        };
+        let outcome = outcome.map_err(|e| failed(Stage::Run, &e.into()))?;
         let seconds = started.elapsed().as_secs_f64();
         Self::phase(
             events,
@@ -260,143 +282,170 @@ impl Orchestrator {
                 step.action, outcome.exit_code
             ),
         );
-        match outcome.ended {
-            Ended::Cancelled => return fail(StepState::Cancelled, "cancelled".into()).await,
-            Ended::TimedOut => {
-                let limit = action
-                    .timeout
-                    .map(crate::actions::format_duration)
-                    .unwrap_or_default();
-                return fail(
-                    StepState::Error,
-                    format!("step {} timed out after {limit}", step.action),
-                )
-                .await;
-            }
-            Ended::Exited if outcome.exit_code != 0 => {
-                return fail(
-                    StepState::Error,
-                    match &outcome.limit {
-                        Some(limit) => format!(
-                            "step {} exited with code {}: {limit}",
-                            step.action, outcome.exit_code
-                        ),
-                        None => format!(
-                            "step {} exited with code {}",
-                            step.action, outcome.exit_code
-                        ),
-                    },
-                )
-                .await;
-            }
-            Ended::Exited => {}
+        if outcome.ended != Ended::Exited || outcome.exit_code != 0 {
+            let limit = outcome.limit.as_ref().map(ToString::to_string);
+            return Err(step_outcome(
+                &step.action,
+                Stopped::Ended {
+                    ended: outcome.ended,
+                    exit_code: outcome.exit_code,
+                    timeout: action.timeout,
+                    limit: limit.as_deref(),
+                },
+                run.cancel.is_cancelled(),
+            ));
         }
         let result = outcome.result.unwrap_or(Value::Null);
-        let step_patches = match patches::patches_from_result(&result) {
-            Ok(p) => p,
-            Err(e) => {
-                return fail(
-                    StepState::Error,
-                    format!("step {} left an invalid step_result.json: {e}", step.action),
-                )
-                .await
-            }
+        let step_patches =
+            patches::patches_from_result(&result).map_err(|e| stop(Stage::Result, &e))?;
+        // Children are validated before anything of the step lands.
+        let ancestors = self
+            .ancestors(run, step)
+            .await
+            .map_err(|e| failed(Stage::Prepare, &e))?;
+        let children = dynamic_children(
+            &result,
+            &run.manifest,
+            &run.manifest_path,
+            &step.action,
+            &ancestors,
+        )
+        .map_err(|e| stop(Stage::Result, &e))?;
+        let mut all = action.steps.clone();
+        all.extend(children.actions);
+        self.settle(
+            run,
+            step,
+            Settled {
+                children: all,
+                strategy: children.strategy.unwrap_or(action.run_as),
+                exit_code: Some(outcome.exit_code),
+                properties: result.pointer("/step/properties").cloned(),
+                patches: Some((
+                    step_patches,
+                    project_props.version,
+                    environment_props.version,
+                )),
+            },
+        )
+        .await
+    }
+
+    /// Lands a step's end, its patches (if any) and its children in one transaction, then reads the children back.
+    async fn settle(
+        &self,
+        run: &Run,
+        step: &Step,
+        done: Settled,
+    ) -> std::result::Result<Own, Stop> {
+        let store = &self.app.store;
+        let failed = |e: &dyn std::error::Error| {
+            step_outcome(
+                &step.action,
+                Stopped::Error {
+                    stage: Stage::Patches,
+                    error: &error_text(e),
+                },
+                run.cancel.is_cancelled(),
+            )
+        };
+        let ids: Vec<(String, String)> = done
+            .children
+            .iter()
+            .map(|a| (uuid::Uuid::new_v4().to_string(), a.clone()))
+            .collect();
+        let settle = StepSettle {
+            change_id: &run.change.id,
+            step_id: &step.id,
+            owner: &self.owner,
+            exit_code: done.exit_code,
+            properties: done.properties,
+            children: (!ids.is_empty()).then(|| (strategy_text(done.strategy), ids.as_slice())),
         };
         let by = WrittenBy::Change {
             change_id: run.change.id.clone(),
             step_id: step.id.clone(),
         };
-        if let Err(e) = patches::apply_step_patches(
-            store,
-            (&project_owner, project_props.version),
-            (&environment_owner, environment_props.version),
-            &step_patches,
-            &by,
-        )
-        .await
-        {
-            return fail(StepState::Error, e.to_string()).await;
-        }
-        let (dynamic, strategy) = match dynamic_children(&result) {
-            Ok(found) => found,
-            Err(e) => {
-                return fail(
-                    StepState::Error,
-                    format!("step {} left an invalid step_result.json: {e}", step.action),
+        super::crash_point::reached("applying-patches").await;
+        let landed = match &done.patches {
+            Some((step_patches, project_version, environment_version)) => {
+                let project: PropertiesOwner = (&run.project).into();
+                let environment: PropertiesOwner = (&run.environment).into();
+                patches::apply_step_patches(
+                    store,
+                    (&project, *project_version),
+                    (&environment, *environment_version),
+                    step_patches,
+                    &by,
+                    Some(&settle),
                 )
                 .await
+                .map_err(|e| failed(&e))?
             }
+            None => store
+                .settle_step(&settle, &[], &by)
+                .await
+                .map_err(|e| failed(&e))?,
         };
-        for child in &dynamic {
-            if let Err(e) = run.manifest.action(&run.manifest_path, child) {
-                return fail(
-                    StepState::Error,
-                    format!("step {} asked for a child step: {e}", step.action),
-                )
-                .await;
-            }
+        if landed == Transition::Refused {
+            return Err((
+                StepState::Error,
+                format!(
+                    "step {} finished, but change {} is no longer run by this runner process; nothing of the step was applied",
+                    step.action, run.change.id
+                ),
+            ));
         }
-        let properties = result.pointer("/step/properties").cloned();
-        let children: Vec<String> = static_children.into_iter().chain(dynamic).collect();
-        let state = StepState::Success;
-        self.app
-            .store
-            .finish_step(
-                &step.id,
-                state,
-                &StepFinish {
-                    exit_code: Some(outcome.exit_code),
-                    reason: None,
-                    properties,
-                },
-            )
-            .await?;
-        if children.is_empty() {
-            let _ = events.send(Event::StepState {
+        if ids.is_empty() {
+            let _ = run.events.send(Event::StepState {
                 step_id: step.id.clone(),
                 parent_id: step.parent_id.clone(),
                 action: step.action.clone(),
-                state,
+                state: StepState::Success,
                 reason: None,
             });
+            return Ok(Own::Succeeded(vec![], done.strategy));
         }
-        Ok(Own::Succeeded((
-            children,
-            strategy.unwrap_or(action.run_as),
-        )))
+        let children = store
+            .steps(&run.change.id)
+            .await
+            .map_err(|e| failed(&e))?
+            .into_iter()
+            .filter(|s| s.parent_id.as_deref() == Some(&step.id))
+            .collect();
+        Ok(Own::Succeeded(children, done.strategy))
+    }
+
+    /// The actions above `step`, from the change's root down to its parent.
+    async fn ancestors(&self, run: &Run, step: &Step) -> Result<Vec<String>> {
+        let steps = self.app.store.steps(&run.change.id).await?;
+        let mut chain = vec![];
+        let mut parent = step.parent_id.clone();
+        while let Some(id) = parent {
+            let Some(above) = steps.iter().find(|s| s.id == id) else {
+                break;
+            };
+            chain.push(above.action.clone());
+            parent = above.parent_id.clone();
+        }
+        chain.reverse();
+        Ok(chain)
     }
 }
 
-pub(super) enum Own {
-    Failed(StepState, String),
-    /// The children to run next and how.
-    Succeeded((Vec<String>, RunAs)),
+/// What a step whose own work succeeded lands.
+struct Settled {
+    children: Vec<String>,
+    strategy: RunAs,
+    exit_code: Option<i64>,
+    properties: Option<Value>,
+    /// The patches and the property versions the step started from.
+    patches: Option<(patches::StepPatches, i64, i64)>,
 }
 
-/// `steps.children[].action` and `steps.child_execution_strategy` of a step result.
-fn dynamic_children(result: &Value) -> std::result::Result<(Vec<String>, Option<RunAs>), String> {
-    let children = match result.pointer("/steps/children") {
-        None | Some(Value::Null) => vec![],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|item| {
-                item.get("action")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .ok_or_else(|| format!("steps.children entry {item} has no \"action\" string"))
-            })
-            .collect::<std::result::Result<_, _>>()?,
-        Some(other) => return Err(format!("steps.children must be a list, found {other}")),
-    };
-    let strategy = match result.pointer("/steps/child_execution_strategy") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s == "parallel" => Some(RunAs::Parallel),
-        Some(Value::String(s)) if s == "sequential" => Some(RunAs::Sequential),
-        Some(other) => {
-            return Err(format!(
-            "steps.child_execution_strategy must be \"sequential\" or \"parallel\", found {other}"
-        ))
-        }
-    };
-    Ok((children, strategy))
+pub(super) fn strategy_text(strategy: RunAs) -> &'static str {
+    match strategy {
+        RunAs::Sequential => "sequential",
+        RunAs::Parallel => "parallel",
+    }
 }

@@ -39,22 +39,13 @@ impl Orchestrator {
             let action = run.manifest.action(&run.manifest_path, &step.action)?.clone();
             let span = tracing::info_span!("step", change_id = %run.change.id, step_id = %step.id, action = %step.action);
             let own = self.run_own(&run, &step, &action).instrument(span).await?;
-            let children = match own {
-                Own::Failed(state, reason) => return Ok((state, Some(reason))),
-                Own::Succeeded(children) => children,
-            };
-            let strategy = children.1;
-            if children.0.is_empty() {
-                if action.run.is_none() {
-                    self.finish_step(&run.events, &step, StepState::Success, StepFinish::default())
-                        .await?;
+            match own {
+                Own::Failed(state, reason) => Ok((state, Some(reason))),
+                Own::Succeeded(children, _) if children.is_empty() => Ok((StepState::Success, None)),
+                Own::Succeeded(children, strategy) => {
+                    self.run_children(run, &step, children, strategy).await
                 }
-                return Ok((StepState::Success, None));
             }
-            let ids: Vec<(String, String)> = children.0.iter().map(|a| (uuid::Uuid::new_v4().to_string(), a.clone())).collect();
-            store.set_children(&run.change.id, &step.id, strategy_text(strategy), &ids).await?;
-            let children: Vec<Step> = store.steps(&run.change.id).await?.into_iter().filter(|s| s.parent_id.as_deref() == Some(&step.id)).collect();
-            self.run_children(run, &step, children, strategy).await
         }
         .boxed()
     }
@@ -149,12 +140,5 @@ impl Orchestrator {
             .await?;
         }
         Ok((state, reason))
-    }
-}
-
-fn strategy_text(strategy: RunAs) -> &'static str {
-    match strategy {
-        RunAs::Sequential => "sequential",
-        RunAs::Parallel => "parallel",
     }
 }

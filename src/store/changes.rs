@@ -55,6 +55,8 @@ pub struct NewChange<'a> {
     pub git_rev: &'a str,
     pub git_sha: &'a str,
     pub root_step_id: &'a str,
+    /// The runner process answerable for the change from its creation (its lease says whether it lives).
+    pub owner: &'a str,
 }
 
 /// What finishing a step records.
@@ -74,11 +76,11 @@ pub struct ChangeFilter {
     pub offset: i64,
 }
 
-const CHANGE_SELECT: &str =
+pub(super) const CHANGE_SELECT: &str =
     "SELECT c.*, p.code AS project_code, e.code AS environment_code FROM changes c \
      JOIN projects p ON p.id = c.project_id JOIN environments e ON e.id = c.environment_id";
 
-fn change_row(row: &sqlx::sqlite::SqliteRow) -> Change {
+pub(super) fn change_row(row: &sqlx::sqlite::SqliteRow) -> Change {
     Change {
         id: row.get("id"),
         project: row.get("project_code"),
@@ -96,7 +98,7 @@ fn change_row(row: &sqlx::sqlite::SqliteRow) -> Change {
     }
 }
 
-fn step_row(row: &sqlx::sqlite::SqliteRow) -> Step {
+pub(super) fn step_row(row: &sqlx::sqlite::SqliteRow) -> Step {
     Step {
         id: row.get("id"),
         change_id: row.get("change_id"),
@@ -133,8 +135,8 @@ impl Store {
         let mut tx = self.write_tx().await?;
         let at = now();
         sqlx::query(
-            "INSERT INTO changes (id, project_id, environment_id, action, git_rev, git_sha, state, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+            "INSERT INTO changes (id, project_id, environment_id, action, git_rev, git_sha, state, owner, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
         )
         .bind(new.id)
         .bind(new.project_id)
@@ -142,6 +144,7 @@ impl Store {
         .bind(new.action)
         .bind(new.git_rev)
         .bind(new.git_sha)
+        .bind(new.owner)
         .bind(&at)
         .execute(&mut *tx)
         .await?;
@@ -184,70 +187,6 @@ impl Store {
         Ok(rows.iter().map(change_row).collect())
     }
 
-    /// Sets a change's state; final states also record the finish time and release the owner.
-    pub async fn set_change_state(
-        &self,
-        id: &str,
-        state: ChangeState,
-        reason: Option<&str>,
-    ) -> Result<(), StoreError> {
-        let at = now();
-        sqlx::query(
-            "UPDATE changes SET state = ?, reason = COALESCE(?, reason), \
-             finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?",
-        )
-        .bind(state.as_str())
-        .bind(reason)
-        .bind(state.is_final())
-        .bind(&at)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Takes the change's environment for `owner` if no other change runs there and none was queued before it.
-    /// Changes on one environment thus run one at a time, in the order they were created.
-    pub async fn claim_environment(
-        &self,
-        change_id: &str,
-        owner: &str,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let blocked: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM changes o JOIN changes c ON c.id = ? \
-             WHERE o.environment_id = c.environment_id AND o.id != c.id AND ( o.state = 'running' \
-               OR (o.state IN ('pending', 'queued') AND (o.created_at, o.rowid) < (c.created_at, c.rowid)))",
-        )
-        .bind(change_id)
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
-        if blocked > 0 {
-            return Ok(false);
-        }
-        sqlx::query("UPDATE changes SET state = 'running', owner = ?, started_at = COALESCE(started_at, ?) WHERE id = ?")
-            .bind(owner)
-            .bind(now())
-            .bind(change_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    /// Prepares a change to run again: back to pending, cancel flag cleared.
-    pub async fn reset_change(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE changes SET state = 'pending', reason = NULL, owner = NULL, cancel_requested = 0, \
-             finished_at = NULL WHERE id = ?",
-        )
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     pub async fn request_cancel(&self, id: &str) -> Result<(), StoreError> {
         sqlx::query("UPDATE changes SET cancel_requested = 1 WHERE id = ?")
             .bind(id)
@@ -279,26 +218,6 @@ impl Store {
             })
     }
 
-    /// Marks a step running with the property versions it starts from.
-    pub async fn start_step(
-        &self,
-        id: &str,
-        project_version: i64,
-        environment_version: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE steps SET state = 'running', started_at = ?, project_version = ?, environment_version = ?, \
-             reason = NULL, exit_code = NULL, finished_at = NULL WHERE id = ?",
-        )
-        .bind(now())
-        .bind(project_version)
-        .bind(environment_version)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     pub async fn set_step_image(
         &self,
         id: &str,
@@ -321,7 +240,7 @@ impl Store {
         finish: &StepFinish,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE steps SET state = ?, exit_code = COALESCE(?, exit_code), reason = COALESCE(?, reason), \
+            "UPDATE steps SET state = ?, exit_code = COALESCE(?, exit_code), reason = ?, \
              properties = COALESCE(?, properties), finished_at = ? WHERE id = ?",
         )
         .bind(state.as_str())
@@ -332,45 +251,6 @@ impl Store {
         .bind(id)
         .execute(&self.pool)
         .await?;
-        Ok(())
-    }
-
-    /// Records the children a step will run and how, replacing any from an earlier attempt (a step that runs
-    /// again may produce different dynamic children).
-    pub async fn set_children(
-        &self,
-        change_id: &str,
-        parent_id: &str,
-        strategy: &str,
-        children: &[(String, String)],
-    ) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "WITH RECURSIVE below(id) AS (SELECT id FROM steps WHERE parent_id = ? \
-               UNION ALL SELECT s.id FROM steps s JOIN below b ON s.parent_id = b.id) \
-             DELETE FROM steps WHERE id IN (SELECT id FROM below)",
-        )
-        .bind(parent_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE steps SET children_strategy = ? WHERE id = ?")
-            .bind(strategy)
-            .bind(parent_id)
-            .execute(&mut *tx)
-            .await?;
-        for (position, (id, action)) in children.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO steps (id, change_id, parent_id, position, action, state) VALUES (?, ?, ?, ?, ?, 'pending')",
-            )
-            .bind(id)
-            .bind(change_id)
-            .bind(parent_id)
-            .bind(position as i64)
-            .bind(action)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -413,7 +293,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO leases (owner, host, pid, expires_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
+             ON CONFLICT (owner) DO UPDATE SET host = excluded.host, pid = excluded.pid, expires_at = excluded.expires_at",
         )
         .bind(owner)
         .bind(host)
@@ -456,4 +336,41 @@ impl Store {
         .await?;
         Ok(rows.iter().map(change_row).collect())
     }
+}
+
+/// Records the children a step will run and how, replacing any from an earlier attempt (a step that runs again may
+/// produce different dynamic children).
+pub(super) async fn replace_children(
+    tx: &mut sqlx::SqliteConnection,
+    change_id: &str,
+    parent_id: &str,
+    strategy: &str,
+    children: &[(String, String)],
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "WITH RECURSIVE below(id) AS (SELECT id FROM steps WHERE parent_id = ? \
+           UNION ALL SELECT s.id FROM steps s JOIN below b ON s.parent_id = b.id) \
+         DELETE FROM steps WHERE id IN (SELECT id FROM below)",
+    )
+    .bind(parent_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE steps SET children_strategy = ? WHERE id = ?")
+        .bind(strategy)
+        .bind(parent_id)
+        .execute(&mut *tx)
+        .await?;
+    for (position, (id, action)) in children.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO steps (id, change_id, parent_id, position, action, state) VALUES (?, ?, ?, ?, ?, 'pending')",
+        )
+        .bind(id)
+        .bind(change_id)
+        .bind(parent_id)
+        .bind(position as i64)
+        .bind(action)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }

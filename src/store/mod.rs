@@ -8,12 +8,14 @@ mod changes;
 mod logs;
 mod projects;
 mod properties;
+mod transitions;
 
 pub use base_images::{BaseImageSetting, BaseImageSource};
 pub use changes::{Change, ChangeFilter, NewChange, Step, StepFinish};
 pub use logs::{rfc3339_ms, BatchEntry, Pruned};
 pub use projects::{Environment, Project};
 pub use properties::{PropertiesOwner, PropertiesVersion, PropertiesWrite, WrittenBy};
+pub use transitions::{Claim, ReapedChange, StepSettle, Transition, Verdict};
 
 use sqlx::sqlite::{
     SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,

@@ -187,64 +187,74 @@ impl Store {
         writes: &[PropertiesWrite<'_>],
         by: &WrittenBy,
     ) -> Result<Vec<PropertiesVersion>, StoreError> {
-        let texts: Vec<String> = writes.iter().map(|w| w.document.to_string()).collect();
-        for (write, text) in writes.iter().zip(&texts) {
-            if text.len() > crate::properties::MAX_DOCUMENT_BYTES {
-                return Err(StoreError::TooLarge {
-                    owner: write.owner.to_string(),
-                    size: text.len(),
-                    limit: crate::properties::MAX_DOCUMENT_BYTES,
-                });
-            }
-        }
         let mut tx = self.write_tx().await?;
-        let written_at = now();
-        let (written_by, change_id, step_id) = match by {
-            WrittenBy::Cli => ("cli", None, None),
-            WrittenBy::Api => ("api", None, None),
-            WrittenBy::Change { change_id, step_id } => ("change", Some(change_id), Some(step_id)),
-        };
-        let mut out = Vec::with_capacity(writes.len());
-        for (write, text) in writes.iter().zip(texts) {
-            let current: i64 = sqlx::query(
-                "SELECT COALESCE(MAX(version), 0) FROM property_versions WHERE owner_kind = ? AND owner_id = ?",
-            )
-            .bind(write.owner.kind())
-            .bind(write.owner.id())
-            .fetch_one(&mut *tx)
-            .await?
-            .get(0);
-            if current != write.expected_version {
-                return Err(StoreError::VersionConflict {
-                    owner: write.owner.to_string(),
-                    expected: write.expected_version,
-                    current,
-                });
-            }
-            let version = current + 1;
-            sqlx::query(
-                "INSERT INTO property_versions \
-                 (owner_kind, owner_id, version, document, written_at, written_by, change_id, step_id) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(write.owner.kind())
-            .bind(write.owner.id())
-            .bind(version)
-            .bind(text)
-            .bind(&written_at)
-            .bind(written_by)
-            .bind(change_id)
-            .bind(step_id)
-            .execute(&mut *tx)
-            .await?;
-            out.push(PropertiesVersion {
-                version,
-                document: write.document.clone(),
-                written_at: written_at.clone(),
-                written_by: by.clone(),
-            });
-        }
+        let out = write_in(&mut tx, writes, by).await?;
         tx.commit().await?;
         Ok(out)
     }
+}
+
+/// [`Store::write_properties`] inside a transaction the caller commits (e.g. with a step's end).
+pub(super) async fn write_in(
+    tx: &mut sqlx::SqliteConnection,
+    writes: &[PropertiesWrite<'_>],
+    by: &WrittenBy,
+) -> Result<Vec<PropertiesVersion>, StoreError> {
+    let texts: Vec<String> = writes.iter().map(|w| w.document.to_string()).collect();
+    for (write, text) in writes.iter().zip(&texts) {
+        if text.len() > crate::properties::MAX_DOCUMENT_BYTES {
+            return Err(StoreError::TooLarge {
+                owner: write.owner.to_string(),
+                size: text.len(),
+                limit: crate::properties::MAX_DOCUMENT_BYTES,
+            });
+        }
+    }
+    let written_at = now();
+    let (written_by, change_id, step_id) = match by {
+        WrittenBy::Cli => ("cli", None, None),
+        WrittenBy::Api => ("api", None, None),
+        WrittenBy::Change { change_id, step_id } => ("change", Some(change_id), Some(step_id)),
+    };
+    let mut out = Vec::with_capacity(writes.len());
+    for (write, text) in writes.iter().zip(texts) {
+        let current: i64 = sqlx::query(
+            "SELECT COALESCE(MAX(version), 0) FROM property_versions WHERE owner_kind = ? AND owner_id = ?",
+        )
+        .bind(write.owner.kind())
+        .bind(write.owner.id())
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        if current != write.expected_version {
+            return Err(StoreError::VersionConflict {
+                owner: write.owner.to_string(),
+                expected: write.expected_version,
+                current,
+            });
+        }
+        let version = current + 1;
+        sqlx::query(
+            "INSERT INTO property_versions \
+             (owner_kind, owner_id, version, document, written_at, written_by, change_id, step_id) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(write.owner.kind())
+        .bind(write.owner.id())
+        .bind(version)
+        .bind(text)
+        .bind(&written_at)
+        .bind(written_by)
+        .bind(change_id)
+        .bind(step_id)
+        .execute(&mut *tx)
+        .await?;
+        out.push(PropertiesVersion {
+            version,
+            document: write.document.clone(),
+            written_at: written_at.clone(),
+            written_by: by.clone(),
+        });
+    }
+    Ok(out)
 }

@@ -1,0 +1,361 @@
+//! A change's state transitions, each a compare-and-set: it happens only from the state (and for the owner) it
+//! expects, so a change runs at most once, a cancelled change never starts, of two concurrent retries one wins,
+//! and a step's end, its patches and its children land in one transaction. The reaper's verdicts are applied in
+//! the transaction that reads the leases they were decided against.
+
+use sqlx::Row;
+
+use super::changes::{change_row, step_row, CHANGE_SELECT};
+use super::{now, Change, PropertiesWrite, Step, Store, StoreError, WrittenBy};
+use crate::events::{ChangeState, Event, EventRecord, StepState};
+use crate::orchestrator::lease::Lease;
+
+/// Whether a compare-and-set transition happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Done,
+    /// The change was not in the state (or not held by the owner) the transition expects; re-read it.
+    Refused,
+}
+
+/// The answer of [`Store::claim_environment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The environment is this change's: it is now `running`.
+    Claimed,
+    /// Another change runs there, or one created earlier waits: try again later.
+    Blocked,
+    /// The change is no longer queued by this owner (cancelled, reaped, or taken over): do not run it.
+    Lost,
+}
+
+/// How a step whose own work succeeded is settled: together with its patches, in one transaction.
+#[derive(Debug, Clone)]
+pub struct StepSettle<'a> {
+    pub change_id: &'a str,
+    pub step_id: &'a str,
+    /// The runner process that runs the change; nothing lands if it no longer owns it.
+    pub owner: &'a str,
+    pub exit_code: Option<i64>,
+    pub properties: Option<serde_json::Value>,
+    /// `sequential` or `parallel`, and the children (new step id, action) to record; none for a leaf.
+    pub children: Option<(&'a str, &'a [(String, String)])>,
+}
+
+/// The reaper's decision for one change whose runner died.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub state: ChangeState,
+    pub reason: String,
+    /// Steps to end, with their final state and reason.
+    pub steps: Vec<(Step, StepState, Option<String>)>,
+}
+
+/// A change the reaper ended, and the events it recorded (for live watchers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReapedChange {
+    pub id: String,
+    pub state: ChangeState,
+    pub reason: String,
+    pub events: Vec<EventRecord>,
+}
+
+pub(super) async fn insert_event(
+    tx: &mut sqlx::SqliteConnection,
+    change_id: &str,
+    event: &Event,
+) -> Result<EventRecord, StoreError> {
+    let seq = super::logs::next_seq(&mut *tx, change_id).await?;
+    let at = now();
+    sqlx::query("INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)")
+        .bind(change_id)
+        .bind(seq)
+        .bind(&at)
+        .bind(serde_json::to_string(event).expect("events serialise"))
+        .execute(&mut *tx)
+        .await?;
+    Ok(EventRecord {
+        change_id: change_id.to_owned(),
+        seq,
+        at,
+        event: event.clone(),
+    })
+}
+
+impl Store {
+    /// `pending` → `queued`, if `owner` holds the change and no cancel was requested.
+    pub async fn queue_change(&self, id: &str, owner: &str) -> Result<Transition, StoreError> {
+        let done = sqlx::query(
+            "UPDATE changes SET state = 'queued' \
+             WHERE id = ? AND owner = ? AND state = 'pending' AND cancel_requested = 0",
+        )
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(if done == 1 {
+            Transition::Done
+        } else {
+            Transition::Refused
+        })
+    }
+
+    /// Takes the change's environment for `owner` if no other change runs there and none was queued before it;
+    /// only a change still `queued` by `owner` and not cancelled can be claimed. Changes on one environment thus
+    /// run one at a time, in the order they were created.
+    pub async fn claim_environment(
+        &self,
+        change_id: &str,
+        owner: &str,
+    ) -> Result<Claim, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let mine: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM changes WHERE id = ? AND owner = ? AND state = 'queued' AND cancel_requested = 0",
+        )
+        .bind(change_id)
+        .bind(owner)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        if mine == 0 {
+            return Ok(Claim::Lost);
+        }
+        let blocked: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM changes o JOIN changes c ON c.id = ? \
+             WHERE o.environment_id = c.environment_id AND o.id != c.id AND ( o.state = 'running' \
+               OR (o.state IN ('pending', 'queued') AND (o.created_at, o.rowid) < (c.created_at, c.rowid)))",
+        )
+        .bind(change_id)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        if blocked > 0 {
+            return Ok(Claim::Blocked);
+        }
+        sqlx::query(
+            "UPDATE changes SET state = 'running', started_at = COALESCE(started_at, ?) WHERE id = ?",
+        )
+        .bind(now())
+        .bind(change_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Claim::Claimed)
+    }
+
+    /// Ends a change `owner` holds: its state and reason (replaced, never kept from an earlier attempt). Refused
+    /// if the change already ended (e.g. the reaper ended it) or another process holds it.
+    pub async fn finish_change(
+        &self,
+        id: &str,
+        owner: &str,
+        state: ChangeState,
+        reason: Option<&str>,
+    ) -> Result<Transition, StoreError> {
+        let done = sqlx::query(
+            "UPDATE changes SET state = ?, reason = ?, finished_at = ? \
+             WHERE id = ? AND owner = ? AND state IN ('pending', 'queued', 'running')",
+        )
+        .bind(state.as_str())
+        .bind(reason)
+        .bind(now())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(if done == 1 {
+            Transition::Done
+        } else {
+            Transition::Refused
+        })
+    }
+
+    /// Makes a change that ended in error or was cancelled `pending` again, owned by `owner`, cancel flag
+    /// cleared. Refused (the change is returned as it is) if it is not in such a state: another retry won, or it
+    /// succeeded.
+    pub async fn reset_change(
+        &self,
+        id: &str,
+        owner: &str,
+    ) -> Result<Result<(), Change>, StoreError> {
+        let done = sqlx::query(
+            "UPDATE changes SET state = 'pending', reason = NULL, owner = ?, cancel_requested = 0, \
+             finished_at = NULL WHERE id = ? AND state IN ('error', 'cancelled')",
+        )
+        .bind(owner)
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if done == 1 {
+            Ok(Ok(()))
+        } else {
+            Ok(Err(self.change(id).await?))
+        }
+    }
+
+    /// Marks a step running with the property versions it starts from, if its change is still `running` for
+    /// `owner`.
+    pub async fn start_step(
+        &self,
+        id: &str,
+        owner: &str,
+        project_version: i64,
+        environment_version: i64,
+    ) -> Result<Transition, StoreError> {
+        let done = sqlx::query(
+            "UPDATE steps SET state = 'running', started_at = ?, project_version = ?, environment_version = ?, \
+             reason = NULL, exit_code = NULL, finished_at = NULL \
+             WHERE id = ? AND state != 'success' AND EXISTS \
+             (SELECT 1 FROM changes c WHERE c.id = steps.change_id AND c.owner = ? AND c.state = 'running')",
+        )
+        .bind(now())
+        .bind(project_version)
+        .bind(environment_version)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(if done == 1 {
+            Transition::Done
+        } else {
+            Transition::Refused
+        })
+    }
+
+    /// Settles a step whose own work succeeded: its property writes, its end (success) and its children land in
+    /// one transaction, or nothing does. Refused (nothing written) if the step is no longer running under a change
+    /// `owner` runs, so a reaped step's patch is never applied and a retry never applies a patch twice.
+    /// A write whose base version moved on fails with [`StoreError::VersionConflict`].
+    pub async fn settle_step(
+        &self,
+        settle: &StepSettle<'_>,
+        writes: &[PropertiesWrite<'_>],
+        by: &WrittenBy,
+    ) -> Result<Transition, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let live: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM steps s JOIN changes c ON c.id = s.change_id \
+             WHERE s.id = ? AND s.state = 'running' AND c.id = ? AND c.owner = ? AND c.state = 'running'",
+        )
+        .bind(settle.step_id)
+        .bind(settle.change_id)
+        .bind(settle.owner)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        if live == 0 {
+            return Ok(Transition::Refused);
+        }
+        super::properties::write_in(&mut tx, writes, by).await?;
+        sqlx::query(
+            "UPDATE steps SET state = CASE WHEN ? THEN 'success' ELSE state END, exit_code = ?, reason = NULL, \
+             properties = ?, finished_at = ? WHERE id = ?",
+        )
+        // A step with children stays running until they end; `children_strategy` says its own work is done.
+        .bind(settle.children.is_none())
+        .bind(settle.exit_code)
+        .bind(settle.properties.as_ref().map(|p| p.to_string()))
+        .bind(now())
+        .bind(settle.step_id)
+        .execute(&mut *tx)
+        .await?;
+        if let Some((strategy, children)) = settle.children {
+            super::changes::replace_children(
+                &mut tx,
+                settle.change_id,
+                settle.step_id,
+                strategy,
+                children,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Transition::Done)
+    }
+
+    /// Ends the changes of runners that died. In one transaction: reads the leases, asks `decide` about every
+    /// unfinished change (with its steps and those leases), and applies each verdict with its events. A runner
+    /// that takes its lease meanwhile waits for this transaction, so a live runner is never judged by stale leases.
+    pub async fn reap_changes<F>(&self, decide: F) -> Result<Vec<ReapedChange>, StoreError>
+    where
+        F: Fn(&Change, &[Step], &[Lease]) -> Option<Verdict>,
+    {
+        let mut tx = self.write_tx().await?;
+        let leases: Vec<Lease> = sqlx::query("SELECT owner, host, pid, expires_at FROM leases")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| Lease {
+                owner: r.get(0),
+                host: r.get(1),
+                pid: r.get(2),
+                expires_at: r.get(3),
+            })
+            .collect();
+        let changes: Vec<Change> = sqlx::query(&format!(
+            "{CHANGE_SELECT} WHERE c.state IN ('running', 'queued', 'pending') ORDER BY c.created_at"
+        ))
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(change_row)
+        .collect();
+        let mut reaped = Vec::new();
+        for change in changes {
+            let steps: Vec<Step> =
+                sqlx::query("SELECT * FROM steps WHERE change_id = ? ORDER BY rowid")
+                    .bind(&change.id)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(step_row)
+                    .collect();
+            let Some(verdict) = decide(&change, &steps, &leases) else {
+                continue;
+            };
+            let mut events = Vec::new();
+            let at = now();
+            for (step, state, reason) in &verdict.steps {
+                sqlx::query("UPDATE steps SET state = ?, reason = ?, finished_at = ? WHERE id = ?")
+                    .bind(state.as_str())
+                    .bind(reason)
+                    .bind(&at)
+                    .bind(&step.id)
+                    .execute(&mut *tx)
+                    .await?;
+                let event = Event::StepState {
+                    step_id: step.id.clone(),
+                    parent_id: step.parent_id.clone(),
+                    action: step.action.clone(),
+                    state: *state,
+                    reason: reason.clone(),
+                };
+                events.push(insert_event(&mut tx, &change.id, &event).await?);
+            }
+            sqlx::query("UPDATE changes SET state = ?, reason = ?, finished_at = ? WHERE id = ?")
+                .bind(verdict.state.as_str())
+                .bind(&verdict.reason)
+                .bind(&at)
+                .bind(&change.id)
+                .execute(&mut *tx)
+                .await?;
+            let event = Event::ChangeState {
+                state: verdict.state,
+                reason: Some(verdict.reason.clone()),
+            };
+            events.push(insert_event(&mut tx, &change.id, &event).await?);
+            reaped.push(ReapedChange {
+                id: change.id.clone(),
+                state: verdict.state,
+                reason: verdict.reason,
+                events,
+            });
+        }
+        tx.commit().await?;
+        Ok(reaped)
+    }
+}
