@@ -564,7 +564,20 @@ async fn watch_remote(
         .await
         .map_err(status)?
         .into_inner();
-    while let Some(event) = stream.message().await.map_err(status)? {
+    // A stream that breaks (the server stopped or the network dropped) says which change and how to re-attach.
+    let lost = |e: tonic::Status| {
+        Error::Remote {
+        code: tonic::Code::Unavailable,
+        message: format!(
+            "lost the server at {} while following change {id} ({}); the change is not cancelled by this: if the server is running again, re-attach with `runner --server {} change show-logs --follow {id}`, or see its state with `runner --server {} change show {id}`",
+            remote.url(),
+            e.message(),
+            remote.url(),
+            remote.url(),
+        ),
+    }
+    };
+    while let Some(event) = stream.message().await.map_err(lost)? {
         if let Some(record) = convert::record_from(event) {
             show(&record);
         }

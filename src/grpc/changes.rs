@@ -181,6 +181,7 @@ impl pb::change_service_server::ChangeService for Changes {
             };
             let send = |record: &EventRecord| tx.send(Ok(convert::change_event(record)));
             let mut done = false;
+            crate::orchestrator::crash_point::reached("serve-watching").await;
             while !done {
                 let records = match catch_up(last).await {
                     Ok(records) => records,

@@ -66,7 +66,10 @@ impl Orchestrator {
         let mut failure: Option<(StepState, String)> = None;
         match strategy {
             RunAs::Sequential => {
-                for child in children {
+                for (position, child) in children.into_iter().enumerate() {
+                    if position > 0 {
+                        super::crash_point::reached("between-steps").await;
+                    }
                     if let Some((state, _)) = &failure {
                         if child.state != StepState::Success {
                             let aborted = if *state == StepState::Cancelled {

@@ -124,6 +124,7 @@ impl DockerExecutor {
             .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
             .await
             .map_err(Self::failed(run, "start"))?;
+        crate::orchestrator::crash_point::reached("running").await;
 
         let mut input = attached.input;
         let marker = uuid::Uuid::new_v4().simple().to_string();
@@ -226,6 +227,7 @@ impl DockerExecutor {
             )
         };
         let _ = kill("SIGTERM").await;
+        crate::orchestrator::crash_point::reached("cancelling").await;
         tokio::select! {
             code = work.as_mut() => code,
             _ = tokio::time::sleep(run.stop_grace) => {

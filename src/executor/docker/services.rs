@@ -75,6 +75,7 @@ pub async fn start(docker: &Docker, run: &StepRun) -> Result<(), ExecutorError> 
 
 /// Returns when every service [`start`] started passed its readiness probe.
 pub async fn ready(docker: &Docker, run: &StepRun) -> Result<(), ExecutorError> {
+    crate::orchestrator::crash_point::reached("starting-services").await;
     for (name, service) in &run.services {
         wait_ready(docker, run, name, service).await?;
     }
