@@ -35,6 +35,13 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         repo_mb: u64,
     },
+    /// Log ingestion: a step printing 1, 15 and 50 MB of lines → time from its exit to the change's end, store
+    /// growth per log byte, `show-logs` time and peak RSS, beside writing the same bytes to a file.
+    Logs {
+        /// Output sizes in MB.
+        #[arg(long, value_delimiter = ',', default_value = "1,15,50")]
+        sizes: Vec<u64>,
+    },
     /// The gRPC server under load on loopback: concurrent WatchChange streams plus a steady rate of GetChange
     /// calls; prints latency percentiles and the process's RSS before and after.
     Grpc {
@@ -59,7 +66,7 @@ fn secs(d: Duration) -> String {
     format!("{:.3} s", d.as_secs_f64())
 }
 
-fn bench_error(message: impl Into<String>) -> Error {
+pub(super) fn bench_error(message: impl Into<String>) -> Error {
     Error::Build {
         message: message.into(),
     }
@@ -82,7 +89,7 @@ fn docker_cli(args: &[&str]) -> Result<Duration> {
     Ok(start.elapsed())
 }
 
-fn git(dir: &Path, args: &[&str]) -> Result<String> {
+pub(super) fn git(dir: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new("git")
         .args([
             "-c",
@@ -117,6 +124,7 @@ pub async fn run(home: &Path, cmd: BenchCommand) -> Result<()> {
             fixture,
             repo_mb,
         } => step(&scratch, &fixture, runs.max(1), repo_mb).await,
+        BenchCommand::Logs { sizes } => super::bench_logs::run(&scratch, &sizes).await,
         BenchCommand::Grpc {
             watchers,
             rate,
