@@ -209,9 +209,9 @@ fn link_repo_tar(repo_tar: &Path, tar: &Path, mtime: std::time::SystemTime) -> s
         Err(e) => Err(e),
     };
     let placed = made.and_then(|()| std::fs::rename(&tmp, tar));
-    if placed.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    // Also after a successful rename: when a concurrent writer already linked the same inode at `tar`, rename(2)
+    // of one hard link onto another of the same file does nothing and leaves `tmp` behind.
+    let _ = std::fs::remove_file(&tmp);
     placed
 }
 
