@@ -188,7 +188,7 @@ async fn step_and_change_reasons_are_stored_masked() {
     let step = store.steps(&id).await.unwrap().remove(0);
     let reason = step.reason.unwrap();
     assert!(
-        reason.contains("asked for a child step") && reason.contains("***"),
+        reason.contains("names an unknown action") && reason.contains("***"),
         "{reason}"
     );
     let change_reason = store.change(&id).await.unwrap().reason.unwrap();
