@@ -590,3 +590,38 @@ fn base_image_settings_are_checked_and_only_admins_set_them() {
     assert!(!ok, "--image or --clear is required");
     assert!(stderr.contains("--image"), "{stderr}");
 }
+
+#[test]
+fn cache_prune_offers_a_base_image_only_once_no_setting_names_it() {
+    if !support::docker_available() {
+        return;
+    }
+    let staged = staged();
+    let world = World::new();
+    let tag = base_tag("prune", &staged.dash);
+    let (ok, _, stderr) = world.build_base(&staged.dash, &tag);
+    assert!(ok, "{stderr}");
+    let offered = || {
+        let report = world.json(&["cache", "prune", "--dry-run"]);
+        report["removed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["kind"] == "base-image" && p["what"] == tag.as_str())
+    };
+    world.ok(&[
+        "project",
+        "set-base-image",
+        "--project",
+        "perl",
+        "--image",
+        &tag,
+    ]);
+    assert!(!offered(), "the project's base image is kept");
+    world.ok(&["project", "set-base-image", "--project", "perl", "--clear"]);
+    assert!(offered(), "an unused base image is offered to prune");
+    assert!(
+        image_id(&tag).is_some(),
+        "a dry run removes nothing from the daemon"
+    );
+}

@@ -29,11 +29,13 @@ pub struct PruneOptions {
     pub dry_run: bool,
 }
 
-/// What unfinished changes use: their commits and their step images.
+/// What unfinished changes use (their commits and their step images), and the base runner images that projects,
+/// environments or the operator's default name.
 #[derive(Debug, Clone, Default)]
 pub struct InUse {
     pub shas: BTreeSet<String>,
     pub images: BTreeSet<String>,
+    pub base_images: BTreeSet<String>,
 }
 
 /// One thing removed (or, on a dry run, to be removed).
@@ -54,6 +56,8 @@ pub enum PruneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to list the base runner images: {0}")]
+    Base(String),
     #[error("failed to {action} images of the Docker daemon: {source}")]
     Docker {
         action: &'static str,
@@ -64,7 +68,10 @@ pub enum PruneError {
 
 /// Reads what the unfinished changes of `store` use.
 pub async fn in_use(store: &crate::store::Store) -> Result<InUse, crate::store::StoreError> {
-    let mut used = InUse::default();
+    let mut used = InUse {
+        base_images: store.base_images_in_use().await?.into_iter().collect(),
+        ..InUse::default()
+    };
     for change in store.unfinished_changes().await? {
         used.shas.insert(change.git_sha.clone());
         for step in store.steps(&change.id).await? {
@@ -241,6 +248,56 @@ pub async fn prune_images(
                 kind: kind.to_string(),
                 what: tag,
                 bytes,
+            });
+        }
+    }
+    Ok(pruned)
+}
+
+/// Prunes base runner images built `--from` another image that no project, environment or the operator's default
+/// names (the offline default, built from scratch, always stays). Removing a name only untags what step images
+/// still build on.
+pub async fn prune_base_images(
+    docker: &Docker,
+    used: &InUse,
+    options: &PruneOptions,
+) -> Result<Vec<Pruned>, PruneError> {
+    let listed = crate::image::layered::list(docker)
+        .await
+        .map_err(|e| PruneError::Base(e.to_string()))?;
+    let now = chrono::Utc::now().timestamp();
+    let mut pruned = vec![];
+    let candidates = listed.into_iter().filter(|b| b.from != "scratch");
+    for base in candidates.skip(options.keep_images) {
+        let age = Duration::from_secs(now.saturating_sub(base.created).max(0) as u64);
+        if base.names.iter().any(|n| used.base_images.contains(n))
+            || options.older_than.is_some_and(|min| age < min)
+        {
+            continue;
+        }
+        for name in &base.names {
+            if !options.dry_run {
+                match docker
+                    .remove_image(name, None::<RemoveImageOptions>, None)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404 | 409,
+                        ..
+                    }) => continue,
+                    Err(source) => {
+                        return Err(PruneError::Docker {
+                            action: "remove",
+                            source,
+                        })
+                    }
+                }
+            }
+            pruned.push(Pruned {
+                kind: "base-image".to_owned(),
+                what: name.clone(),
+                bytes: base.size_bytes.max(0) as u64,
             });
         }
     }

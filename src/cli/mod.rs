@@ -787,10 +787,12 @@ async fn prune(
     options: &crate::cache::prune::PruneOptions,
     out: Output,
 ) -> Result<()> {
-    let used = crate::cache::prune::in_use(&app.store).await?;
+    let mut used = crate::cache::prune::in_use(&app.store).await?;
+    used.base_images.insert(crate::runtime::base_image());
     let mut pruned = crate::cache::prune::prune_files(&app.home, &used, options)?;
     let docker = crate::executor::docker::connect().await?;
     pruned.extend(crate::cache::prune::prune_images(&docker, &used, options).await?);
+    pruned.extend(crate::cache::prune::prune_base_images(&docker, &used, options).await?);
     let total: u64 = pruned.iter().map(|p| p.bytes).sum();
     match out {
         Output::Json => println!(

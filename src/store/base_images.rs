@@ -66,6 +66,14 @@ impl Store {
         Ok(())
     }
 
+    /// Every base image some project or environment is set to (what `runner cache prune` must keep).
+    pub async fn base_images_in_use(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT DISTINCT image FROM base_image_settings")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get("image")).collect())
+    }
+
     /// The base image set on exactly this project or environment, if any.
     pub async fn own_base_image(
         &self,
