@@ -584,3 +584,38 @@ fn bare_orchestrator(app: App) -> Orchestrator {
         Settings::default(),
     )
 }
+
+#[tokio::test]
+async fn a_ten_megabyte_line_reaches_a_watcher_whole_in_pieces_under_the_message_limit() {
+    let line: String = (0..10 * 1024 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let server = start(vec![(
+        "a",
+        Script {
+            output: vec![line.clone()],
+            ..Default::default()
+        },
+    )])
+    .await;
+    let change = server.create("a").await;
+    // Default tonic clients refuse any message over 4 MiB: receiving at all proves every piece fits.
+    let events = server.watch(&change.id).await;
+    let pieces: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(E::Log(l)) => Some(l.line.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(pieces.len() >= 10, "split into pieces: {}", pieces.len());
+    assert!(pieces.iter().all(|p| p.len() <= 1024 * 1024 + 64));
+    let marker = runner::logs::LINE_CONTINUES;
+    let joined: String = pieces
+        .iter()
+        .map(|p| p.strip_suffix(marker).unwrap_or(p))
+        .collect();
+    assert_eq!(joined.len(), line.len(), "nothing lost");
+    assert!(joined == line, "the pieces put back together are the line");
+    server.stop().await;
+}
