@@ -18,6 +18,17 @@ pub enum Transition {
     Refused,
 }
 
+impl Transition {
+    /// A compare-and-set `UPDATE` of one row: done if it matched that row.
+    fn of(rows_affected: u64) -> Transition {
+        if rows_affected == 1 {
+            Transition::Done
+        } else {
+            Transition::Refused
+        }
+    }
+}
+
 /// The answer of [`Store::claim_environment`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -94,11 +105,7 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
-        Ok(if done == 1 {
-            Transition::Done
-        } else {
-            Transition::Refused
-        })
+        Ok(Transition::of(done))
     }
 
     /// Takes the change's environment for `owner` if no other change runs there and none was queued before it;
@@ -165,11 +172,7 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
-        Ok(if done == 1 {
-            Transition::Done
-        } else {
-            Transition::Refused
-        })
+        Ok(Transition::of(done))
     }
 
     /// Makes a change that ended in error or was cancelled `pending` again, owned by `owner`, cancel flag
@@ -219,11 +222,7 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
-        Ok(if done == 1 {
-            Transition::Done
-        } else {
-            Transition::Refused
-        })
+        Ok(Transition::of(done))
     }
 
     /// Settles a step whose own work succeeded: its property writes, its end (success) and its children land in
