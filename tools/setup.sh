@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes a machine ready to build, test and demo the runner: a Docker daemon that answers, Debian's static busybox
-# (the base runner image's shell), git, OpenSSL headers for git's HTTPS/SSH transports, and OpenSSH's sshd for the
-# git remote tests. Idempotent; safe to run on every invocation. Sourced or executed.
+# (the base runner image's shell), git, OpenSSL headers for git's HTTPS/SSH transports, OpenSSH's sshd for the git
+# remote tests, PostgreSQL for the fleet tests, and Chromium with chromedriver for the web view's tests.
+# Idempotent; safe to run on every invocation. Sourced or executed.
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -36,6 +37,11 @@ ensure_packages() {
   # The base-image tests stage an image from this machine's own dash and perl.
   [ -x /bin/dash ] || missing+=(dash)
   command -v perl >/dev/null || missing+=(perl-base)
+  # The fleet tests start a throwaway PostgreSQL cluster (initdb, pg_ctl) of Debian's packages.
+  command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
+  # The web view's tests drive a real headless Chromium through chromedriver.
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
   # The base runner image copies this exact file: Debian's statically linked busybox.
   if ! [ -x /bin/busybox ] || ! file_is_static /bin/busybox; then missing+=(busybox-static); fi
   if [ ${#missing[@]} -gt 0 ]; then log "installing ${missing[*]}"; apt_install "${missing[@]}"; fi
