@@ -10,6 +10,7 @@ pub mod cli;
 pub mod context;
 pub mod daemon;
 pub mod data_dir;
+pub mod drill;
 pub mod error;
 pub mod events;
 pub mod executor;

@@ -55,6 +55,17 @@ pub enum BenchCommand {
         #[arg(long, default_value = "fixtures/demo")]
         fixture: PathBuf,
     },
+    /// The crash drill: the runner is killed with SIGKILL at each crash point, then restarted; prints per point
+    /// whether every invariant held (nothing left in Docker, every change ended with a reason, no half-applied
+    /// properties, the next change runs), the time to the crash and the time to recover.
+    Crash {
+        /// Trials per point.
+        #[arg(long, default_value_t = 2)]
+        trials: usize,
+        /// Only these points (default: all).
+        #[arg(long, value_delimiter = ',')]
+        points: Vec<String>,
+    },
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -131,6 +142,9 @@ pub async fn run(home: &Path, cmd: BenchCommand) -> Result<()> {
             duration,
             fixture,
         } => grpc(&scratch, &fixture, watchers, rate.max(1), duration).await,
+        BenchCommand::Crash { trials, points } => {
+            super::bench_crash::run(&scratch, trials.max(1), &points).await
+        }
     };
     let _ = std::fs::remove_dir_all(&scratch);
     result

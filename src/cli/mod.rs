@@ -5,6 +5,7 @@
 #[macro_use]
 mod output;
 mod bench;
+mod bench_crash;
 mod bench_logs;
 mod change;
 mod logs;

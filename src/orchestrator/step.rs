@@ -366,9 +366,10 @@ impl Orchestrator {
             change_id: run.change.id.clone(),
             step_id: step.id.clone(),
         };
-        super::crash_point::reached("applying-patches").await;
         let landed = match &done.patches {
             Some((step_patches, project_version, environment_version)) => {
+                // The drill's point is a step whose patches are about to land (not a grouping step's end).
+                super::crash_point::reached("applying-patches").await;
                 let project: PropertiesOwner = (&run.project).into();
                 let environment: PropertiesOwner = (&run.environment).into();
                 patches::apply_step_patches(
