@@ -170,6 +170,14 @@ struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "RUNNER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Also serve the web view, /metrics, /healthz and /readyz on this address (off unless given, e.g.
+    /// 127.0.0.1:8080; off loopback it needs the token).
+    #[arg(long, env = "RUNNER_HTTP")]
+    http: Option<std::net::SocketAddr>,
+    /// How the server logs to stderr: `text`, or `json` (one object a line, with the change_id and step_id of
+    /// the change and step a line is about).
+    #[arg(long, env = "RUNNER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Args, Debug)]
@@ -351,7 +359,7 @@ impl ToScope for EnvironmentArgs {
 /// Entry point of the `runner` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(matches!(&cli.command, Command::Serve(args) if args.log_format == "json"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -365,13 +373,22 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        // The innermost span's fields (a step's span holds change_id and step_id) go on every line.
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -749,6 +766,18 @@ async fn serve(home: &Path, policy: Option<&Path>, args: ServeArgs) -> Result<()
             message: crate::error::error_text(&other),
         },
     })?;
+    let web_config = crate::web::WebConfig {
+        token: config.token.clone(),
+        grace: args.grace,
+    };
+    if let Some(http) = args.http {
+        web_config.check(http).map_err(|e| match e {
+            crate::web::WebError::Token(e) => Error::Token(e),
+            other => Error::Refused {
+                message: crate::error::error_text(&other),
+            },
+        })?;
+    }
     // No daemon needed to start: health says NOT_SERVING until one answers (and reaps then).
     let orchestrator = crate::runtime::serving(open_app(home, policy).await?)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -762,24 +791,61 @@ async fn serve(home: &Path, policy: Option<&Path>, args: ServeArgs) -> Result<()
         .logs
         .retention
         .map(|age| crate::logs::retention::keep_pruning(orchestrator.app().store.clone(), age));
+    let http = match args.http {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Home {
+                    path: addr.to_string().into(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     eprintln!("serving the runner API on {}", args.listen);
     let signals = crate::daemon::shutdown::signals().map_err(|source| Error::Home {
         path: "signal handlers".into(),
         source,
     })?;
     let grace = args.grace;
-    let shutdown = async move {
-        let signal = signals.await;
-        eprintln!(
-            "{signal}: no new changes; running changes get {} to finish, then are cancelled",
-            crate::actions::format_duration(grace)
-        );
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let shutdown = {
+        let stopping = stopping.clone();
+        async move {
+            let signal = signals.await;
+            eprintln!(
+                "{signal}: no new changes; running changes get {} to finish, then are cancelled",
+                crate::actions::format_duration(grace)
+            );
+            stopping.cancel();
+        }
     };
-    crate::grpc::run(listener, orchestrator, config, shutdown)
-        .await
-        .map_err(|e| Error::Server {
-            message: crate::error::error_text(&e),
-        })
+    let web = http.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("serving the web view on http://{addr}/");
+        }
+        let stopping = stopping.clone();
+        tokio::spawn(crate::web::run(
+            listener,
+            orchestrator.clone(),
+            web_config,
+            async move { stopping.cancelled().await },
+        ))
+    });
+    let served = crate::grpc::run(listener, orchestrator, config, shutdown).await;
+    // The web view stops with the API (a failed API stops it too).
+    stopping.cancel();
+    let web = match web {
+        Some(task) => match task.await {
+            Ok(result) => result.map_err(|e| crate::error::error_text(&e)),
+            Err(e) => Err(e.to_string()),
+        },
+        None => Ok(()),
+    };
+    served.map_err(|e| Error::Server {
+        message: crate::error::error_text(&e),
+    })?;
+    web.map_err(|message| Error::Server { message })
 }
 
 /// `runner cache prune`: files first (no daemon needed), then images.

@@ -9,6 +9,7 @@ mod logs;
 mod projects;
 mod properties;
 mod transitions;
+mod web;
 
 pub use base_images::{BaseImageSetting, BaseImageSource};
 pub use changes::{Change, ChangeFilter, NewChange, Step, StepFinish};
@@ -16,6 +17,7 @@ pub use logs::{rfc3339_ms, BatchEntry, Pruned};
 pub use projects::{Environment, Project};
 pub use properties::{PropertiesOwner, PropertiesVersion, PropertiesWrite, WrittenBy};
 pub use transitions::{Claim, ReapedChange, StepSettle, Transition, Verdict};
+pub use web::{WebChangeFilter, WrittenVersion};
 
 use sqlx::sqlite::{
     SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
