@@ -83,6 +83,9 @@ pub enum Error {
         state: String,
         hint: String,
     },
+    /// Only a change that ended in error or was cancelled runs again.
+    #[error("change {id} ended {state}: only a change that ended in error or was cancelled can be retried")]
+    NotRetryable { id: String, state: String },
     #[error("change {id} ended {state}: {reason}")]
     ChangeFailed {
         id: String,
@@ -144,7 +147,7 @@ impl Error {
             Error::Home { .. } => Unavailable,
             Error::Manifest(_) => InvalidInput,
             Error::ChangeFailed { .. } => Internal,
-            Error::ChangeBusy { .. } => Conflict,
+            Error::ChangeBusy { .. } | Error::NotRetryable { .. } => Conflict,
             Error::Snapshot(
                 SnapshotError::UnknownRev { .. }
                 | SnapshotError::NoRemote { .. }

@@ -164,6 +164,7 @@ async fn canary_secrets_are_absent_from_images_inspect_store_logs_and_the_api() 
             environment: "dev".into(),
             git_rev: "main".into(),
             action: "canary".into(),
+            ..Default::default()
         }))
         .await
         .unwrap()

@@ -111,6 +111,7 @@ impl Server {
             environment: "dev".into(),
             git_rev: "main".into(),
             action: action.into(),
+            ..Default::default()
         };
         self.changes()
             .create_change(self.authed(request))
@@ -125,6 +126,7 @@ impl Server {
                 id: id.into(),
                 after_seq: 0,
                 history_only: false,
+                ..Default::default()
             }))
             .await
             .unwrap()
@@ -235,6 +237,7 @@ async fn cancel_over_grpc_stops_a_running_change() {
             id: change.id.clone(),
             after_seq: 0,
             history_only: false,
+            ..Default::default()
         });
         tokio::spawn(async move {
             let mut stream = client.watch_change(request).await.unwrap().into_inner();
@@ -250,6 +253,7 @@ async fn cancel_over_grpc_stops_a_running_change() {
         .changes()
         .cancel_change(server.authed(pb::CancelChangeRequest {
             id: change.id.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap();
@@ -275,6 +279,7 @@ async fn errors_map_to_status_codes() {
         scope: scope(),
         document_json: r#"{"a": 1}"#.into(),
         if_version: None,
+        ..Default::default()
     };
     assert_eq!(
         projects
@@ -289,6 +294,7 @@ async fn errors_map_to_status_codes() {
         scope: scope(),
         patch_json: r#"[{"op":"add","path":"/b","value":1}]"#.into(),
         if_version: Some(1),
+        ..Default::default()
     };
     let err = projects
         .patch_properties(server.authed(stale))
@@ -314,6 +320,7 @@ async fn errors_map_to_status_codes() {
         scope: scope(),
         document_json: "{".into(),
         if_version: None,
+        ..Default::default()
     };
     assert_eq!(
         projects
@@ -358,6 +365,7 @@ async fn errors_map_to_status_codes() {
             id: "nope".into(),
             after_seq: 0,
             history_only: false,
+            ..Default::default()
         }))
         .await
         .unwrap_err();

@@ -144,6 +144,7 @@ impl Server {
             environment: "dev".into(),
             git_rev: "main".into(),
             action: action.into(),
+            ..Default::default()
         };
         self.changes()
             .create_change(self.authed(request))
@@ -199,6 +200,7 @@ impl Server {
                 scope: env_scope(),
                 document_json: document.to_string(),
                 if_version: None,
+                ..Default::default()
             }))
             .await
             .map(|r| r.into_inner())
@@ -715,6 +717,7 @@ async fn set_properties_to_a_list_or_null_is_invalid_argument_and_keeps_the_docu
             scope: project_scope(),
             patch_json: json!([{"op": "replace", "path": "", "value": [1, 2]}]).to_string(),
             if_version: None,
+            ..Default::default()
         }))
         .await
         .unwrap_err();

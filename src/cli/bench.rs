@@ -504,6 +504,7 @@ async fn grpc(
             environment: if action == "sleep" { "env" } else { "other" }.into(),
             git_rev: "main".into(),
             action: action.into(),
+            ..Default::default()
         };
         ids.push(
             changes
@@ -530,6 +531,7 @@ async fn grpc(
                     id,
                     after_seq: 0,
                     history_only: false,
+                    ..Default::default()
                 };
                 let Ok(response) = client.watch_change(request).await else {
                     return (0u64, 0u64, vec![]);
@@ -571,7 +573,10 @@ async fn grpc(
     }
     // End the watched change: every stream then gets its final event and closes.
     let _ = changes
-        .cancel_change(pb::CancelChangeRequest { id: ids[0].clone() })
+        .cancel_change(pb::CancelChangeRequest {
+            id: ids[0].clone(),
+            ..Default::default()
+        })
         .await;
     let (mut streams, mut events, mut firsts) = (0, 0, vec![]);
     for task in watch_tasks {

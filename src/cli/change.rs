@@ -407,6 +407,7 @@ pub async fn change_remote(remote: Remote, cmd: ChangeCommand, out: Output) -> R
                 environment,
                 git_rev,
                 action,
+                ..Default::default()
             };
             let change = changes
                 .create_change(remote.request(request))
@@ -428,7 +429,10 @@ pub async fn change_remote(remote: Remote, cmd: ChangeCommand, out: Output) -> R
         }
         ChangeCommand::Retry { id, background } => {
             changes
-                .retry_change(remote.request(pb::RetryChangeRequest { id: id.clone() }))
+                .retry_change(remote.request(pb::RetryChangeRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                }))
                 .await
                 .map_err(status)?;
             if background {
@@ -465,6 +469,7 @@ pub async fn change_remote(remote: Remote, cmd: ChangeCommand, out: Output) -> R
                     environment: environment.clone().unwrap_or_default(),
                     page_size: 200,
                     page_token,
+                    ..Default::default()
                 };
                 let page = changes
                     .list_changes(remote.request(request))
@@ -519,7 +524,10 @@ pub async fn change_remote(remote: Remote, cmd: ChangeCommand, out: Output) -> R
         }
         ChangeCommand::Cancel { id } => {
             let change = changes
-                .cancel_change(remote.request(pb::CancelChangeRequest { id: id.clone() }))
+                .cancel_change(remote.request(pb::CancelChangeRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                }))
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -557,6 +565,7 @@ async fn watch_remote(
         id: id.to_owned(),
         after_seq,
         history_only,
+        ..Default::default()
     };
     let mut stream = remote
         .changes()

@@ -138,6 +138,7 @@ impl Backend {
                     name: name.into(),
                     git_remote: git_remote.unwrap_or_default().into(),
                     git_credential: git_credential.unwrap_or_default().into(),
+                    ..Default::default()
                 };
                 Ok(convert::project_from(
                     r.projects()
@@ -207,6 +208,7 @@ impl Backend {
                     project: project.into(),
                     git_remote: url.into(),
                     git_credential: credential.unwrap_or_default().into(),
+                    ..Default::default()
                 };
                 Ok(convert::project_from(
                     r.projects()
@@ -232,6 +234,7 @@ impl Backend {
                     project: project.into(),
                     code: code.into(),
                     name: name.into(),
+                    ..Default::default()
                 };
                 Ok(convert::environment_from(
                     r.projects()
@@ -293,6 +296,7 @@ impl Backend {
                 let request = pb::SetBaseImageRequest {
                     scope: scope(s),
                     image: image.unwrap_or_default().to_owned(),
+                    ..Default::default()
                 };
                 Ok(convert::base_image_from(
                     r.projects()
@@ -340,6 +344,7 @@ impl Backend {
                     scope: scope(s),
                     document_json: document.to_string(),
                     if_version,
+                    ..Default::default()
                 };
                 Ok(convert::properties_from(
                     r.projects()
@@ -369,6 +374,7 @@ impl Backend {
                     scope: scope(s),
                     patch_json,
                     if_version,
+                    ..Default::default()
                 };
                 Ok(convert::properties_from(
                     r.projects()

@@ -8,11 +8,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-use super::{convert, pb};
+use super::status::{bad_field, required, shutting_down, with_reason};
+use super::{convert, idempotency, list_filter, pb};
 use crate::error::Error;
 use crate::events::{Event, EventRecord};
 use crate::orchestrator::{CreateChange, Orchestrator};
-use crate::store::ChangeFilter;
+use crate::store::{Change, ChangeQuery, Keyset, Labels};
 
 pub struct Changes {
     pub orchestrator: Orchestrator,
@@ -38,6 +39,67 @@ impl Changes {
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ChangeEvent, Status>> + Send>>;
 
 const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 1000;
+const MAX_LABELS: usize = 32;
+
+/// Changes on the wire, with their labels.
+async fn with_labels(
+    orchestrator: &Orchestrator,
+    changes: Vec<Change>,
+) -> Result<Vec<pb::Change>, Status> {
+    let ids: Vec<String> = changes.iter().map(|c| c.id.clone()).collect();
+    let mut labels = orchestrator
+        .app()
+        .store
+        .change_labels(&ids)
+        .await
+        .map_err(Error::from)?;
+    Ok(changes
+        .into_iter()
+        .map(|c| {
+            let own = labels.remove(&c.id).unwrap_or_default();
+            let mut change = convert::change(c);
+            change.labels = own.into_iter().collect();
+            change
+        })
+        .collect())
+}
+
+async fn one_with_labels(
+    orchestrator: &Orchestrator,
+    change: Change,
+) -> Result<pb::Change, Status> {
+    Ok(with_labels(orchestrator, vec![change]).await?.remove(0))
+}
+
+fn check_labels(labels: &std::collections::HashMap<String, String>) -> Result<Labels, Status> {
+    if labels.len() > MAX_LABELS {
+        return Err(bad_field(
+            "INVALID_LABELS",
+            "labels",
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    for (key, value) in labels {
+        if !list_filter::valid_label(key, value) {
+            return Err(bad_field(
+                "INVALID_LABELS",
+                "labels",
+                format!(
+                    "label {key:?} = {value:?}: keys and values are 1-63 characters [A-Za-z0-9_.-]"
+                ),
+            ));
+        }
+    }
+    Ok(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+fn require_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(required("id"));
+    }
+    Ok(())
+}
 
 fn is_final(record: &EventRecord) -> bool {
     matches!(record.event, Event::ChangeState { state, .. } if state.is_final())
@@ -49,18 +111,40 @@ impl pb::change_service_server::ChangeService for Changes {
         &self,
         request: Request<pb::CreateChangeRequest>,
     ) -> Result<Response<pb::Change>, Status> {
-        let r = request.into_inner();
-        let change = self
-            .orchestrator
-            .create_change(&CreateChange {
-                project: r.project,
-                environment: r.environment,
-                git_rev: r.git_rev,
-                action: r.action,
+        let mut r = request.into_inner();
+        for (field, value) in [
+            ("project", &r.project),
+            ("environment", &r.environment),
+            ("action", &r.action),
+        ] {
+            if value.is_empty() {
+                return Err(required(field));
+            }
+        }
+        let labels = check_labels(&r.labels)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let store = self.orchestrator.app().store.clone();
+        let (change, started) =
+            idempotency::once(&store, "CreateChange", request_id, &r, || async {
+                let change = self
+                    .orchestrator
+                    .create_labelled_change(
+                        &CreateChange {
+                            project: r.project.clone(),
+                            environment: r.environment.clone(),
+                            git_rev: r.git_rev.clone(),
+                            action: r.action.clone(),
+                        },
+                        &labels,
+                    )
+                    .await?;
+                one_with_labels(&self.orchestrator, change).await
             })
             .await?;
-        self.start(change.id.clone());
-        Ok(Response::new(convert::change(change)))
+        if started {
+            self.start(change.id.clone());
+        }
+        Ok(Response::new(change))
     }
 
     async fn get_change(
@@ -68,11 +152,12 @@ impl pb::change_service_server::ChangeService for Changes {
         request: Request<pb::GetChangeRequest>,
     ) -> Result<Response<pb::ChangeDetail>, Status> {
         let id = request.into_inner().id;
+        require_id(&id)?;
         let store = &self.orchestrator.app().store;
         let change = store.change(&id).await.map_err(Error::from)?;
         let steps = store.steps(&id).await.map_err(Error::from)?;
         Ok(Response::new(pb::ChangeDetail {
-            change: Some(convert::change(change)),
+            change: Some(one_with_labels(&self.orchestrator, change).await?),
             steps: steps.into_iter().map(convert::step).collect(),
         }))
     }
@@ -81,11 +166,13 @@ impl pb::change_service_server::ChangeService for Changes {
         &self,
         request: Request<pb::GetStepRequest>,
     ) -> Result<Response<pb::Step>, Status> {
+        let id = request.into_inner().id;
+        require_id(&id)?;
         let step = self
             .orchestrator
             .app()
             .store
-            .step(&request.into_inner().id)
+            .step(&id)
             .await
             .map_err(Error::from)?;
         Ok(Response::new(convert::step(step)))
@@ -96,40 +183,47 @@ impl pb::change_service_server::ChangeService for Changes {
         request: Request<pb::ListChangesRequest>,
     ) -> Result<Response<pb::ListChangesResponse>, Status> {
         let r = request.into_inner();
-        let offset: i64 = match r.page_token.as_str() {
-            "" => 0,
-            token => token.parse().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "invalid page_token {token:?}: pass next_page_token from the previous page"
+        let limit = match r.page_size {
+            0 => DEFAULT_PAGE,
+            n if n < 0 => {
+                return Err(bad_field(
+                    "INVALID_PAGE_SIZE",
+                    "page_size",
+                    "page_size must not be negative",
                 ))
-            })?,
+            }
+            n => (n as i64).min(MAX_PAGE),
         };
-        let limit = if r.page_size > 0 {
-            r.page_size as i64
-        } else {
-            DEFAULT_PAGE
-        };
-        let filter = ChangeFilter {
+        let mut query = ChangeQuery {
             project: (!r.project.is_empty()).then_some(r.project),
             environment: (!r.environment.is_empty()).then_some(r.environment),
-            limit: limit + 1,
-            offset,
+            ..Default::default()
         };
+        list_filter::parse_filter(&r.filter, &mut query)?;
+        list_filter::parse_order_by(&r.order_by, &mut query)?;
+        let after = list_filter::parse_page_token(&r.page_token, &query)?;
         let mut changes = self
             .orchestrator
             .app()
             .store
-            .list_changes(&filter)
+            .query_changes(&query, after.as_ref(), limit + 1)
             .await
             .map_err(Error::from)?;
         let next_page_token = if changes.len() as i64 > limit {
             changes.truncate(limit as usize);
-            (offset + limit).to_string()
+            let last = changes.last().expect("a full page");
+            list_filter::page_token(
+                &query,
+                &Keyset {
+                    created_at: last.created_at.clone(),
+                    id: last.id.clone(),
+                },
+            )
         } else {
             String::new()
         };
         Ok(Response::new(pb::ListChangesResponse {
-            changes: changes.into_iter().map(convert::change).collect(),
+            changes: with_labels(&self.orchestrator, changes).await?,
             next_page_token,
         }))
     }
@@ -138,23 +232,36 @@ impl pb::change_service_server::ChangeService for Changes {
         &self,
         request: Request<pb::CancelChangeRequest>,
     ) -> Result<Response<pb::Change>, Status> {
-        let change = self
-            .orchestrator
-            .cancel_change(&request.into_inner().id)
-            .await?;
-        Ok(Response::new(convert::change(change)))
+        let mut r = request.into_inner();
+        require_id(&r.id)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let store = self.orchestrator.app().store.clone();
+        let (change, _) = idempotency::once(&store, "CancelChange", request_id, &r, || async {
+            let change = self.orchestrator.cancel_change(&r.id).await?;
+            one_with_labels(&self.orchestrator, change).await
+        })
+        .await?;
+        Ok(Response::new(change))
     }
 
     async fn retry_change(
         &self,
         request: Request<pb::RetryChangeRequest>,
     ) -> Result<Response<pb::Change>, Status> {
-        let change = self
-            .orchestrator
-            .prepare_retry(&request.into_inner().id)
+        let mut r = request.into_inner();
+        require_id(&r.id)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let store = self.orchestrator.app().store.clone();
+        let (change, started) =
+            idempotency::once(&store, "RetryChange", request_id, &r, || async {
+                let change = self.orchestrator.prepare_retry(&r.id).await?;
+                one_with_labels(&self.orchestrator, change).await
+            })
             .await?;
-        self.start(change.id.clone());
-        Ok(Response::new(convert::change(change)))
+        if started {
+            self.start(change.id.clone());
+        }
+        Ok(Response::new(change))
     }
 
     type WatchChangeStream = EventStream;
@@ -164,25 +271,63 @@ impl pb::change_service_server::ChangeService for Changes {
         request: Request<pb::WatchChangeRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
+        require_id(&r.id)?;
+        if r.after_seq < 0 {
+            return Err(bad_field(
+                "INVALID_CURSOR",
+                "after_seq",
+                "after_seq must be 0 (from the start) or the seq of an event received",
+            ));
+        }
         let store = self.orchestrator.app().store.clone();
         store.change(&r.id).await.map_err(Error::from)?;
         // Subscribe before reading the history, so nothing falls between the two; sequence numbers drop repeats.
         let mut live = self.orchestrator.subscribe();
+        let end = store.last_seq(&r.id).await.map_err(Error::from)?;
+        if r.after_seq > end {
+            return Err(with_reason(
+                tonic::Code::OutOfRange,
+                "CURSOR_PAST_END",
+                format!(
+                    "after_seq {} is past the change's last event ({end})",
+                    r.after_seq
+                ),
+                &[("last_seq", end.to_string())],
+                tonic_types::ErrorDetails::with_bad_request_violation(
+                    "after_seq",
+                    format!("the change's last event is {end}"),
+                ),
+            ));
+        }
         let stop = self.stop_watches.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ChangeEvent, Status>>(256);
         tokio::spawn(async move {
             let mut last = r.after_seq;
             // Catches up from the store: the history at first, and whatever a broadcast lag or another process
-            // (a CLI run) stored since. Returns true once the final event went out.
+            // (a CLI run) stored since.
             let catch_up = |last: i64| {
                 let store = store.clone();
                 let id = r.id.clone();
                 async move { store.events_after(&id, last).await }
             };
+            // Whether the change has ended (then nothing more will be stored after what is there now).
+            let finished = || {
+                let store = store.clone();
+                let id = r.id.clone();
+                async move { store.change(&id).await.map(|c| c.state.is_final()) }
+            };
             let send = |record: &EventRecord| tx.send(Ok(convert::change_event(record)));
             let mut done = false;
             crate::orchestrator::crash_point::reached("serve-watching").await;
             while !done {
+                // Read the state first: if it was final, everything it stored is in what is read next.
+                let ended = match finished().await {
+                    Ok(ended) => ended,
+                    Err(e) => {
+                        let _ = tx.send(Err(Error::from(e).into())).await;
+                        return;
+                    }
+                };
                 let records = match catch_up(last).await {
                     Ok(records) => records,
                     Err(e) => {
@@ -197,12 +342,15 @@ impl pb::change_service_server::ChangeService for Changes {
                     last = record.seq;
                     done |= is_final(record);
                 }
-                if r.history_only {
+                if r.history_only || ended {
                     return;
                 }
                 while !done {
                     tokio::select! {
-                        _ = stop.cancelled() => return,
+                        _ = stop.cancelled() => {
+                            let _ = tx.send(Err(shutting_down())).await;
+                            return;
+                        }
                         received = live.recv() => match received {
                             Ok(record) if record.change_id == r.id => {
                                 if record.seq == last + 1 {
@@ -215,7 +363,10 @@ impl pb::change_service_server::ChangeService for Changes {
                             }
                             Ok(_) => {}
                             Err(RecvError::Lagged(_)) => break,
-                            Err(RecvError::Closed) => return,
+                            Err(RecvError::Closed) => {
+                                let _ = tx.send(Err(shutting_down())).await;
+                                return;
+                            }
                         },
                         // Events stored by another process are not broadcast here.
                         _ = tokio::time::sleep(Duration::from_millis(500)) => break,

@@ -50,6 +50,7 @@ pub fn change(c: Change) -> pb::Change {
         created_at: c.created_at,
         started_at: c.started_at.unwrap_or_default(),
         finished_at: c.finished_at.unwrap_or_default(),
+        labels: Default::default(),
     }
 }
 

@@ -4,6 +4,8 @@
 pub mod auth;
 mod changes;
 pub mod convert;
+mod idempotency;
+mod list_filter;
 mod projects;
 pub mod redact;
 pub mod status;

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{convert, pb};
+use super::{convert, idempotency, pb};
 use crate::app::{App, Scope};
 use crate::error::Error;
 use crate::properties;
@@ -13,9 +13,10 @@ pub struct Projects {
 }
 
 fn scope(scope: Option<pb::Scope>) -> Result<Scope, Status> {
-    let scope = scope.ok_or_else(|| {
-        Status::invalid_argument("scope is required: give scope.project (and scope.environment)")
-    })?;
+    let scope = scope.ok_or_else(|| super::status::required("scope"))?;
+    if scope.project.is_empty() {
+        return Err(super::status::required("scope.project"));
+    }
     Ok(match scope.environment.is_empty() {
         true => Scope::Project {
             project: scope.project,
@@ -33,14 +34,21 @@ impl pb::project_service_server::ProjectService for Projects {
         &self,
         request: Request<pb::CreateProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
-        let r = request.into_inner();
-        let remote = (!r.git_remote.is_empty()).then_some(r.git_remote.as_str());
-        let credential = (!r.git_credential.is_empty()).then_some(r.git_credential.as_str());
-        Ok(Response::new(convert::project(
-            self.app
-                .create_project_with_credential(&r.code, &r.name, remote, credential)
-                .await?,
-        )))
+        let mut r = request.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
+        let (project, _) =
+            idempotency::once(&self.app.store, "CreateProject", request_id, &r, || async {
+                let remote = (!r.git_remote.is_empty()).then_some(r.git_remote.as_str());
+                let credential =
+                    (!r.git_credential.is_empty()).then_some(r.git_credential.as_str());
+                Ok(convert::project(
+                    self.app
+                        .create_project_with_credential(&r.code, &r.name, remote, credential)
+                        .await?,
+                ))
+            })
+            .await?;
+        Ok(Response::new(project))
     }
 
     async fn list_projects(
@@ -57,13 +65,20 @@ impl pb::project_service_server::ProjectService for Projects {
         &self,
         request: Request<pb::SetGitRemoteRequest>,
     ) -> Result<Response<pb::Project>, Status> {
-        let r = request.into_inner();
-        let credential = (!r.git_credential.is_empty()).then_some(r.git_credential.as_str());
-        let project = self
-            .app
-            .set_git_remote(&r.project, &r.git_remote, credential)
+        let mut r = request.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
+        let (project, _) =
+            idempotency::once(&self.app.store, "SetGitRemote", request_id, &r, || async {
+                let credential =
+                    (!r.git_credential.is_empty()).then_some(r.git_credential.as_str());
+                let project = self
+                    .app
+                    .set_git_remote(&r.project, &r.git_remote, credential)
+                    .await?;
+                Ok(convert::project(project))
+            })
             .await?;
-        Ok(Response::new(convert::project(project)))
+        Ok(Response::new(project))
     }
 
     async fn fetch_project(
@@ -86,12 +101,23 @@ impl pb::project_service_server::ProjectService for Projects {
         &self,
         request: Request<pb::CreateEnvironmentRequest>,
     ) -> Result<Response<pb::Environment>, Status> {
-        let r = request.into_inner();
-        Ok(Response::new(convert::environment(
-            self.app
-                .create_environment(&r.project, &r.code, &r.name)
-                .await?,
-        )))
+        let mut r = request.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
+        let (environment, _) = idempotency::once(
+            &self.app.store,
+            "CreateEnvironment",
+            request_id,
+            &r,
+            || async {
+                Ok(convert::environment(
+                    self.app
+                        .create_environment(&r.project, &r.code, &r.name)
+                        .await?,
+                ))
+            },
+        )
+        .await?;
+        Ok(Response::new(environment))
     }
 
     async fn list_environments(
@@ -122,10 +148,19 @@ impl pb::project_service_server::ProjectService for Projects {
         &self,
         request: Request<pb::SetBaseImageRequest>,
     ) -> Result<Response<pb::BaseImage>, Status> {
-        let r = request.into_inner();
-        let image = (!r.image.is_empty()).then_some(r.image.as_str());
-        let base = self.app.set_base_image(&scope(r.scope)?, image).await?;
-        Ok(Response::new(convert::base_image(base)))
+        let mut r = request.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
+        let (base, _) =
+            idempotency::once(&self.app.store, "SetBaseImage", request_id, &r, || async {
+                let image = (!r.image.is_empty()).then_some(r.image.as_str());
+                let base = self
+                    .app
+                    .set_base_image(&scope(r.scope.clone())?, image)
+                    .await?;
+                Ok(convert::base_image(base))
+            })
+            .await?;
+        Ok(Response::new(base))
     }
 
     async fn get_properties(
@@ -143,27 +178,55 @@ impl pb::project_service_server::ProjectService for Projects {
         &self,
         request: Request<pb::SetPropertiesRequest>,
     ) -> Result<Response<pb::PropertiesVersion>, Status> {
-        let r = request.into_inner();
-        let document =
-            properties::parse_document("document_json", &r.document_json).map_err(Error::from)?;
-        let written = self
-            .app
-            .set_properties(&scope(r.scope)?, document, r.if_version, WrittenBy::Api)
+        let mut r = request.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
+        let (written, _) =
+            idempotency::once(&self.app.store, "SetProperties", request_id, &r, || async {
+                let document = properties::parse_document("document_json", &r.document_json)
+                    .map_err(Error::from)?;
+                let written = self
+                    .app
+                    .set_properties(
+                        &scope(r.scope.clone())?,
+                        document,
+                        r.if_version,
+                        WrittenBy::Api,
+                    )
+                    .await?;
+                Ok(convert::properties(written))
+            })
             .await?;
-        Ok(Response::new(convert::properties(written)))
+        Ok(Response::new(written))
     }
 
     async fn patch_properties(
         &self,
         request: Request<pb::PatchPropertiesRequest>,
     ) -> Result<Response<pb::PropertiesVersion>, Status> {
-        let r = request.into_inner();
-        let patch = properties::parse_patch("patch_json", &r.patch_json).map_err(Error::from)?;
-        let written = self
-            .app
-            .patch_properties(&scope(r.scope)?, &patch, r.if_version, WrittenBy::Api)
-            .await?;
-        Ok(Response::new(convert::properties(written)))
+        let mut r = request.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
+        let (written, _) = idempotency::once(
+            &self.app.store,
+            "PatchProperties",
+            request_id,
+            &r,
+            || async {
+                let patch =
+                    properties::parse_patch("patch_json", &r.patch_json).map_err(Error::from)?;
+                let written = self
+                    .app
+                    .patch_properties(
+                        &scope(r.scope.clone())?,
+                        &patch,
+                        r.if_version,
+                        WrittenBy::Api,
+                    )
+                    .await?;
+                Ok(convert::properties(written))
+            },
+        )
+        .await?;
+        Ok(Response::new(written))
     }
 
     async fn properties_history(

@@ -58,9 +58,32 @@ impl Redactor {
         }
     }
 
-    /// The same status with its message masked.
+    /// The same status with its message masked. Its error details are kept when they held nothing to mask;
+    /// otherwise only the `ErrorInfo` reason survives (details are opaque bytes here, so none is masked in place).
     pub fn status(&self, status: Status) -> Status {
-        Status::new(status.code(), self.text(status.message()))
+        use tonic_types::{ErrorDetails, StatusExt};
+        let message = self.text(status.message());
+        let details = status.get_error_details();
+        let clean = message == status.message()
+            && self.text(&format!("{details:?}")) == format!("{details:?}");
+        if clean {
+            return Status::with_details_and_metadata(
+                status.code(),
+                message,
+                status.details().to_vec().into(),
+                status.metadata().clone(),
+            );
+        }
+        match details.error_info() {
+            Some(info) => super::status::with_reason(
+                status.code(),
+                &info.reason,
+                message,
+                &[],
+                ErrorDetails::new(),
+            ),
+            None => Status::new(status.code(), message),
+        }
     }
 }
 

@@ -16,6 +16,16 @@ impl Orchestrator {
     /// Creates a change: resolves the revision to a SHA once (everything after uses that SHA, retries included)
     /// and checks the action exists, before anything runs.
     pub async fn create_change(&self, request: &CreateChange) -> Result<Change> {
+        self.create_labelled_change(request, &Default::default())
+            .await
+    }
+
+    /// [`create_change`](Self::create_change) with a scheduler's labels, stored with the change.
+    pub async fn create_labelled_change(
+        &self,
+        request: &CreateChange,
+        labels: &crate::store::Labels,
+    ) -> Result<Change> {
         let store = &self.app.store;
         let project = store.project(&request.project).await?;
         let environment = store
@@ -58,6 +68,7 @@ impl Orchestrator {
                 git_sha: &sha,
                 root_step_id: &uuid::Uuid::new_v4().to_string(),
                 owner: &self.owner,
+                labels,
             })
             .await?;
         let record = store
@@ -96,10 +107,9 @@ impl Orchestrator {
         let store = &self.app.store;
         if let Err(change) = store.reset_change(id, &self.owner).await? {
             return Err(match change.state {
-                ChangeState::Success => Error::InvalidArgument {
-                    what: "change state",
-                    value: change.state.to_string(),
-                    expected: "only a change that ended in error or was cancelled can be retried",
+                ChangeState::Success => Error::NotRetryable {
+                    id: id.to_owned(),
+                    state: change.state.to_string(),
                 },
                 state => Error::ChangeBusy {
                     id: id.to_owned(),

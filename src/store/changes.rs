@@ -57,6 +57,8 @@ pub struct NewChange<'a> {
     pub root_step_id: &'a str,
     /// The runner process answerable for the change from its creation (its lease says whether it lives).
     pub owner: &'a str,
+    /// A scheduler's labels, stored with the change.
+    pub labels: &'a super::Labels,
 }
 
 /// What finishing a step records.
@@ -156,6 +158,7 @@ impl Store {
         .bind(new.action)
         .execute(&mut *tx)
         .await?;
+        super::labels::insert_labels(&mut tx, new.id, new.labels).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -4,18 +4,24 @@
 //! to what PostgreSQL also speaks so the pool type is the only thing to swap.
 
 mod base_images;
+mod change_query;
 mod changes;
+mod labels;
 mod logs;
 mod projects;
 mod properties;
+mod requests;
 mod transitions;
 mod web;
 
 pub use base_images::{BaseImageSetting, BaseImageSource};
+pub use change_query::{ChangeQuery, Keyset};
 pub use changes::{Change, ChangeFilter, NewChange, Step, StepFinish};
+pub use labels::Labels;
 pub use logs::{rfc3339_ms, BatchEntry, Pruned};
 pub use projects::{Environment, Project};
 pub use properties::{PropertiesOwner, PropertiesVersion, PropertiesWrite, WrittenBy};
+pub use requests::{RequestClaim, ABANDONED_AFTER, REQUEST_ID_WINDOW};
 pub use transitions::{Claim, ReapedChange, StepSettle, Transition, Verdict};
 pub use web::{WebChangeFilter, WrittenVersion};
 

@@ -1,0 +1,148 @@
+//! `ListChanges`' `filter` and `order_by` (an AIP-160 subset), and page tokens bound to them: a token says where
+//! the previous page ended and which query it belongs to, so it cannot be replayed against another filter.
+
+use base64::Engine;
+use tonic::Status;
+
+use super::status::bad_field;
+use crate::events::ChangeState;
+use crate::store::{ChangeQuery, Keyset};
+
+fn bad_filter(message: String) -> Status {
+    bad_field("INVALID_FILTER", "filter", message)
+}
+
+fn unquote(value: &str) -> &str {
+    value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value)
+}
+
+fn label_part(text: &str) -> bool {
+    (1..=63).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Whether a label key or value has the documented shape.
+pub fn valid_label(key: &str, value: &str) -> bool {
+    label_part(key) && label_part(value)
+}
+
+/// Adds `filter`'s terms to `query`.
+pub fn parse_filter(filter: &str, query: &mut ChangeQuery) -> Result<(), Status> {
+    let filter = filter.trim();
+    if filter.is_empty() {
+        return Ok(());
+    }
+    for term in filter.split(" AND ") {
+        let term = term.trim();
+        let (field, op, value) = ["<", ">", "="]
+            .iter()
+            .find_map(|op| {
+                term.split_once(op)
+                    .map(|(f, v)| (f.trim(), *op, unquote(v.trim())))
+            })
+            .ok_or_else(|| {
+                bad_filter(format!(
+                    "filter term {term:?} is not FIELD OP VALUE (e.g. state = running AND labels.team = \"a\")"
+                ))
+            })?;
+        match (field, op) {
+            ("state", "=") => query.states.push(ChangeState::parse(value).ok_or_else(|| {
+                bad_filter(format!(
+                    "unknown state {value:?} in filter: use pending, queued, running, success, error or cancelled"
+                ))
+            })?),
+            ("action", "=") => query.action = Some(value.to_owned()),
+            ("create_time", ">") | ("create_time", "<") => {
+                let at = chrono::DateTime::parse_from_rfc3339(value).map_err(|_| {
+                    bad_filter(format!("create_time {value:?} is not an RFC 3339 time"))
+                })?;
+                let at = at
+                    .with_timezone(&chrono::Utc)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                if op == ">" {
+                    query.created_after = Some(at);
+                } else {
+                    query.created_before = Some(at);
+                }
+            }
+            (field, "=") if field.starts_with("labels.") => {
+                let key = &field["labels.".len()..];
+                if !valid_label(key, value) {
+                    return Err(bad_filter(format!(
+                        "label {key:?} = {value:?}: keys and values are 1-63 characters [A-Za-z0-9_.-]"
+                    )));
+                }
+                query.labels.push((key.to_owned(), value.to_owned()));
+            }
+            _ => {
+                return Err(bad_filter(format!(
+                    "filter term {term:?}: filter on state =, action =, labels.KEY = or create_time < / >"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sets the order of `query` from `order_by`.
+pub fn parse_order_by(order_by: &str, query: &mut ChangeQuery) -> Result<(), Status> {
+    let words: Vec<&str> = order_by.split_whitespace().collect();
+    query.oldest_first = match words.as_slice() {
+        [] | ["create_time", "desc"] => false,
+        ["create_time"] | ["create_time", "asc"] => true,
+        _ => {
+            return Err(bad_field(
+                "INVALID_ORDER_BY",
+                "order_by",
+                format!("order_by {order_by:?}: use \"create_time desc\" (the default) or \"create_time asc\""),
+            ))
+        }
+    };
+    Ok(())
+}
+
+fn query_hash(query: &ChangeQuery) -> String {
+    use sha2::Digest;
+    let text = format!("{query:?}");
+    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
+}
+
+/// The token of the page after `last`.
+pub fn page_token(query: &ChangeQuery, last: &Keyset) -> String {
+    let json = serde_json::json!({"q": query_hash(query), "at": last.created_at, "id": last.id});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+}
+
+/// Where the page of `token` starts, if it belongs to `query`.
+pub fn parse_page_token(token: &str, query: &ChangeQuery) -> Result<Option<Keyset>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid = |why: &str| {
+        bad_field(
+            "INVALID_PAGE_TOKEN",
+            "page_token",
+            format!("page_token {why}: pass next_page_token of the previous page, with the same project, environment, filter and order_by"),
+        )
+    };
+    let json: serde_json::Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or_else(|| invalid("is not one this server issued"))?;
+    if json["q"].as_str() != Some(&query_hash(query)) {
+        return Err(invalid("belongs to another query"));
+    }
+    match (json["at"].as_str(), json["id"].as_str()) {
+        (Some(at), Some(id)) => Ok(Some(Keyset {
+            created_at: at.to_owned(),
+            id: id.to_owned(),
+        })),
+        _ => Err(invalid("is not one this server issued")),
+    }
+}

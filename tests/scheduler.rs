@@ -1,0 +1,853 @@
+//! The API as a scheduler uses it, through the tonic client generated from proto/runner/v1/runner.proto:
+//! idempotent retries (also after a lost response), resumable and bounded watches, shutdown, keyset pages, labels,
+//! and the code and `ErrorInfo.reason` of every error a scheduler acts on. Steps run on the fake executor.
+
+mod support;
+
+use runner::app::App;
+use runner::grpc::pb::change_service_client::ChangeServiceClient;
+use runner::grpc::pb::project_service_client::ProjectServiceClient;
+use runner::grpc::pb::{self, Scope};
+use runner::grpc::status::reason;
+use runner::grpc::{run, ServerConfig};
+use runner::orchestrator::{Orchestrator, Settings};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use support::fakes::{FakeExecutor, FakeImages, FakeSources, Script};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+struct Server {
+    _home: tempfile::TempDir,
+    addr: std::net::SocketAddr,
+    channel: Channel,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), runner::grpc::ServerError>>,
+}
+
+async fn start(scripts: Vec<(&str, Script)>) -> Server {
+    let home = tempfile::tempdir().unwrap();
+    let app = App::open(home.path()).await.unwrap();
+    app.create_project("demo", "Demo", Some("/nowhere"))
+        .await
+        .unwrap();
+    app.create_environment("demo", "dev", "Dev").await.unwrap();
+    app.create_environment("demo", "prod", "Prod")
+        .await
+        .unwrap();
+    let manifest = json!({"actions": {
+        "deploy": {"steps": ["a"]}, "a": {"run": "a"}, "slow": {"run": "slow"}, "fail": {"run": "fail"}
+    }});
+    let executor = Arc::new(FakeExecutor {
+        scripts: scripts
+            .into_iter()
+            .map(|(a, s)| (a.to_owned(), s))
+            .collect(),
+        ..Default::default()
+    });
+    let orchestrator = Orchestrator::new(
+        app,
+        Arc::new(FakeSources {
+            manifest,
+            properties: json!({}),
+        }),
+        Arc::new(FakeImages),
+        executor,
+        Settings {
+            poll: Duration::from_millis(20),
+            ..Default::default()
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = ServerConfig {
+        grace: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let handle = tokio::spawn(run(listener, orchestrator, config, async {
+        let _ = stopped.await;
+    }));
+    let channel = channel_to(addr);
+    Server {
+        _home: home,
+        addr,
+        channel,
+        stop: Some(stop),
+        handle,
+    }
+}
+
+fn channel_to(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy()
+}
+
+impl Server {
+    fn changes(&self) -> ChangeServiceClient<Channel> {
+        ChangeServiceClient::new(self.channel.clone())
+    }
+    fn projects(&self) -> ProjectServiceClient<Channel> {
+        ProjectServiceClient::new(self.channel.clone())
+    }
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.handle.await.unwrap().unwrap();
+    }
+    async fn create(&self, request: pb::CreateChangeRequest) -> Result<pb::Change, Status> {
+        self.changes()
+            .create_change(request)
+            .await
+            .map(|r| r.into_inner())
+    }
+    async fn list(
+        &self,
+        request: pb::ListChangesRequest,
+    ) -> Result<pb::ListChangesResponse, Status> {
+        self.changes()
+            .list_changes(request)
+            .await
+            .map(|r| r.into_inner())
+    }
+    async fn all_changes(&self) -> Vec<pb::Change> {
+        self.list(pb::ListChangesRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .changes
+    }
+    /// Every event of a watch that must end by itself (within 10 s), and how it ended.
+    async fn watch_to_end(
+        &self,
+        request: pb::WatchChangeRequest,
+    ) -> (Vec<pb::ChangeEvent>, Result<(), Status>) {
+        let mut stream = match self.changes().watch_change(request).await {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => return (vec![], Err(status)),
+        };
+        let mut events = vec![];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("the watch ends by itself")
+            {
+                Ok(Some(event)) => events.push(event),
+                Ok(None) => return (events, Ok(())),
+                Err(status) => return (events, Err(status)),
+            }
+        }
+    }
+    async fn wait_finished(&self, id: &str) -> pb::Change {
+        let (_, end) = self
+            .watch_to_end(pb::WatchChangeRequest {
+                id: id.into(),
+                ..Default::default()
+            })
+            .await;
+        end.unwrap();
+        self.changes()
+            .get_change(pb::GetChangeRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .change
+            .unwrap()
+    }
+}
+
+fn create_request(action: &str, request_id: &str) -> pb::CreateChangeRequest {
+    pb::CreateChangeRequest {
+        project: "demo".into(),
+        environment: "dev".into(),
+        git_rev: "main".into(),
+        action: action.into(),
+        request_id: request_id.into(),
+        ..Default::default()
+    }
+}
+
+/// The code, and the `ErrorInfo` (domain runner.v1) reason, of a failed call.
+#[track_caller]
+fn assert_error<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    code: Code,
+    expected_reason: &str,
+) -> Status {
+    let status = result.expect_err("the call fails");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(reason(&status), expected_reason, "{status:?}");
+    let details = status.get_error_details();
+    assert_eq!(details.error_info().unwrap().domain, "runner.v1");
+    assert!(
+        !status.message().contains("`runner") && !status.message().contains("runner change"),
+        "no CLI hints in API messages: {}",
+        status.message()
+    );
+    status
+}
+
+#[tokio::test]
+async fn duplicate_create_change_with_one_request_id_makes_one_change() {
+    let server = start(vec![]).await;
+    let first = server
+        .create(create_request("deploy", "req-1"))
+        .await
+        .unwrap();
+    let again = server
+        .create(create_request("deploy", "req-1"))
+        .await
+        .unwrap();
+    assert_eq!(first, again, "the original response, not a new change");
+    let other = server
+        .create(create_request("deploy", "req-2"))
+        .await
+        .unwrap();
+    assert_ne!(other.id, first.id);
+    let ids: Vec<String> = server
+        .all_changes()
+        .await
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(server.wait_finished(&first.id).await.state, "success");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_used_request_id_with_another_request_is_invalid_argument() {
+    let server = start(vec![]).await;
+    server
+        .create(create_request("deploy", "req-1"))
+        .await
+        .unwrap();
+    let status = assert_error(
+        server.create(create_request("a", "req-1")).await,
+        Code::InvalidArgument,
+        "REQUEST_ID_REUSED",
+    );
+    let details = status.get_error_details();
+    let violation = &details.bad_request().unwrap().field_violations[0];
+    assert_eq!(violation.field, "request_id");
+    // Another method with the same id is a different request too.
+    assert_error(
+        server
+            .changes()
+            .cancel_change(pb::CancelChangeRequest {
+                id: "x".into(),
+                request_id: "req-1".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "REQUEST_ID_REUSED",
+    );
+    assert_error(
+        server.create(create_request("deploy", "has space")).await,
+        Code::InvalidArgument,
+        "INVALID_REQUEST_ID",
+    );
+    assert_eq!(server.all_changes().await.len(), 1);
+    server.stop().await;
+}
+
+/// A TCP proxy that, on its first connection, forwards everything but cuts the connection when the server starts
+/// answering a call (the first HTTP/2 HEADERS frame on a stream), so the call ran but its response is lost.
+/// Later connections are forwarded whole.
+async fn response_dropping_proxy(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            let drop_response = std::mem::take(&mut first);
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                if !drop_response {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    up.abort();
+                    return;
+                }
+                // Forward whole frames of the connection (stream 0) only; stop at the first response frame.
+                loop {
+                    let mut header = [0u8; 9];
+                    if server_read.read_exact(&mut header).await.is_err() {
+                        break;
+                    }
+                    let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+                    let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]])
+                        & 0x7fff_ffff;
+                    let mut payload = vec![0u8; length];
+                    if server_read.read_exact(&mut payload).await.is_err() {
+                        break;
+                    }
+                    if stream != 0 {
+                        break; // the response: lost
+                    }
+                    if client_write.write_all(&header).await.is_err()
+                        || client_write.write_all(&payload).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                up.abort();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_retry_after_a_lost_response_makes_one_change() {
+    let server = start(vec![]).await;
+    let proxy = response_dropping_proxy(server.addr).await;
+    let mut client = ChangeServiceClient::new(channel_to(proxy));
+    let lost = client
+        .create_change(create_request("deploy", "lost-once"))
+        .await
+        .expect_err("the response was dropped");
+    assert_ne!(lost.code(), Code::Ok);
+    // The change was created nonetheless: a naive retry would make a second one.
+    assert_eq!(server.all_changes().await.len(), 1);
+    let mut retry_client = ChangeServiceClient::new(channel_to(proxy));
+    let retried = retry_client
+        .create_change(create_request("deploy", "lost-once"))
+        .await
+        .expect("the retry answers")
+        .into_inner();
+    let all = server.all_changes().await;
+    assert_eq!(all.len(), 1, "one change: {all:?}");
+    assert_eq!(all[0].id, retried.id);
+    assert_eq!(server.wait_finished(&retried.id).await.state, "success");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn retry_and_cancel_with_a_request_id_act_once() {
+    let server = start(vec![(
+        "a",
+        Script {
+            exit_code: 3,
+            ..Default::default()
+        },
+    )])
+    .await;
+    let change = server.create(create_request("deploy", "")).await.unwrap();
+    assert_eq!(server.wait_finished(&change.id).await.state, "error");
+    let retry = |id: &str| pb::RetryChangeRequest {
+        id: id.into(),
+        request_id: "retry-1".into(),
+    };
+    let first = server
+        .changes()
+        .retry_change(retry(&change.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(server.wait_finished(&change.id).await.state, "error");
+    // The same retry again answers the first result and does not run the change a third time.
+    let again = server
+        .changes()
+        .retry_change(retry(&change.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, again);
+    let (events, _) = server
+        .watch_to_end(pb::WatchChangeRequest {
+            id: change.id.clone(),
+            ..Default::default()
+        })
+        .await;
+    let runs = events
+        .iter()
+        .filter(|e| matches!(&e.event, Some(pb::change_event::Event::ChangeState(s)) if s.state == "running"))
+        .count();
+    assert_eq!(runs, 2, "created once, retried once");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn retrying_a_succeeded_change_is_failed_precondition() {
+    let server = start(vec![]).await;
+    let change = server.create(create_request("deploy", "")).await.unwrap();
+    assert_eq!(server.wait_finished(&change.id).await.state, "success");
+    let status = assert_error(
+        server
+            .changes()
+            .retry_change(pb::RetryChangeRequest {
+                id: change.id.clone(),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "CHANGE_NOT_RETRYABLE",
+    );
+    let details = status.get_error_details();
+    let violation = &details.precondition_failure().unwrap().violations[0];
+    assert_eq!(violation.subject, format!("changes/{}", change.id));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn watch_at_the_end_of_a_finished_change_returns_at_once() {
+    let server = start(vec![]).await;
+    let change = server.create(create_request("deploy", "")).await.unwrap();
+    server.wait_finished(&change.id).await;
+    let (all, end) = server
+        .watch_to_end(pb::WatchChangeRequest {
+            id: change.id.clone(),
+            ..Default::default()
+        })
+        .await;
+    end.unwrap();
+    let last = all.last().unwrap().seq;
+    let started = std::time::Instant::now();
+    let (rest, end) = server
+        .watch_to_end(pb::WatchChangeRequest {
+            id: change.id.clone(),
+            after_seq: last,
+            ..Default::default()
+        })
+        .await;
+    end.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "it ended by itself, not by timing out"
+    );
+    // Resuming in the middle sends exactly the rest.
+    let (tail, _) = server
+        .watch_to_end(pb::WatchChangeRequest {
+            id: change.id.clone(),
+            after_seq: last - 2,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(tail, all[all.len() - 2..].to_vec());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn watch_rejects_bad_cursors_and_unknown_changes() {
+    let server = start(vec![]).await;
+    let change = server.create(create_request("deploy", "")).await.unwrap();
+    server.wait_finished(&change.id).await;
+    let watch = |id: &str, after_seq: i64| pb::WatchChangeRequest {
+        id: id.into(),
+        after_seq,
+        ..Default::default()
+    };
+    let (_, end) = server.watch_to_end(watch(&change.id, -1)).await;
+    assert_error(end, Code::InvalidArgument, "INVALID_CURSOR");
+    let (_, end) = server.watch_to_end(watch(&change.id, 10_000)).await;
+    let status = assert_error(end, Code::OutOfRange, "CURSOR_PAST_END");
+    assert!(
+        status.get_error_details().error_info().unwrap().metadata["last_seq"]
+            .parse::<i64>()
+            .unwrap()
+            > 0
+    );
+    let (_, end) = server.watch_to_end(watch("nope", 0)).await;
+    assert_error(end, Code::NotFound, "CHANGE_NOT_FOUND");
+    let (_, end) = server.watch_to_end(watch("", 0)).await;
+    assert_error(end, Code::InvalidArgument, "FIELD_REQUIRED");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_watchers_with_unavailable() {
+    let server = start(vec![(
+        "slow",
+        Script {
+            delay: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )])
+    .await;
+    let change = server.create(create_request("slow", "")).await.unwrap();
+    let mut stream = server
+        .changes()
+        .watch_change(pb::WatchChangeRequest {
+            id: change.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("the first event");
+    let stopping = tokio::spawn(server.stop());
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the watch ends at shutdown")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => break Ok(()),
+            Err(status) => break Err::<(), _>(status),
+        }
+    };
+    assert_error(end, Code::Unavailable, "SERVER_SHUTTING_DOWN");
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn keyset_pages_show_changes_created_between_pages_exactly_once() {
+    let server = start(vec![]).await;
+    let mut created = vec![];
+    for _ in 0..5 {
+        created.push(
+            server
+                .create(create_request("deploy", ""))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for (order_by, sees_new) in [("create_time asc", true), ("", false)] {
+        let mut seen: Vec<String> = vec![];
+        let mut token = String::new();
+        loop {
+            let page = server
+                .list(pb::ListChangesRequest {
+                    page_size: 2,
+                    page_token: token.clone(),
+                    order_by: order_by.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            seen.extend(page.changes.into_iter().map(|c| c.id));
+            // Between every two pages a new change arrives (an offset would repeat one on the next page).
+            let new = server
+                .create(create_request("deploy", ""))
+                .await
+                .unwrap()
+                .id;
+            created.push(new);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            seen.len(),
+            "no change twice ({order_by:?}): {seen:?}"
+        );
+        let before: Vec<&String> = created.iter().take(5).collect();
+        for id in before {
+            assert!(seen.contains(id), "{id} missing ({order_by:?})");
+        }
+        if sees_new {
+            // Oldest first: the changes created while paging come at the end, each once.
+            assert!(seen.len() > 5, "{seen:?}");
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn page_tokens_are_bound_to_their_filter_and_bad_queries_are_invalid_argument() {
+    let server = start(vec![]).await;
+    for _ in 0..3 {
+        server.create(create_request("deploy", "")).await.unwrap();
+    }
+    let page = server
+        .list(pb::ListChangesRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!page.next_page_token.is_empty());
+    assert_error(
+        server
+            .list(pb::ListChangesRequest {
+                page_size: 1,
+                page_token: page.next_page_token.clone(),
+                filter: "action = deploy".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_PAGE_TOKEN",
+    );
+    assert_error(
+        server
+            .list(pb::ListChangesRequest {
+                page_token: "garbage".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_PAGE_TOKEN",
+    );
+    assert_error(
+        server
+            .list(pb::ListChangesRequest {
+                filter: "colour = red".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_FILTER",
+    );
+    assert_error(
+        server
+            .list(pb::ListChangesRequest {
+                order_by: "name".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ORDER_BY",
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn labels_are_kept_and_filter_the_list() {
+    let server = start(vec![(
+        "fail",
+        Script {
+            exit_code: 1,
+            ..Default::default()
+        },
+    )])
+    .await;
+    let mut request = create_request("deploy", "");
+    request.labels = HashMap::from([("batch".into(), "b1".into()), ("team".into(), "red".into())]);
+    let labelled = server.create(request).await.unwrap();
+    assert_eq!(labelled.labels["batch"], "b1");
+    let other = server.create(create_request("fail", "")).await.unwrap();
+    server.wait_finished(&labelled.id).await;
+    server.wait_finished(&other.id).await;
+    let ids = |r: pb::ListChangesResponse| r.changes.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    let filtered = |filter: &str| pb::ListChangesRequest {
+        filter: filter.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(server
+            .list(filtered("labels.batch = \"b1\""))
+            .await
+            .unwrap()),
+        [labelled.id.clone()]
+    );
+    assert_eq!(
+        ids(server.list(filtered("labels.batch = b2")).await.unwrap()),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(server.list(filtered("state = error")).await.unwrap()),
+        [other.id.clone()]
+    );
+    assert_eq!(
+        ids(server
+            .list(filtered("action = deploy AND labels.team = red"))
+            .await
+            .unwrap()),
+        [labelled.id.clone()]
+    );
+    assert_eq!(
+        ids(server
+            .list(filtered("create_time > \"2999-01-01T00:00:00Z\""))
+            .await
+            .unwrap())
+        .len(),
+        0
+    );
+    let mut bad = create_request("deploy", "");
+    bad.labels = HashMap::from([("has space".into(), "x".into())]);
+    assert_error(
+        server.create(bad).await,
+        Code::InvalidArgument,
+        "INVALID_LABELS",
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn errors_carry_codes_and_reasons_a_scheduler_can_act_on() {
+    let server = start(vec![]).await;
+    let changes = server.changes();
+    assert_error(
+        changes
+            .clone()
+            .get_change(pb::GetChangeRequest { id: String::new() })
+            .await,
+        Code::InvalidArgument,
+        "FIELD_REQUIRED",
+    );
+    assert_error(
+        changes
+            .clone()
+            .get_change(pb::GetChangeRequest { id: "nope".into() })
+            .await,
+        Code::NotFound,
+        "CHANGE_NOT_FOUND",
+    );
+    assert_error(
+        changes
+            .clone()
+            .get_step(pb::GetStepRequest { id: "nope".into() })
+            .await,
+        Code::NotFound,
+        "STEP_NOT_FOUND",
+    );
+    assert_error(
+        server.create(pb::CreateChangeRequest::default()).await,
+        Code::InvalidArgument,
+        "FIELD_REQUIRED",
+    );
+    let mut unknown_project = create_request("deploy", "");
+    unknown_project.project = "nope".into();
+    assert_error(
+        server.create(unknown_project).await,
+        Code::NotFound,
+        "PROJECT_NOT_FOUND",
+    );
+    let status = assert_error(
+        server.create(create_request("zz", "")).await,
+        Code::InvalidArgument,
+        "ACTION_NOT_FOUND",
+    );
+    assert_eq!(
+        status
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "action"
+    );
+    let scope = || {
+        Some(Scope {
+            project: "demo".into(),
+            environment: String::new(),
+        })
+    };
+    let projects = server.projects();
+    let current = projects
+        .clone()
+        .set_properties(pb::SetPropertiesRequest {
+            scope: scope(),
+            document_json: "{}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    let status = assert_error(
+        projects
+            .clone()
+            .set_properties(pb::SetPropertiesRequest {
+                scope: scope(),
+                document_json: "{}".into(),
+                if_version: Some(0),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "VERSION_CONFLICT",
+    );
+    let details = status.get_error_details();
+    assert_eq!(
+        details.error_info().unwrap().metadata["current_version"],
+        current.to_string()
+    );
+    assert_eq!(
+        details.precondition_failure().unwrap().violations[0].description,
+        format!("the current version is {current}")
+    );
+    assert_error(
+        projects
+            .clone()
+            .patch_properties(pb::PatchPropertiesRequest {
+                scope: scope(),
+                patch_json: "[{\"op\": \"jump\"}]".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_PATCH",
+    );
+    assert_error(
+        projects
+            .clone()
+            .get_properties(pb::GetPropertiesRequest::default())
+            .await,
+        Code::InvalidArgument,
+        "FIELD_REQUIRED",
+    );
+    assert_error(
+        projects
+            .clone()
+            .create_project(pb::CreateProjectRequest {
+                code: "demo".into(),
+                name: "again".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::AlreadyExists,
+        "PROJECT_ALREADY_EXISTS",
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_patch_retried_with_its_request_id_applies_once() {
+    let server = start(vec![]).await;
+    let patch = || pb::PatchPropertiesRequest {
+        scope: Some(Scope {
+            project: "demo".into(),
+            environment: "dev".into(),
+        }),
+        patch_json: json!([{"op": "add", "path": "/n", "value": 1}]).to_string(),
+        request_id: "patch-1".into(),
+        ..Default::default()
+    };
+    let first = server
+        .projects()
+        .patch_properties(patch())
+        .await
+        .unwrap()
+        .into_inner();
+    let again = server
+        .projects()
+        .patch_properties(patch())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, again);
+    let history = server
+        .projects()
+        .properties_history(pb::PropertiesHistoryRequest {
+            scope: patch().scope,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        history.versions.len(),
+        first.version as usize,
+        "one version per applied patch"
+    );
+    server.stop().await;
+}
