@@ -126,7 +126,6 @@ impl Server {
                 id: id.into(),
                 after_seq: 0,
                 history_only: false,
-                ..Default::default()
             }))
             .await
             .unwrap()
@@ -237,7 +236,6 @@ async fn cancel_over_grpc_stops_a_running_change() {
             id: change.id.clone(),
             after_seq: 0,
             history_only: false,
-            ..Default::default()
         });
         tokio::spawn(async move {
             let mut stream = client.watch_change(request).await.unwrap().into_inner();
@@ -335,6 +333,7 @@ async fn errors_map_to_status_codes() {
         name: "x".into(),
         git_remote: String::new(),
         git_credential: String::new(),
+        ..Default::default()
     };
     assert_eq!(
         projects
@@ -349,6 +348,7 @@ async fn errors_map_to_status_codes() {
         environment: "dev".into(),
         git_rev: "main".into(),
         action: "zz".into(),
+        ..Default::default()
     };
     assert_eq!(
         server
@@ -365,7 +365,6 @@ async fn errors_map_to_status_codes() {
             id: "nope".into(),
             after_seq: 0,
             history_only: false,
-            ..Default::default()
         }))
         .await
         .unwrap_err();

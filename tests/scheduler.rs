@@ -647,7 +647,7 @@ async fn labels_are_kept_and_filter_the_list() {
             .list(filtered("labels.batch = \"b1\""))
             .await
             .unwrap()),
-        [labelled.id.clone()]
+        vec![labelled.id.clone()]
     );
     assert_eq!(
         ids(server.list(filtered("labels.batch = b2")).await.unwrap()),
@@ -655,14 +655,14 @@ async fn labels_are_kept_and_filter_the_list() {
     );
     assert_eq!(
         ids(server.list(filtered("state = error")).await.unwrap()),
-        [other.id.clone()]
+        vec![other.id.clone()]
     );
     assert_eq!(
         ids(server
             .list(filtered("action = deploy AND labels.team = red"))
             .await
             .unwrap()),
-        [labelled.id.clone()]
+        vec![labelled.id.clone()]
     );
     assert_eq!(
         ids(server

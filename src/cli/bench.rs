@@ -531,7 +531,6 @@ async fn grpc(
                     id,
                     after_seq: 0,
                     history_only: false,
-                    ..Default::default()
                 };
                 let Ok(response) = client.watch_change(request).await else {
                     return (0u64, 0u64, vec![]);

@@ -565,7 +565,6 @@ async fn watch_remote(
         id: id.to_owned(),
         after_seq,
         history_only,
-        ..Default::default()
     };
     let mut stream = remote
         .changes()

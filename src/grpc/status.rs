@@ -109,9 +109,13 @@ fn fetch_problem(problem: &FetchProblem) -> &'static str {
 fn describe(err: &Error) -> (String, String, Vec<(&'static str, String)>, ErrorDetails) {
     let none = ErrorDetails::new;
     match err {
-        Error::Store(StoreError::NotFound { what, code, .. }) => (
+        Error::Store(StoreError::NotFound { what, code, hint }) => (
             format!("{}_NOT_FOUND", what.to_ascii_uppercase().replace(' ', "_")),
-            format!("{what} {code:?} does not exist"),
+            // The hint's where ("in project …") stays, its CLI advice (after ": ") goes.
+            format!(
+                "{what} {code:?} does not exist{}",
+                hint.split(": ").next().unwrap_or_default()
+            ),
             vec![("resource_type", (*what).to_owned()), ("name", code.clone())],
             none(),
         ),
