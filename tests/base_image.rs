@@ -125,3 +125,54 @@ fn docker_tests_fail_without_a_daemon_unless_skipping_is_asked_for() {
         "a skip is said out loud: {stderr}"
     );
 }
+
+/// After `cargo install`, only the binary is there: a copy of it, run from elsewhere with no source tree and no
+/// agent override, builds the base image from what it carries (the agent, the Dockerfile).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_installed_binary_builds_the_base_image_without_the_source_tree() {
+    if !support::docker_available() {
+        return;
+    }
+    let installed = tempfile::tempdir().unwrap();
+    let exe = installed.path().join("bin/runner");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_runner"), &exe).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let reference = format!(
+        "runner-test/installed-base:{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let out = Command::new(&exe)
+        .args(["image", "build-base"])
+        .current_dir(elsewhere.path())
+        .env("RUNNER_HOME", home.path())
+        .env("RUNNER_BASE_IMAGE", &reference)
+        .env_remove("RUNNER_AGENT_BIN")
+        .env_remove("CARGO_MANIFEST_DIR")
+        .output()
+        .unwrap();
+    let docker = runner::executor::docker::connect().await.unwrap();
+    let inspected = docker.inspect_image(&reference).await;
+    let _ = docker
+        .remove_image(
+            &reference,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = inspected.expect("the image exists under the name asked for");
+    assert_eq!(
+        Some(String::from_utf8_lossy(&out.stdout).trim()),
+        image.id.as_deref()
+    );
+    let agent = std::fs::read_dir(home.path().join("agent"))
+        .expect("the carried agent is written out under the data directory")
+        .count();
+    assert_eq!(agent, 1);
+}

@@ -659,7 +659,7 @@ async fn build_image(home: &Path, which: OfflineImage) -> Result<()> {
     let started = std::time::Instant::now();
     let endpoint = crate::buildkit::DockerEndpoint::from_env();
     let cancel = tokio_util::sync::CancellationToken::new();
-    let inputs = crate::image::base::BaseImageInputs::from_env();
+    let inputs = crate::image::base::BaseImageInputs::from_env(home);
     let (what, image) = match which {
         OfflineImage::Layered { from, tag } => {
             // The shell probe runs a container: it is labelled with this process's id and held under a lease, so

@@ -20,7 +20,7 @@ pub fn default_reference() -> String {
 pub use super::rootfs::OfflineImageError as BaseImageError;
 use super::rootfs::{is_static, shared_libraries, stage_file, stage_link};
 
-const AGENT_FIX: &str = "build it with `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build -p runner-agent --release --target x86_64-unknown-linux-gnu` (tools/setup.sh does) or point RUNNER_AGENT_BIN at it";
+const AGENT_FIX: &str = "point RUNNER_AGENT_BIN at a static agent (`RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build -p runner-agent --release --target x86_64-unknown-linux-gnu` builds one), or unset it to use the agent this runner carries";
 const BUSYBOX_FIX: &str = "install Debian's busybox-static (`apt-get install busybox-static`) or point RUNNER_BUSYBOX at a static busybox";
 
 /// The files the base image is made of.
@@ -35,8 +35,9 @@ pub struct BaseImageInputs {
 }
 
 impl BaseImageInputs {
-    /// `RUNNER_BUSYBOX` or `/bin/busybox`, [`locate_agent`], and the system's git and docker CLI if it has them.
-    pub fn from_env() -> BaseImageInputs {
+    /// `RUNNER_BUSYBOX` or `/bin/busybox`, the agent ([`super::agent::locate`]: `RUNNER_AGENT_BIN` or the one this
+    /// binary carries, written out under `home`), and the system's git and docker CLI if it has them.
+    pub fn from_env(home: &Path) -> BaseImageInputs {
         let busybox = std::env::var_os("RUNNER_BUSYBOX")
             .map(PathBuf::from)
             .unwrap_or_else(|| "/bin/busybox".into());
@@ -45,31 +46,11 @@ impl BaseImageInputs {
         let docker_cli = found("/usr/bin/docker");
         BaseImageInputs {
             busybox,
-            agent: locate_agent(),
+            agent: super::agent::locate(home),
             git,
             docker_cli,
         }
     }
-}
-
-/// `RUNNER_AGENT_BIN`, or the static agent beside this executable's target directory, or the workspace's.
-pub fn locate_agent() -> PathBuf {
-    if let Some(path) = std::env::var_os("RUNNER_AGENT_BIN") {
-        return path.into();
-    }
-    let relative = Path::new("x86_64-unknown-linux-gnu/release/opschain-agent");
-    if let Ok(exe) = std::env::current_exe() {
-        // target/debug/runner (or target/debug/deps/test-…) → target/x86_64-unknown-linux-gnu/release/…
-        for dir in exe.ancestors().skip(1).take(3) {
-            let candidate = dir.join(relative);
-            if candidate.exists() {
-                return candidate;
-            }
-        }
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join(relative)
 }
 
 pub use super::rootfs::OfflineImage as BaseImage;

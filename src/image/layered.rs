@@ -622,7 +622,7 @@ mod tests {
     #[test]
     fn the_content_key_follows_the_source_and_the_agent() {
         let dir = tempfile::tempdir().unwrap();
-        let agent = crate::image::base::locate_agent();
+        let agent = crate::image::agent::locate(dir.path());
         if !agent.exists() {
             // Missing agents are reported (below); tools/setup.sh builds it for CI.
             let err = stage(

@@ -403,7 +403,7 @@ impl BuildKitImages {
                 &self.home,
                 &self.endpoint,
                 &self.docker,
-                &crate::image::base::BaseImageInputs::from_env().busybox,
+                &crate::image::base::BaseImageInputs::from_env(&self.home).busybox,
                 &reference,
                 tx,
                 cancel,
