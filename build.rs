@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/runner/v1/runner.proto";
     println!("cargo:rerun-if-changed={proto}");
+    // sqlx::migrate! embeds the migrations: a new one must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
     let descriptors = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(

@@ -81,11 +81,21 @@ impl App {
 
     /// Opens the data directory under a policy the operator read from elsewhere (`--policy FILE`).
     pub async fn open_with_policy(home: &Path, policy: Policy) -> Result<App> {
+        App::open_with_store(home, policy, None).await
+    }
+
+    /// Opens the data directory with the store `database` names (a `postgres://` URL shared by a fleet), or the
+    /// SQLite store in `home` when it is `None`.
+    pub async fn open_with_store(
+        home: &Path,
+        policy: Policy,
+        database: Option<&str>,
+    ) -> Result<App> {
         crate::data_dir::prepare(home).map_err(|source| Error::Home {
             path: home.to_owned(),
             source,
         })?;
-        let store = Store::open(home).await?;
+        let store = Store::connect(home, database).await?;
         let secrets = SecretStore::open(home)?;
         Ok(App {
             home: home.to_owned(),

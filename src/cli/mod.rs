@@ -36,6 +36,15 @@ pub struct Cli {
     /// `$RUNNER_HOME/policy.toml` by default, where an absent file means the safe defaults.
     #[arg(long, global = true, env = "RUNNER_POLICY")]
     policy: Option<PathBuf>,
+    /// The store: a PostgreSQL URL (postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE) that several runners on
+    /// several hosts share; unset, the SQLite store `runner.db` in the data directory.
+    #[arg(
+        long,
+        global = true,
+        env = "RUNNER_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database: Option<String>,
     /// Send project, environment, properties, change and step commands to this `runner serve` (e.g.
     /// http://127.0.0.1:50051) instead of the local data directory.
     #[arg(long, global = true, env = "RUNNER_SERVER")]
@@ -417,7 +426,7 @@ async fn run(cli: Cli) -> Result<()> {
             render::base_images(out, &crate::image::layered::list(&docker).await?);
             Ok(())
         }
-        Command::Serve(args) => serve(&home, cli.policy.as_deref(), args).await,
+        Command::Serve(args) => serve(&home, cli.policy.as_deref(), cli.database.as_deref(), args).await,
         Command::Cache(CacheCommand::Prune {
             older_than,
             keep_images,
@@ -428,7 +437,7 @@ async fn run(cli: Cli) -> Result<()> {
                 keep_images,
                 dry_run,
             };
-            prune(&open_app(&home, cli.policy.as_deref()).await?, &options, out).await
+            prune(&open_app(&home, cli.policy.as_deref(), cli.database.as_deref()).await?, &options, out).await
         }
         Command::Bench(cmd) => bench::run(&home, cmd).await,
         Command::Secret(_) if cli.server.is_some() => Err(Error::InvalidArgument {
@@ -436,23 +445,23 @@ async fn run(cli: Cli) -> Result<()> {
             value: "secret".into(),
             expected: "secrets never travel over the API: manage them with `runner secret` on the server's host",
         }),
-        Command::Secret(cmd) => secret(&open_app(&home, cli.policy.as_deref()).await?, cmd),
+        Command::Secret(cmd) => secret(&open_app(&home, cli.policy.as_deref(), cli.database.as_deref()).await?, cmd),
         Command::Logs(_) if cli.server.is_some() => Err(Error::InvalidArgument {
             what: "command for --server",
             value: "logs".into(),
             expected: "log retention is the operator's: run `runner logs prune` on the server's host",
         }),
-        Command::Logs(cmd) => logs::logs(&open_app(&home, cli.policy.as_deref()).await?, cmd, out).await,
+        Command::Logs(cmd) => logs::logs(&open_app(&home, cli.policy.as_deref(), cli.database.as_deref()).await?, cmd, out).await,
         Command::Change(cmd) => match &cli.server {
             Some(url) => change::change_remote(remote::Remote::connect(url, cli.token.clone(), cli.tls_ca.as_deref()).await?, cmd, out).await,
-            None => change::change(open_app(&home, cli.policy.as_deref()).await?, cmd, out).await,
+            None => change::change(open_app(&home, cli.policy.as_deref(), cli.database.as_deref()).await?, cmd, out).await,
         },
         Command::Step(cmd) => match &cli.server {
             Some(url) => change::step_remote(remote::Remote::connect(url, cli.token.clone(), cli.tls_ca.as_deref()).await?, cmd, out).await,
-            None => change::step(open_app(&home, cli.policy.as_deref()).await?, cmd, out).await,
+            None => change::step(open_app(&home, cli.policy.as_deref(), cli.database.as_deref()).await?, cmd, out).await,
         },
-        Command::Project(cmd) => project(&backend(&cli.server, cli.token.clone(), cli.tls_ca.as_deref(), &home, cli.policy.as_deref()).await?, cmd, out).await,
-        Command::Environment(cmd) => environment(&backend(&cli.server, cli.token.clone(), cli.tls_ca.as_deref(), &home, cli.policy.as_deref()).await?, cmd, out).await,
+        Command::Project(cmd) => project(&backend(&cli.server, cli.token.clone(), cli.tls_ca.as_deref(), &home, cli.policy.as_deref(), cli.database.as_deref()).await?, cmd, out).await,
+        Command::Environment(cmd) => environment(&backend(&cli.server, cli.token.clone(), cli.tls_ca.as_deref(), &home, cli.policy.as_deref(), cli.database.as_deref()).await?, cmd, out).await,
     }
 }
 
@@ -462,18 +471,19 @@ async fn backend(
     tls_ca: Option<&Path>,
     home: &Path,
     policy: Option<&Path>,
+    database: Option<&str>,
 ) -> Result<remote::Backend> {
     Ok(match server {
         Some(url) => remote::Backend::Remote(remote::Remote::connect(url, token, tls_ca).await?),
-        None => remote::Backend::Local(open_app(home, policy).await?),
+        None => remote::Backend::Local(open_app(home, policy, database).await?),
     })
 }
 
 /// Opens the data directory under the operator's policy: `--policy FILE` (which must exist) or
 /// `home/policy.toml` (absent = defaults).
-async fn open_app(home: &Path, policy: Option<&Path>) -> Result<App> {
+async fn open_app(home: &Path, policy: Option<&Path>, database: Option<&str>) -> Result<App> {
     let policy = crate::policy::Policy::load_from(policy, home)?;
-    App::open_with_policy(home, policy).await
+    App::open_with_store(home, policy, database).await
 }
 
 async fn project(app: &remote::Backend, cmd: ProjectCommand, out: Output) -> Result<()> {
@@ -729,7 +739,12 @@ async fn build_image(home: &Path, which: OfflineImage) -> Result<()> {
     Ok(())
 }
 
-async fn serve(home: &Path, policy: Option<&Path>, args: ServeArgs) -> Result<()> {
+async fn serve(
+    home: &Path,
+    policy: Option<&Path>,
+    database: Option<&str>,
+    args: ServeArgs,
+) -> Result<()> {
     // Read as given: an empty or blank token is refused by the server's check, whatever its source.
     let token = match &args.token_file {
         Some(path) => Some(
@@ -779,7 +794,7 @@ async fn serve(home: &Path, policy: Option<&Path>, args: ServeArgs) -> Result<()
         })?;
     }
     // No daemon needed to start: health says NOT_SERVING until one answers (and reaps then).
-    let orchestrator = crate::runtime::serving(open_app(home, policy).await?)?;
+    let orchestrator = crate::runtime::serving(open_app(home, policy, database).await?)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| Error::Home {

@@ -1,7 +1,7 @@
 //! The base runner image set for a project or one of its environments (OpsChain's `runner.image_override`).
 
+use super::db::query;
 use serde::Serialize;
-use sqlx::Row;
 
 use super::{now, PropertiesOwner, Store, StoreError};
 
@@ -42,7 +42,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match image {
             Some(image) => {
-                sqlx::query(
+                query(
                     "INSERT INTO base_image_settings (owner_kind, owner_id, image, set_at) VALUES (?, ?, ?, ?) \
                      ON CONFLICT (owner_kind, owner_id) DO UPDATE SET image = excluded.image, set_at = excluded.set_at",
                 )
@@ -54,13 +54,11 @@ impl Store {
                 .await?;
             }
             None => {
-                sqlx::query(
-                    "DELETE FROM base_image_settings WHERE owner_kind = ? AND owner_id = ?",
-                )
-                .bind(owner.kind())
-                .bind(owner.id())
-                .execute(&self.pool)
-                .await?;
+                query("DELETE FROM base_image_settings WHERE owner_kind = ? AND owner_id = ?")
+                    .bind(owner.kind())
+                    .bind(owner.id())
+                    .execute(&self.pool)
+                    .await?;
             }
         }
         Ok(())
@@ -68,7 +66,7 @@ impl Store {
 
     /// Every base image some project or environment is set to (what `runner cache prune` must keep).
     pub async fn base_images_in_use(&self) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT DISTINCT image FROM base_image_settings")
+        let rows = query("SELECT DISTINCT image FROM base_image_settings")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().map(|r| r.get("image")).collect())
@@ -79,13 +77,12 @@ impl Store {
         &self,
         owner: &PropertiesOwner,
     ) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query(
-            "SELECT image FROM base_image_settings WHERE owner_kind = ? AND owner_id = ?",
-        )
-        .bind(owner.kind())
-        .bind(owner.id())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row =
+            query("SELECT image FROM base_image_settings WHERE owner_kind = ? AND owner_id = ?")
+                .bind(owner.kind())
+                .bind(owner.id())
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(|r| r.get("image")))
     }
 

@@ -90,7 +90,7 @@ impl Store {
             " ORDER BY c.created_at {order}, c.id {order} LIMIT {}",
             limit.max(0)
         );
-        let mut q = sqlx::query(&sql);
+        let mut q = super::db::query(sql);
         for value in &binds {
             q = q.bind(value);
         }

@@ -1,7 +1,7 @@
 //! Changes, their steps, their event log and the leases of the runner processes that run them.
 
+use super::db::{query, Row, Tx};
 use serde::Serialize;
-use sqlx::Row;
 
 use super::{now, Store, StoreError};
 use crate::events::{ChangeState, Event, EventRecord, StepState};
@@ -82,7 +82,7 @@ pub(super) const CHANGE_SELECT: &str =
     "SELECT c.*, p.code AS project_code, e.code AS environment_code FROM changes c \
      JOIN projects p ON p.id = c.project_id JOIN environments e ON e.id = c.environment_id";
 
-pub(super) fn change_row(row: &sqlx::sqlite::SqliteRow) -> Change {
+pub(super) fn change_row(row: &Row) -> Change {
     Change {
         id: row.get("id"),
         project: row.get("project_code"),
@@ -100,7 +100,7 @@ pub(super) fn change_row(row: &sqlx::sqlite::SqliteRow) -> Change {
     }
 }
 
-pub(super) fn step_row(row: &sqlx::sqlite::SqliteRow) -> Step {
+pub(super) fn step_row(row: &Row) -> Step {
     Step {
         id: row.get("id"),
         change_id: row.get("change_id"),
@@ -136,7 +136,7 @@ impl Store {
     pub async fn create_change(&self, new: &NewChange<'_>) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
         let at = now();
-        sqlx::query(
+        query(
             "INSERT INTO changes (id, project_id, environment_id, action, git_rev, git_sha, state, owner, created_at) \
              VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
         )
@@ -148,15 +148,15 @@ impl Store {
         .bind(new.git_sha)
         .bind(new.owner)
         .bind(&at)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
-        sqlx::query(
+        query(
             "INSERT INTO steps (id, change_id, parent_id, position, action, state) VALUES (?, ?, NULL, 0, ?, 'pending')",
         )
         .bind(new.root_step_id)
         .bind(new.id)
         .bind(new.action)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         super::labels::insert_labels(&mut tx, new.id, new.labels).await?;
         tx.commit().await?;
@@ -164,7 +164,7 @@ impl Store {
     }
 
     pub async fn change(&self, id: &str) -> Result<Change, StoreError> {
-        sqlx::query(&format!("{CHANGE_SELECT} WHERE c.id = ?"))
+        query(format!("{CHANGE_SELECT} WHERE c.id = ?"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
@@ -174,8 +174,12 @@ impl Store {
 
     /// Newest first.
     pub async fn list_changes(&self, filter: &ChangeFilter) -> Result<Vec<Change>, StoreError> {
-        let limit = if filter.limit <= 0 { -1 } else { filter.limit };
-        let rows = sqlx::query(&format!(
+        let limit = if filter.limit <= 0 {
+            i64::MAX
+        } else {
+            filter.limit
+        };
+        let rows = query(format!(
             "{CHANGE_SELECT} WHERE (? IS NULL OR p.code = ?) AND (? IS NULL OR e.code = ?) \
              ORDER BY c.created_at DESC, c.rowid DESC LIMIT ? OFFSET ?"
         ))
@@ -191,7 +195,7 @@ impl Store {
     }
 
     pub async fn request_cancel(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE changes SET cancel_requested = 1 WHERE id = ?")
+        query("UPDATE changes SET cancel_requested = 1 WHERE id = ?")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -199,7 +203,7 @@ impl Store {
     }
 
     pub async fn steps(&self, change_id: &str) -> Result<Vec<Step>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM steps WHERE change_id = ? ORDER BY rowid")
+        let rows = query("SELECT * FROM steps WHERE change_id = ? ORDER BY rowid")
             .bind(change_id)
             .fetch_all(&self.pool)
             .await?;
@@ -207,7 +211,7 @@ impl Store {
     }
 
     pub async fn step(&self, id: &str) -> Result<Step, StoreError> {
-        sqlx::query("SELECT * FROM steps WHERE id = ?")
+        query("SELECT * FROM steps WHERE id = ?")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
@@ -227,7 +231,7 @@ impl Store {
         image_id: &str,
         cached: bool,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE steps SET image_id = ?, image_cached = ? WHERE id = ?")
+        query("UPDATE steps SET image_id = ?, image_cached = ? WHERE id = ?")
             .bind(image_id)
             .bind(cached)
             .bind(id)
@@ -242,7 +246,7 @@ impl Store {
         state: StepState,
         finish: &StepFinish,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        query(
             "UPDATE steps SET state = ?, exit_code = COALESCE(?, exit_code), reason = ?, \
              properties = COALESCE(?, properties), finished_at = ? WHERE id = ?",
         )
@@ -294,7 +298,7 @@ impl Store {
         pid: u32,
         expires_at: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        query(
             "INSERT INTO leases (owner, host, pid, expires_at) VALUES (?, ?, ?, ?) \
              ON CONFLICT (owner) DO UPDATE SET host = excluded.host, pid = excluded.pid, expires_at = excluded.expires_at",
         )
@@ -308,7 +312,7 @@ impl Store {
     }
 
     pub async fn drop_lease(&self, owner: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM leases WHERE owner = ?")
+        query("DELETE FROM leases WHERE owner = ?")
             .bind(owner)
             .execute(&self.pool)
             .await?;
@@ -316,7 +320,7 @@ impl Store {
     }
 
     pub async fn leases(&self) -> Result<Vec<crate::orchestrator::lease::Lease>, StoreError> {
-        let rows = sqlx::query("SELECT owner, host, pid, expires_at FROM leases")
+        let rows = query("SELECT owner, host, pid, expires_at FROM leases")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
@@ -332,7 +336,7 @@ impl Store {
 
     /// Changes still marked running or queued by an owner, for the reaper.
     pub async fn unfinished_changes(&self) -> Result<Vec<Change>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = query(format!(
             "{CHANGE_SELECT} WHERE c.state IN ('running', 'queued', 'pending') ORDER BY c.created_at"
         ))
         .fetch_all(&self.pool)
@@ -344,13 +348,13 @@ impl Store {
 /// Records the children a step will run and how, replacing any from an earlier attempt (a step that runs again may
 /// produce different dynamic children).
 pub(super) async fn replace_children(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut Tx,
     change_id: &str,
     parent_id: &str,
     strategy: &str,
     children: &[(String, String)],
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    query(
         "WITH RECURSIVE below(id) AS (SELECT id FROM steps WHERE parent_id = ? \
            UNION ALL SELECT s.id FROM steps s JOIN below b ON s.parent_id = b.id) \
          DELETE FROM steps WHERE id IN (SELECT id FROM below)",
@@ -358,13 +362,13 @@ pub(super) async fn replace_children(
     .bind(parent_id)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE steps SET children_strategy = ? WHERE id = ?")
+    query("UPDATE steps SET children_strategy = ? WHERE id = ?")
         .bind(strategy)
         .bind(parent_id)
         .execute(&mut *tx)
         .await?;
     for (position, (id, action)) in children.iter().enumerate() {
-        sqlx::query(
+        query(
             "INSERT INTO steps (id, change_id, parent_id, position, action, state) VALUES (?, ?, ?, ?, ?, 'pending')",
         )
         .bind(id)

@@ -1,6 +1,6 @@
 //! A scheduler's labels on changes: set once, with the change, and read back with it.
 
-use sqlx::Row;
+use super::db::{query, Tx};
 use std::collections::{BTreeMap, HashMap};
 
 use super::{Store, StoreError};
@@ -10,12 +10,12 @@ pub type Labels = BTreeMap<String, String>;
 
 /// Records `labels` of a change in the transaction that creates it.
 pub(super) async fn insert_labels(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut Tx,
     change_id: &str,
     labels: &Labels,
 ) -> Result<(), StoreError> {
     for (key, value) in labels {
-        sqlx::query("INSERT INTO change_labels (change_id, key, value) VALUES ($1, $2, $3)")
+        query("INSERT INTO change_labels (change_id, key, value) VALUES ($1, $2, $3)")
             .bind(change_id)
             .bind(key)
             .bind(value)
@@ -33,7 +33,7 @@ impl Store {
     ) -> Result<HashMap<String, Labels>, StoreError> {
         let mut all: HashMap<String, Labels> = HashMap::new();
         for id in change_ids {
-            let rows = sqlx::query(
+            let rows = query(
                 "SELECT key, value FROM change_labels WHERE change_id = $1 ORDER BY key",
             )
             .bind(id)

@@ -2,7 +2,7 @@
 //! [`crate::logs::chunk`]), both numbered in one sequence per change; and the retention that prunes lines of old
 //! changes while keeping the changes, their steps and their other events.
 
-use sqlx::Row;
+use super::db::{query, Executor};
 
 use super::{Store, StoreError};
 use crate::events::{Event, EventRecord};
@@ -42,16 +42,16 @@ pub fn rfc3339_ms(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-pub(super) async fn next_seq(
-    conn: &mut sqlx::SqliteConnection,
+pub(super) async fn next_seq<'e>(
+    on: impl Executor<'e>,
     change_id: &str,
 ) -> Result<i64, StoreError> {
-    Ok(sqlx::query(
-        "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events WHERE change_id = ?1), 0), \
-                    COALESCE((SELECT MAX(last_seq) FROM log_chunks WHERE change_id = ?1), 0)) + 1",
+    Ok(query(
+        "SELECT COALESCE(MAX(s), 0) + 1 FROM (SELECT MAX(seq) AS s FROM events WHERE change_id = ?1 \
+         UNION ALL SELECT MAX(last_seq) FROM log_chunks WHERE change_id = ?1) AS used",
     )
     .bind(change_id)
-    .fetch_one(&mut *conn)
+    .fetch_one(on)
     .await?
     .get(0))
 }
@@ -70,15 +70,13 @@ impl Store {
         for entry in entries {
             match entry {
                 BatchEntry::Event { event, at } => {
-                    sqlx::query(
-                        "INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)",
-                    )
-                    .bind(change_id)
-                    .bind(seq)
-                    .bind(at)
-                    .bind(serde_json::to_string(event).expect("events serialise"))
-                    .execute(&mut *tx)
-                    .await?;
+                    query("INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)")
+                        .bind(change_id)
+                        .bind(seq)
+                        .bind(at)
+                        .bind(serde_json::to_string(event).expect("events serialise"))
+                        .execute(&mut tx)
+                        .await?;
                     seq += 1;
                 }
                 BatchEntry::Lines {
@@ -88,7 +86,7 @@ impl Store {
                     text_bytes,
                     chunk,
                 } => {
-                    sqlx::query(
+                    query(
                         "INSERT INTO log_chunks (change_id, first_seq, last_seq, first_at, last_at, text_bytes, \
                          encoding, raw_len, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
@@ -101,7 +99,7 @@ impl Store {
                     .bind(chunk.encoding)
                     .bind(chunk.raw_len as i64)
                     .bind(&chunk.data)
-                    .execute(&mut *tx)
+                    .execute(&mut tx)
                     .await?;
                     seq += count;
                 }
@@ -120,7 +118,7 @@ impl Store {
         until: Option<i64>,
     ) -> Result<Vec<EventRecord>, StoreError> {
         let until = until.unwrap_or(i64::MAX);
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT seq, at, event FROM events WHERE change_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
         )
         .bind(change_id)
@@ -139,7 +137,7 @@ impl Store {
                 })
             })
             .collect();
-        let chunks = sqlx::query(
+        let chunks = query(
             "SELECT first_seq, encoding, raw_len, data FROM log_chunks \
              WHERE change_id = ? AND last_seq > ? AND first_seq <= ? ORDER BY first_seq",
         )
@@ -178,8 +176,7 @@ impl Store {
 
     /// The highest sequence number the change has used (0 if none).
     pub async fn last_seq(&self, change_id: &str) -> Result<i64, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        Ok(next_seq(&mut conn, change_id).await? - 1)
+        Ok(next_seq(&self.pool, change_id).await? - 1)
     }
 
     /// Deletes the log lines of changes that ended before `before` (RFC 3339), keeping the changes, their steps and
@@ -191,28 +188,26 @@ impl Store {
         };
         let mut tx = self.write_tx().await?;
         let old = "SELECT id FROM changes WHERE finished_at IS NOT NULL AND finished_at < ?";
-        let row = sqlx::query(&format!(
-            "SELECT COUNT(DISTINCT change_id), COUNT(*), COALESCE(SUM(text_bytes), 0) FROM log_chunks \
+        let row = query(format!(
+            "SELECT COUNT(DISTINCT change_id), COUNT(*), CAST(COALESCE(SUM(text_bytes), 0) AS BIGINT) FROM log_chunks \
              WHERE change_id IN ({old})"
         ))
         .bind(before)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut tx)
         .await?;
         pruned.changes = row.get::<i64, _>(0) as u64;
         pruned.chunks = row.get::<i64, _>(1) as u64;
         pruned.text_bytes = row.get::<i64, _>(2) as u64;
-        sqlx::query(&format!(
-            "DELETE FROM log_chunks WHERE change_id IN ({old})"
-        ))
-        .bind(before)
-        .execute(&mut *tx)
-        .await?;
+        query(format!("DELETE FROM log_chunks WHERE change_id IN ({old})"))
+            .bind(before)
+            .execute(&mut tx)
+            .await?;
         // Lines stored as single events before chunks existed.
-        let old_lines = sqlx::query(&format!(
+        let old_lines = query(format!(
             "DELETE FROM events WHERE change_id IN ({old}) AND event LIKE '{{\"type\":\"log\"%'"
         ))
         .bind(before)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?
         .rows_affected();
         tx.commit().await?;
@@ -224,9 +219,14 @@ impl Store {
     }
 
     /// Returns free pages to the file system: incrementally when the store was created for it, otherwise by
-    /// rewriting it once (which also switches it to incremental vacuuming).
+    /// rewriting it once (which also switches it to incremental vacuuming). PostgreSQL's autovacuum does this
+    /// itself.
     async fn reclaim_space(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        use sqlx::Row as _;
+        let super::db::Pool::Sqlite(pool) = &self.pool else {
+            return Ok(());
+        };
+        let mut conn = pool.acquire().await?;
         let mode: i64 = sqlx::query("PRAGMA auto_vacuum")
             .fetch_one(&mut *conn)
             .await?
@@ -247,8 +247,12 @@ impl Store {
         Ok(())
     }
 
-    /// Bytes of the store's files on disk (database and write-ahead log).
+    /// Bytes of the store's files on disk (database and write-ahead log); 0 on PostgreSQL, whose files are the
+    /// server's.
     pub fn file_bytes(&self) -> u64 {
+        if self.backend() != super::Backend::Sqlite {
+            return 0;
+        }
         ["runner.db", "runner.db-wal"]
             .iter()
             .filter_map(|name| std::fs::metadata(self.home.join(name)).ok())

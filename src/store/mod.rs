@@ -1,12 +1,15 @@
 //! The persistent store: projects, environments, versioned properties (and, later, changes and steps).
 //!
-//! All SQL lives below this module; callers see typed records. SQLite is the embedded default; the SQL is kept
-//! to what PostgreSQL also speaks so the pool type is the only thing to swap.
+//! All SQL lives below this module; callers see typed records. Two backends (see [`db`]): SQLite, embedded, the
+//! default (`runner.db` in the data directory), and PostgreSQL (`--database postgres://…`), which several runner
+//! processes on several hosts share. Each has its own migrations (`migrations/` for SQLite, `migrations/postgres/`
+//! for PostgreSQL, the same tables and numbers); every query is written once in the SQL both speak.
 
 mod base_images;
 mod change_query;
 mod changes;
 mod labels;
+mod db;
 mod logs;
 mod projects;
 mod properties;
@@ -18,6 +21,7 @@ pub use base_images::{BaseImageSetting, BaseImageSource};
 pub use change_query::{ChangeQuery, Keyset};
 pub use changes::{Change, ChangeFilter, NewChange, Step, StepFinish};
 pub use labels::Labels;
+pub use db::Backend;
 pub use logs::{rfc3339_ms, BatchEntry, Pruned};
 pub use projects::{Environment, Project};
 pub use properties::{PropertiesOwner, PropertiesVersion, PropertiesWrite, WrittenBy};
@@ -25,10 +29,10 @@ pub use requests::{RequestClaim, ABANDONED_AFTER, REQUEST_ID_WINDOW};
 pub use transitions::{Claim, ReapedChange, StepSettle, Transition, Verdict};
 pub use web::{WebChangeFilter, WrittenVersion};
 
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::SqlitePool;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,6 +45,15 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("failed to connect to the PostgreSQL store {url}: check that the server runs and the URL (host, port, user, database, password) is right")]
+    Connect {
+        /// The URL without its password.
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("the store URL {url:?} is not one the runner knows: use postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (or postgresql://…), or leave it unset for the SQLite store in the data directory")]
+    BadUrl { url: String },
     #[error("failed to migrate the store schema")]
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error("{what} {code:?} does not exist{hint}")]
@@ -77,7 +90,7 @@ pub enum StoreError {
 /// Handle to the store; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: db::Pool,
     id: String,
     home: PathBuf,
 }
@@ -113,17 +126,73 @@ impl Store {
             .run(&pool)
             .await
             .map_err(StoreError::Migrate)?;
+        Ok(Store::with_pool(db::Pool::Sqlite(pool), home))
+    }
+
+    /// Opens the store `database` names (a `postgres://` URL), or the SQLite store in `home` when it is `None`.
+    /// `home` stays this process's own data directory (secrets, mirrors, caches) either way.
+    pub async fn connect(home: &Path, database: Option<&str>) -> Result<Store, StoreError> {
+        let Some(url) = database.filter(|u| !u.is_empty()) else {
+            return Store::open(home).await;
+        };
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(StoreError::BadUrl {
+                url: redact_url(url),
+            });
+        }
+        let options: PgConnectOptions = url.parse().map_err(|_| StoreError::BadUrl {
+            url: redact_url(url),
+        })?;
+        // One connection first: a server that is down or refuses the login answers at once, where the pool
+        // would retry until its acquire timeout.
+        {
+            use sqlx::Connection;
+            let probe = sqlx::PgConnection::connect_with(&options)
+                .await
+                .map_err(|source| StoreError::Connect {
+                    url: redact_url(url),
+                    source,
+                })?;
+            let _ = probe.close().await;
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: redact_url(url),
+                source,
+            })?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(StoreError::Migrate)?;
+        Ok(Store::with_pool(db::Pool::Postgres(pool), home))
+    }
+
+    fn with_pool(pool: db::Pool, home: &Path) -> Store {
         // Names this data directory on shared resources (container labels); stable across restarts.
         let canonical = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_owned());
         let id = {
             use sha2::Digest;
             hex::encode(&sha2::Sha256::digest(canonical.to_string_lossy().as_bytes())[..8])
         };
-        Ok(Store {
+        Store {
             pool,
             id,
             home: home.to_owned(),
-        })
+        }
+    }
+
+    /// Which engine this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.pool.backend()
+    }
+
+    /// Closes the store's connections (a PostgreSQL server then sees this process leave at once).
+    pub async fn close(&self) {
+        self.pool.close().await
     }
 
     /// This data directory's id, as put on container labels.
@@ -131,10 +200,10 @@ impl Store {
         &self.id
     }
 
-    /// Starts a write transaction that takes the write lock up front, so two processes never both read and then
-    /// fail to upgrade (SQLite's deferred transactions would answer SQLITE_BUSY at once instead of waiting).
-    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// Starts a write transaction that takes the writer's lock up front, so two processes never both read and
+    /// then write on what they read (see [`db::Pool::write_tx`]).
+    async fn write_tx(&self) -> Result<db::Tx, StoreError> {
+        Ok(self.pool.write_tx().await?)
     }
 }
 
@@ -144,4 +213,51 @@ pub(crate) fn now() -> String {
 
 pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// A store URL fit for messages: the password, if any (user info or `password=` parameter), replaced.
+pub fn redact_url(url: &str) -> String {
+    let url = match url.split_once('?') {
+        Some((base, params)) => {
+            let params: Vec<String> = params
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
+        None => url.to_owned(),
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url;
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{path}")
+        }
+        None => url.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact_url("postgres://runner:s3cret@db:5432/runner?sslmode=require&password=other"),
+            "postgres://runner:***@db:5432/runner?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://runner@db/runner"),
+            "postgres://runner@db/runner"
+        );
+        assert_eq!(redact_url("mysql:nothing"), "mysql:nothing");
+    }
 }

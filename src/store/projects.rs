@@ -1,7 +1,7 @@
 //! Projects and environments.
 
+use super::db::{query, Row};
 use serde::Serialize;
-use sqlx::Row;
 
 use super::{is_unique_violation, now, Store, StoreError};
 
@@ -27,7 +27,7 @@ pub struct Environment {
     pub created_at: String,
 }
 
-fn project_row(row: &sqlx::sqlite::SqliteRow) -> Project {
+fn project_row(row: &Row) -> Project {
     Project {
         id: row.get("id"),
         code: row.get("code"),
@@ -38,7 +38,7 @@ fn project_row(row: &sqlx::sqlite::SqliteRow) -> Project {
     }
 }
 
-fn environment_row(row: &sqlx::sqlite::SqliteRow) -> Environment {
+fn environment_row(row: &Row) -> Environment {
     Environment {
         id: row.get("id"),
         project_code: row.get("project_code"),
@@ -62,14 +62,14 @@ impl Store {
     ) -> Result<Project, StoreError> {
         let mut tx = self.write_tx().await?;
         let created_at = now();
-        let id: i64 = sqlx::query(
+        let id: i64 = query(
             "INSERT INTO projects (code, name, git_remote, created_at) VALUES (?, ?, ?, ?) RETURNING id",
         )
         .bind(code)
         .bind(name)
         .bind(git_remote)
         .bind(&created_at)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut tx)
         .await
         .map_err(|e| match is_unique_violation(&e) {
             true => StoreError::AlreadyExists {
@@ -92,14 +92,14 @@ impl Store {
     }
 
     pub async fn list_projects(&self) -> Result<Vec<Project>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM projects ORDER BY code")
+        let rows = query("SELECT * FROM projects ORDER BY code")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(project_row).collect())
     }
 
     pub async fn project(&self, code: &str) -> Result<Project, StoreError> {
-        sqlx::query("SELECT * FROM projects WHERE code = ?")
+        query("SELECT * FROM projects WHERE code = ?")
             .bind(code)
             .fetch_optional(&self.pool)
             .await?
@@ -119,13 +119,12 @@ impl Store {
         git_remote: &str,
         git_credential: Option<&str>,
     ) -> Result<Project, StoreError> {
-        let done =
-            sqlx::query("UPDATE projects SET git_remote = ?, git_credential = ? WHERE code = ?")
-                .bind(git_remote)
-                .bind(git_credential)
-                .bind(code)
-                .execute(&self.pool)
-                .await?;
+        let done = query("UPDATE projects SET git_remote = ?, git_credential = ? WHERE code = ?")
+            .bind(git_remote)
+            .bind(git_credential)
+            .bind(code)
+            .execute(&self.pool)
+            .await?;
         if done.rows_affected() == 0 {
             return Err(self.project(code).await.unwrap_err());
         }
@@ -142,14 +141,14 @@ impl Store {
         let project = self.project(project_code).await?;
         let mut tx = self.write_tx().await?;
         let created_at = now();
-        let id: i64 = sqlx::query(
+        let id: i64 = query(
             "INSERT INTO environments (project_id, code, name, created_at) VALUES (?, ?, ?, ?) RETURNING id",
         )
         .bind(project.id)
         .bind(code)
         .bind(name)
         .bind(&created_at)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut tx)
         .await
         .map_err(|e| match is_unique_violation(&e) {
             true => StoreError::AlreadyExists {
@@ -175,7 +174,7 @@ impl Store {
         project_code: &str,
     ) -> Result<Vec<Environment>, StoreError> {
         self.project(project_code).await?;
-        let rows = sqlx::query(&format!(
+        let rows = query(format!(
             "{ENVIRONMENT_SELECT} WHERE p.code = ? ORDER BY e.code"
         ))
         .bind(project_code)
@@ -190,7 +189,7 @@ impl Store {
         code: &str,
     ) -> Result<Environment, StoreError> {
         self.project(project_code).await?;
-        sqlx::query(&format!("{ENVIRONMENT_SELECT} WHERE p.code = ? AND e.code = ?"))
+        query(format!("{ENVIRONMENT_SELECT} WHERE p.code = ? AND e.code = ?"))
             .bind(project_code)
             .bind(code)
             .fetch_optional(&self.pool)

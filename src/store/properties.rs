@@ -1,8 +1,8 @@
 //! Versioned properties: every write is a new version row; writes name the version they are based on.
 
+use super::db::{query, Row, Tx};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{Row, Sqlite, Transaction};
 
 use super::{now, Environment, Project, Store, StoreError};
 
@@ -90,27 +90,20 @@ pub struct PropertiesWrite<'a> {
     pub document: &'a Value,
 }
 
-pub(super) async fn insert_initial(
-    tx: &mut Transaction<'static, Sqlite>,
-    kind: &str,
-    id: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(
+pub(super) async fn insert_initial(tx: &mut Tx, kind: &str, id: i64) -> Result<(), StoreError> {
+    query(
         "INSERT INTO property_versions (owner_kind, owner_id, version, document, written_at, written_by) \
          VALUES (?, ?, 1, '{}', ?, 'cli')",
     )
     .bind(kind)
     .bind(id)
     .bind(now())
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }
 
-fn version_row(
-    owner: &PropertiesOwner,
-    row: &sqlx::sqlite::SqliteRow,
-) -> Result<PropertiesVersion, StoreError> {
+fn version_row(owner: &PropertiesOwner, row: &Row) -> Result<PropertiesVersion, StoreError> {
     let version: i64 = row.get("version");
     let document: String = row.get("document");
     let document = serde_json::from_str(&document).map_err(|source| StoreError::Corrupt {
@@ -143,7 +136,7 @@ impl Store {
         owner: &PropertiesOwner,
         version: Option<i64>,
     ) -> Result<PropertiesVersion, StoreError> {
-        let row = sqlx::query(
+        let row = query(
             "SELECT * FROM property_versions WHERE owner_kind = ? AND owner_id = ? \
              AND (? IS NULL OR version = ?) ORDER BY version DESC LIMIT 1",
         )
@@ -170,7 +163,7 @@ impl Store {
         &self,
         owner: &PropertiesOwner,
     ) -> Result<Vec<PropertiesVersion>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT * FROM property_versions WHERE owner_kind = ? AND owner_id = ? ORDER BY version",
         )
         .bind(owner.kind())
@@ -196,7 +189,7 @@ impl Store {
 
 /// [`Store::write_properties`] inside a transaction the caller commits (e.g. with a step's end).
 pub(super) async fn write_in(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut Tx,
     writes: &[PropertiesWrite<'_>],
     by: &WrittenBy,
 ) -> Result<Vec<PropertiesVersion>, StoreError> {
@@ -218,7 +211,7 @@ pub(super) async fn write_in(
     };
     let mut out = Vec::with_capacity(writes.len());
     for (write, text) in writes.iter().zip(texts) {
-        let current: i64 = sqlx::query(
+        let current: i64 = query(
             "SELECT COALESCE(MAX(version), 0) FROM property_versions WHERE owner_kind = ? AND owner_id = ?",
         )
         .bind(write.owner.kind())
@@ -234,7 +227,7 @@ pub(super) async fn write_in(
             });
         }
         let version = current + 1;
-        sqlx::query(
+        query(
             "INSERT INTO property_versions \
              (owner_kind, owner_id, version, document, written_at, written_by, change_id, step_id) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

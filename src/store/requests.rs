@@ -2,7 +2,7 @@
 //! request; the call's encoded response is stored when it succeeds, so a repeat returns the original response, and
 //! a different request under a used id is refused. Keys are kept for [`REQUEST_ID_WINDOW`].
 
-use sqlx::Row;
+use super::db::query;
 use std::time::Duration;
 
 use super::{Store, StoreError};
@@ -40,11 +40,11 @@ impl Store {
         fingerprint: &str,
     ) -> Result<RequestClaim, StoreError> {
         let mut tx = self.write_tx().await?;
-        sqlx::query("DELETE FROM api_requests WHERE created_at < $1")
+        query("DELETE FROM api_requests WHERE created_at < $1")
             .bind(ago(REQUEST_ID_WINDOW))
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
-        let inserted = sqlx::query(
+        let inserted = query(
             "INSERT INTO api_requests (request_id, method, fingerprint, response, created_at) \
              VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (request_id) DO NOTHING",
         )
@@ -52,17 +52,17 @@ impl Store {
         .bind(method)
         .bind(fingerprint)
         .bind(super::now())
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?
         .rows_affected();
         let claim = if inserted == 1 {
             RequestClaim::New
         } else {
-            let row = sqlx::query(
+            let row = query(
                 "SELECT method, fingerprint, response, created_at FROM api_requests WHERE request_id = $1",
             )
             .bind(request_id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut tx)
             .await?;
             let (used_method, used_fingerprint): (String, String) = (row.get(0), row.get(1));
             let response: Option<Vec<u8>> = row.get(2);
@@ -74,10 +74,10 @@ impl Store {
             } else if let Some(response) = response {
                 RequestClaim::Done(response)
             } else if created_at < ago(ABANDONED_AFTER) {
-                sqlx::query("UPDATE api_requests SET created_at = $1 WHERE request_id = $2")
+                query("UPDATE api_requests SET created_at = $1 WHERE request_id = $2")
                     .bind(super::now())
                     .bind(request_id)
-                    .execute(&mut *tx)
+                    .execute(&mut tx)
                     .await?;
                 RequestClaim::New
             } else {
@@ -94,7 +94,7 @@ impl Store {
         request_id: &str,
         response: &[u8],
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE api_requests SET response = $1 WHERE request_id = $2")
+        query("UPDATE api_requests SET response = $1 WHERE request_id = $2")
             .bind(response)
             .bind(request_id)
             .execute(&self.pool)
@@ -104,7 +104,7 @@ impl Store {
 
     /// Gives up a claim whose call failed, so that the same request may be tried again.
     pub async fn release_request(&self, request_id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM api_requests WHERE request_id = $1 AND response IS NULL")
+        query("DELETE FROM api_requests WHERE request_id = $1 AND response IS NULL")
             .bind(request_id)
             .execute(&self.pool)
             .await?;

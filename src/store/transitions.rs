@@ -3,7 +3,7 @@
 //! and a step's end, its patches and its children land in one transaction. The reaper's verdicts are applied in
 //! the transaction that reads the leases they were decided against.
 
-use sqlx::Row;
+use super::db::{query, Tx};
 
 use super::changes::{change_row, step_row, CHANGE_SELECT};
 use super::{now, Change, PropertiesWrite, Step, Store, StoreError, WrittenBy};
@@ -72,13 +72,13 @@ pub struct ReapedChange {
 }
 
 pub(super) async fn insert_event(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut Tx,
     change_id: &str,
     event: &Event,
 ) -> Result<EventRecord, StoreError> {
     let seq = super::logs::next_seq(&mut *tx, change_id).await?;
     let at = now();
-    sqlx::query("INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)")
+    query("INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)")
         .bind(change_id)
         .bind(seq)
         .bind(&at)
@@ -96,7 +96,7 @@ pub(super) async fn insert_event(
 impl Store {
     /// `pending` → `queued`, if `owner` holds the change and no cancel was requested.
     pub async fn queue_change(&self, id: &str, owner: &str) -> Result<Transition, StoreError> {
-        let done = sqlx::query(
+        let done = query(
             "UPDATE changes SET state = 'queued' \
              WHERE id = ? AND owner = ? AND state = 'pending' AND cancel_requested = 0",
         )
@@ -117,35 +117,35 @@ impl Store {
         owner: &str,
     ) -> Result<Claim, StoreError> {
         let mut tx = self.write_tx().await?;
-        let mine: i64 = sqlx::query(
+        let mine: i64 = query(
             "SELECT COUNT(*) FROM changes WHERE id = ? AND owner = ? AND state = 'queued' AND cancel_requested = 0",
         )
         .bind(change_id)
         .bind(owner)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut tx)
         .await?
         .get(0);
         if mine == 0 {
             return Ok(Claim::Lost);
         }
-        let blocked: i64 = sqlx::query(
+        let blocked: i64 = query(
             "SELECT COUNT(*) FROM changes o JOIN changes c ON c.id = ? \
              WHERE o.environment_id = c.environment_id AND o.id != c.id AND ( o.state = 'running' \
                OR (o.state IN ('pending', 'queued') AND (o.created_at, o.rowid) < (c.created_at, c.rowid)))",
         )
         .bind(change_id)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut tx)
         .await?
         .get(0);
         if blocked > 0 {
             return Ok(Claim::Blocked);
         }
-        sqlx::query(
+        query(
             "UPDATE changes SET state = 'running', started_at = COALESCE(started_at, ?) WHERE id = ?",
         )
         .bind(now())
         .bind(change_id)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         tx.commit().await?;
         Ok(Claim::Claimed)
@@ -160,7 +160,7 @@ impl Store {
         state: ChangeState,
         reason: Option<&str>,
     ) -> Result<Transition, StoreError> {
-        let done = sqlx::query(
+        let done = query(
             "UPDATE changes SET state = ?, reason = ?, finished_at = ? \
              WHERE id = ? AND owner = ? AND state IN ('pending', 'queued', 'running')",
         )
@@ -183,7 +183,7 @@ impl Store {
         id: &str,
         owner: &str,
     ) -> Result<Result<(), Change>, StoreError> {
-        let done = sqlx::query(
+        let done = query(
             "UPDATE changes SET state = 'pending', reason = NULL, owner = ?, cancel_requested = 0, \
              finished_at = NULL WHERE id = ? AND state IN ('error', 'cancelled')",
         )
@@ -208,7 +208,7 @@ impl Store {
         project_version: i64,
         environment_version: i64,
     ) -> Result<Transition, StoreError> {
-        let done = sqlx::query(
+        let done = query(
             "UPDATE steps SET state = 'running', started_at = ?, project_version = ?, environment_version = ?, \
              reason = NULL, exit_code = NULL, finished_at = NULL \
              WHERE id = ? AND state != 'success' AND EXISTS \
@@ -236,22 +236,22 @@ impl Store {
         by: &WrittenBy,
     ) -> Result<Transition, StoreError> {
         let mut tx = self.write_tx().await?;
-        let live: i64 = sqlx::query(
+        let live: i64 = query(
             "SELECT COUNT(*) FROM steps s JOIN changes c ON c.id = s.change_id \
              WHERE s.id = ? AND s.state = 'running' AND c.id = ? AND c.owner = ? AND c.state = 'running'",
         )
         .bind(settle.step_id)
         .bind(settle.change_id)
         .bind(settle.owner)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut tx)
         .await?
         .get(0);
         if live == 0 {
             return Ok(Transition::Refused);
         }
         super::properties::write_in(&mut tx, writes, by).await?;
-        sqlx::query(
-            "UPDATE steps SET state = CASE WHEN ? THEN 'success' ELSE state END, exit_code = ?, reason = NULL, \
+        query(
+            "UPDATE steps SET state = CASE WHEN ? = 1 THEN 'success' ELSE state END, exit_code = ?, reason = NULL, \
              properties = ?, finished_at = ? WHERE id = ?",
         )
         // A step with children stays running until they end; `children_strategy` says its own work is done.
@@ -260,7 +260,7 @@ impl Store {
         .bind(settle.properties.as_ref().map(|p| p.to_string()))
         .bind(now())
         .bind(settle.step_id)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         if let Some((strategy, children)) = settle.children {
             super::changes::replace_children(
@@ -284,8 +284,8 @@ impl Store {
         F: Fn(&Change, &[Step], &[Lease]) -> Option<Verdict>,
     {
         let mut tx = self.write_tx().await?;
-        let leases: Vec<Lease> = sqlx::query("SELECT owner, host, pid, expires_at FROM leases")
-            .fetch_all(&mut *tx)
+        let leases: Vec<Lease> = query("SELECT owner, host, pid, expires_at FROM leases")
+            .fetch_all(&mut tx)
             .await?
             .iter()
             .map(|r| Lease {
@@ -295,36 +295,35 @@ impl Store {
                 expires_at: r.get(3),
             })
             .collect();
-        let changes: Vec<Change> = sqlx::query(&format!(
+        let changes: Vec<Change> = query(format!(
             "{CHANGE_SELECT} WHERE c.state IN ('running', 'queued', 'pending') ORDER BY c.created_at"
         ))
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut tx)
         .await?
         .iter()
         .map(change_row)
         .collect();
         let mut reaped = Vec::new();
         for change in changes {
-            let steps: Vec<Step> =
-                sqlx::query("SELECT * FROM steps WHERE change_id = ? ORDER BY rowid")
-                    .bind(&change.id)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .iter()
-                    .map(step_row)
-                    .collect();
+            let steps: Vec<Step> = query("SELECT * FROM steps WHERE change_id = ? ORDER BY rowid")
+                .bind(&change.id)
+                .fetch_all(&mut tx)
+                .await?
+                .iter()
+                .map(step_row)
+                .collect();
             let Some(verdict) = decide(&change, &steps, &leases) else {
                 continue;
             };
             let mut events = Vec::new();
             let at = now();
             for (step, state, reason) in &verdict.steps {
-                sqlx::query("UPDATE steps SET state = ?, reason = ?, finished_at = ? WHERE id = ?")
+                query("UPDATE steps SET state = ?, reason = ?, finished_at = ? WHERE id = ?")
                     .bind(state.as_str())
                     .bind(reason)
                     .bind(&at)
                     .bind(&step.id)
-                    .execute(&mut *tx)
+                    .execute(&mut tx)
                     .await?;
                 let event = Event::StepState {
                     step_id: step.id.clone(),
@@ -335,12 +334,12 @@ impl Store {
                 };
                 events.push(insert_event(&mut tx, &change.id, &event).await?);
             }
-            sqlx::query("UPDATE changes SET state = ?, reason = ?, finished_at = ? WHERE id = ?")
+            query("UPDATE changes SET state = ?, reason = ?, finished_at = ? WHERE id = ?")
                 .bind(verdict.state.as_str())
                 .bind(&verdict.reason)
                 .bind(&at)
                 .bind(&change.id)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?;
             let event = Event::ChangeState {
                 state: verdict.state,

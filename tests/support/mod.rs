@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fakes;
+pub mod postgres;
 
 use std::path::PathBuf;
 

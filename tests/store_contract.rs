@@ -1,0 +1,919 @@
+//! The store contract: every case runs against both backends, SQLite (a fresh data directory) and PostgreSQL (a
+//! fresh database on a throwaway cluster, see `support::postgres`). A backend that answers differently from the
+//! other fails the case of its name.
+
+mod support;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use runner::events::{ChangeState, Event, StepState};
+use runner::executor::Stream;
+use runner::logs::chunk::{self, ChunkLine};
+use runner::store::{
+    BaseImageSource, BatchEntry, ChangeFilter, Claim, NewChange, PropertiesOwner, PropertiesWrite,
+    StepFinish, StepSettle, Store, StoreError, Transition, Verdict, WrittenBy,
+};
+use serde_json::json;
+
+/// Runs `case` on a fresh store of each backend.
+macro_rules! contract {
+    ($name:ident, $case:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let home = tempfile::tempdir().unwrap();
+                let store = Store::connect(home.path(), None).await.unwrap();
+                assert_eq!(store.backend(), runner::store::Backend::Sqlite);
+                run_case(store, $case).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if !support::postgres::postgres_available() {
+                    return;
+                }
+                let url = support::postgres::shared().database();
+                let home = tempfile::tempdir().unwrap();
+                let store = Store::connect(home.path(), Some(&url)).await.unwrap();
+                assert_eq!(store.backend(), runner::store::Backend::Postgres);
+                run_case(store, $case).await;
+            }
+        }
+    };
+}
+
+async fn run_case<F, Fut>(store: Store, case: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    case(store.clone()).await;
+    store.close().await;
+}
+
+async fn project_env(store: &Store) -> (runner::store::Project, runner::store::Environment) {
+    let p = store.create_project("demo", "Demo", None).await.unwrap();
+    let e = store
+        .create_environment("demo", "dev", "Dev")
+        .await
+        .unwrap();
+    (p, e)
+}
+
+async fn new_change(store: &Store, id: &str, owner: &str) {
+    let p = store.project("demo").await.unwrap();
+    let e = store.environment("demo", "dev").await.unwrap();
+    store
+        .create_change(&NewChange {
+            id,
+            project_id: p.id,
+            environment_id: e.id,
+            action: "deploy",
+            git_rev: "HEAD",
+            git_sha: "abc123",
+            root_step_id: &format!("{id}-root"),
+            owner,
+            labels: &[("team".to_owned(), "ops".to_owned())].into_iter().collect(),
+        })
+        .await
+        .unwrap();
+}
+
+contract!(projects_and_environments, |store: Store| async move {
+    let p = store
+        .create_project("demo", "Demo", Some("/srv/git/demo"))
+        .await
+        .unwrap();
+    assert_eq!(p.code, "demo");
+    store.create_project("alpha", "Alpha", None).await.unwrap();
+    let err = store
+        .create_project("demo", "Again", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::AlreadyExists {
+                what: "project",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let codes: Vec<String> = store
+        .list_projects()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.code)
+        .collect();
+    assert_eq!(codes, ["alpha", "demo"]);
+    assert_eq!(
+        store.project("demo").await.unwrap().git_remote.as_deref(),
+        Some("/srv/git/demo")
+    );
+    assert!(matches!(
+        store.project("nope").await.unwrap_err(),
+        StoreError::NotFound {
+            what: "project",
+            ..
+        }
+    ));
+    let updated = store
+        .set_git_remote("demo", "https://git.example.com/demo.git", Some("git-demo"))
+        .await
+        .unwrap();
+    assert_eq!(updated.git_credential.as_deref(), Some("git-demo"));
+    assert!(store.set_git_remote("nope", "x", None).await.is_err());
+
+    store
+        .create_environment("demo", "prod", "Prod")
+        .await
+        .unwrap();
+    store
+        .create_environment("demo", "dev", "Dev")
+        .await
+        .unwrap();
+    store
+        .create_environment("alpha", "dev", "Dev")
+        .await
+        .unwrap();
+    let err = store
+        .create_environment("demo", "dev", "Dev")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
+    assert!(matches!(
+        store
+            .create_environment("nope", "dev", "Dev")
+            .await
+            .unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
+    let envs: Vec<String> = store
+        .list_environments("demo")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.code)
+        .collect();
+    assert_eq!(envs, ["dev", "prod"]);
+    let dev = store.environment("alpha", "dev").await.unwrap();
+    assert_eq!(dev.project_code, "alpha");
+    assert!(matches!(
+        store.environment("demo", "qa").await.unwrap_err(),
+        StoreError::NotFound {
+            what: "environment",
+            ..
+        }
+    ));
+});
+
+contract!(
+    properties_versions_and_conflicts,
+    |store: Store| async move {
+        let (p, e) = project_env(&store).await;
+        let owner = PropertiesOwner::from(&p);
+        let env_owner = PropertiesOwner::from(&e);
+        let first = store.properties(&owner, None).await.unwrap();
+        assert_eq!((first.version, first.document.clone()), (1, json!({})));
+        let doc = json!({"a": {"b": [1, 2, "ü"]}, "n": 1.5});
+        let written = store
+            .write_properties(
+                &[PropertiesWrite {
+                    owner: &owner,
+                    expected_version: 1,
+                    document: &doc,
+                }],
+                &WrittenBy::Api,
+            )
+            .await
+            .unwrap();
+        assert_eq!(written[0].version, 2);
+        let err = store
+            .write_properties(
+                &[PropertiesWrite {
+                    owner: &owner,
+                    expected_version: 1,
+                    document: &json!({}),
+                }],
+                &WrittenBy::Cli,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::VersionConflict {
+                    expected: 1,
+                    current: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Two owners in one write: a conflict on the second leaves the first unwritten.
+        let err = store
+            .write_properties(
+                &[
+                    PropertiesWrite {
+                        owner: &env_owner,
+                        expected_version: 1,
+                        document: &json!({"x": 1}),
+                    },
+                    PropertiesWrite {
+                        owner: &owner,
+                        expected_version: 1,
+                        document: &json!({}),
+                    },
+                ],
+                &WrittenBy::Cli,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::VersionConflict { .. }));
+        assert_eq!(store.properties(&env_owner, None).await.unwrap().version, 1);
+
+        let by = WrittenBy::Change {
+            change_id: "c1".into(),
+            step_id: "s1".into(),
+        };
+        store
+            .write_properties(
+                &[PropertiesWrite {
+                    owner: &owner,
+                    expected_version: 2,
+                    document: &json!({"v": 3}),
+                }],
+                &by,
+            )
+            .await
+            .unwrap();
+        let history = store.properties_history(&owner).await.unwrap();
+        assert_eq!(
+            history.iter().map(|v| v.version).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(history[1].document, doc);
+        assert_eq!(history[1].written_by, WrittenBy::Api);
+        assert_eq!(history[2].written_by, by);
+        assert_eq!(
+            store.properties(&owner, Some(2)).await.unwrap().document,
+            doc
+        );
+        assert!(matches!(
+            store.properties(&owner, Some(9)).await.unwrap_err(),
+            StoreError::NotFound { .. }
+        ));
+        let huge = json!({"x": "y".repeat(runner::properties::MAX_DOCUMENT_BYTES)});
+        let err = store
+            .write_properties(
+                &[PropertiesWrite {
+                    owner: &owner,
+                    expected_version: 3,
+                    document: &huge,
+                }],
+                &WrittenBy::Cli,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::TooLarge { .. }), "{err:?}");
+    }
+);
+
+contract!(
+    concurrent_writers_on_one_version_one_wins,
+    |store: Store| async move {
+        let (p, _) = project_env(&store).await;
+        let owner = Arc::new(PropertiesOwner::from(&p));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                let owner = owner.clone();
+                tokio::spawn(async move {
+                    let doc = json!({ "writer": i });
+                    store
+                        .write_properties(
+                            &[PropertiesWrite {
+                                owner: &owner,
+                                expected_version: 1,
+                                document: &doc,
+                            }],
+                            &WrittenBy::Cli,
+                        )
+                        .await
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(StoreError::VersionConflict { .. }) => {}
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        assert_eq!(won, 1);
+        assert_eq!(store.properties(&owner, None).await.unwrap().version, 2);
+    }
+);
+
+contract!(changes_list_cancel_and_steps, |store: Store| async move {
+    project_env(&store).await;
+    store.create_project("other", "Other", None).await.unwrap();
+    store
+        .create_environment("other", "dev", "Dev")
+        .await
+        .unwrap();
+    for id in ["c1", "c2", "c3"] {
+        new_change(&store, id, "me").await;
+    }
+    let c1 = store.change("c1").await.unwrap();
+    assert_eq!(
+        (c1.state, c1.owner.as_deref(), c1.cancel_requested),
+        (ChangeState::Pending, Some("me"), false)
+    );
+    assert!(matches!(
+        store.change("zz").await.unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
+    let all = store.list_changes(&ChangeFilter::default()).await.unwrap();
+    assert_eq!(
+        all.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        ["c3", "c2", "c1"],
+        "newest first"
+    );
+    let page = store
+        .list_changes(&ChangeFilter {
+            limit: 1,
+            offset: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, "c2");
+    let none = store
+        .list_changes(&ChangeFilter {
+            project: Some("other".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let dev = store
+        .list_changes(&ChangeFilter {
+            project: Some("demo".into()),
+            environment: Some("dev".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(dev.len(), 3);
+
+    store.request_cancel("c2").await.unwrap();
+    assert!(store.change("c2").await.unwrap().cancel_requested);
+    assert_eq!(
+        store.queue_change("c2", "me").await.unwrap(),
+        Transition::Refused,
+        "a change whose cancel was requested never queues"
+    );
+
+    let steps = store.steps("c1").await.unwrap();
+    assert_eq!(steps.len(), 1);
+    assert_eq!(
+        (
+            steps[0].id.as_str(),
+            steps[0].state,
+            steps[0].parent_id.clone()
+        ),
+        ("c1-root", StepState::Pending, None)
+    );
+    store
+        .set_step_image("c1-root", "sha256:abc", true)
+        .await
+        .unwrap();
+    store
+        .finish_step(
+            "c1-root",
+            StepState::Error,
+            &StepFinish {
+                exit_code: Some(3),
+                reason: Some("exit 3".into()),
+                properties: Some(json!({"k": "v"})),
+            },
+        )
+        .await
+        .unwrap();
+    let step = store.step("c1-root").await.unwrap();
+    assert_eq!(step.image_id.as_deref(), Some("sha256:abc"));
+    assert_eq!(step.image_cached, Some(true));
+    assert_eq!(step.state, StepState::Error);
+    assert_eq!(step.exit_code, Some(3));
+    assert_eq!(step.properties, Some(json!({"k": "v"})));
+    assert!(step.finished_at.is_some());
+    assert!(matches!(
+        store.step("nope").await.unwrap_err(),
+        StoreError::NotFound { what: "step", .. }
+    ));
+    let unfinished: Vec<String> = store
+        .unfinished_changes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(unfinished, ["c1", "c2", "c3"]);
+});
+
+contract!(
+    one_running_change_per_environment_in_creation_order,
+    |store: Store| async move {
+        project_env(&store).await;
+        new_change(&store, "c1", "me").await;
+        new_change(&store, "c2", "me").await;
+        assert_eq!(
+            store.queue_change("c2", "me").await.unwrap(),
+            Transition::Done
+        );
+        assert_eq!(
+            store.claim_environment("c2", "me").await.unwrap(),
+            Claim::Blocked,
+            "c1 was created first and still waits"
+        );
+        assert_eq!(
+            store.queue_change("c1", "me").await.unwrap(),
+            Transition::Done
+        );
+        assert_eq!(
+            store.claim_environment("c1", "other").await.unwrap(),
+            Claim::Lost,
+            "only the owner claims"
+        );
+        assert_eq!(
+            store.claim_environment("c1", "me").await.unwrap(),
+            Claim::Claimed
+        );
+        assert_eq!(
+            store.change("c1").await.unwrap().state,
+            ChangeState::Running
+        );
+        assert_eq!(
+            store.claim_environment("c2", "me").await.unwrap(),
+            Claim::Blocked
+        );
+        assert_eq!(
+            store
+                .finish_change("c1", "other", ChangeState::Success, None)
+                .await
+                .unwrap(),
+            Transition::Refused
+        );
+        assert_eq!(
+            store
+                .finish_change("c1", "me", ChangeState::Success, None)
+                .await
+                .unwrap(),
+            Transition::Done
+        );
+        assert_eq!(
+            store
+                .finish_change("c1", "me", ChangeState::Error, Some("late"))
+                .await
+                .unwrap(),
+            Transition::Refused,
+            "an ended change stays ended"
+        );
+        assert_eq!(
+            store.claim_environment("c2", "me").await.unwrap(),
+            Claim::Claimed
+        );
+        store
+            .finish_change("c2", "me", ChangeState::Error, Some("boom"))
+            .await
+            .unwrap();
+        assert!(store.reset_change("c2", "again").await.unwrap().is_ok());
+        let c2 = store.change("c2").await.unwrap();
+        assert_eq!(
+            (c2.state, c2.owner.as_deref(), c2.reason),
+            (ChangeState::Pending, Some("again"), None)
+        );
+        let refused = store
+            .reset_change("c1", "again")
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.state, ChangeState::Success);
+    }
+);
+
+contract!(
+    concurrent_claims_admit_one_change,
+    |store: Store| async move {
+        project_env(&store).await;
+        // Changes created at the same millisecond by different owners: exactly one claim wins while it runs.
+        for i in 0..6 {
+            let id = format!("c{i}");
+            new_change(&store, &id, &format!("o{i}")).await;
+            store.queue_change(&id, &format!("o{i}")).await.unwrap();
+        }
+        let tasks: Vec<_> = (0..6)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .claim_environment(&format!("c{i}"), &format!("o{i}"))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut claimed = 0;
+        for t in tasks {
+            if t.await.unwrap() == Claim::Claimed {
+                claimed += 1;
+            }
+        }
+        assert_eq!(claimed, 1);
+        let running = store
+            .list_changes(&ChangeFilter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.state == ChangeState::Running)
+            .count();
+        assert_eq!(running, 1);
+    }
+);
+
+contract!(
+    step_settle_lands_patches_and_children_together,
+    |store: Store| async move {
+        let (_, e) = project_env(&store).await;
+        let env_owner = PropertiesOwner::from(&e);
+        new_change(&store, "c1", "me").await;
+        store.queue_change("c1", "me").await.unwrap();
+        store.claim_environment("c1", "me").await.unwrap();
+        assert_eq!(
+            store.start_step("c1-root", "other", 1, 1).await.unwrap(),
+            Transition::Refused
+        );
+        assert_eq!(
+            store.start_step("c1-root", "me", 1, 1).await.unwrap(),
+            Transition::Done
+        );
+        let children = vec![
+            ("c1-a".to_owned(), "build".to_owned()),
+            ("c1-b".to_owned(), "release".to_owned()),
+        ];
+        let doc = json!({"deployed": true});
+        let settle = StepSettle {
+            change_id: "c1",
+            step_id: "c1-root",
+            owner: "me",
+            exit_code: Some(0),
+            properties: Some(json!({"seen": 1})),
+            children: Some(("sequential", &children)),
+        };
+        let by = WrittenBy::Change {
+            change_id: "c1".into(),
+            step_id: "c1-root".into(),
+        };
+        // A stale base version: nothing lands, not even the step's end.
+        let stale = store
+            .settle_step(
+                &settle,
+                &[PropertiesWrite {
+                    owner: &env_owner,
+                    expected_version: 7,
+                    document: &doc,
+                }],
+                &by,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(stale, StoreError::VersionConflict { .. }));
+        assert_eq!(store.steps("c1").await.unwrap().len(), 1);
+        assert!(store
+            .step("c1-root")
+            .await
+            .unwrap()
+            .children_strategy
+            .is_none());
+
+        let writes = [PropertiesWrite {
+            owner: &env_owner,
+            expected_version: 1,
+            document: &doc,
+        }];
+        assert_eq!(
+            store
+                .settle_step(
+                    &StepSettle {
+                        owner: "other",
+                        ..settle.clone()
+                    },
+                    &writes,
+                    &by
+                )
+                .await
+                .unwrap(),
+            Transition::Refused
+        );
+        assert_eq!(store.properties(&env_owner, None).await.unwrap().version, 1);
+        assert_eq!(
+            store.settle_step(&settle, &writes, &by).await.unwrap(),
+            Transition::Done
+        );
+        assert_eq!(
+            store.properties(&env_owner, None).await.unwrap().document,
+            doc
+        );
+        let steps = store.steps("c1").await.unwrap();
+        assert_eq!(
+            steps
+                .iter()
+                .map(|s| (s.id.as_str(), s.position))
+                .collect::<Vec<_>>(),
+            [("c1-root", 0), ("c1-a", 0), ("c1-b", 1)]
+        );
+        let root = &steps[0];
+        assert_eq!(
+            root.state,
+            StepState::Running,
+            "a parent runs until its children end"
+        );
+        assert_eq!(root.children_strategy.as_deref(), Some("sequential"));
+        assert_eq!(root.properties, Some(json!({"seen": 1})));
+        assert_eq!(steps[1].parent_id.as_deref(), Some("c1-root"));
+
+        // A leaf settles to success; settling it twice is refused (no patch applied twice).
+        store.start_step("c1-a", "me", 1, 2).await.unwrap();
+        let leaf = StepSettle {
+            change_id: "c1",
+            step_id: "c1-a",
+            owner: "me",
+            exit_code: Some(0),
+            properties: None,
+            children: None,
+        };
+        assert_eq!(
+            store.settle_step(&leaf, &[], &by).await.unwrap(),
+            Transition::Done
+        );
+        assert_eq!(store.step("c1-a").await.unwrap().state, StepState::Success);
+        assert_eq!(
+            store.settle_step(&leaf, &[], &by).await.unwrap(),
+            Transition::Refused
+        );
+    }
+);
+
+contract!(
+    events_are_numbered_without_gaps_under_concurrency,
+    |store: Store| async move {
+        project_env(&store).await;
+        new_change(&store, "c1", "me").await;
+        let first = store
+            .append_event(
+                "c1",
+                &Event::ChangeState {
+                    state: ChangeState::Queued,
+                    reason: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(first.seq, 1);
+        let tasks: Vec<_> = (0..4)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for i in 0..10 {
+                        store
+                            .append_event(
+                                "c1",
+                                &Event::Phase {
+                                    step_id: format!("t{t}"),
+                                    phase: runner::events::Phase::BuildStarted,
+                                    message: format!("{i}"),
+                                },
+                            )
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let events = store.events_after("c1", 0).await.unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=41).collect::<Vec<_>>()
+        );
+        // Each writer's events keep their order.
+        for t in 0..4 {
+            let mine: Vec<String> = events
+                .iter()
+                .filter_map(|e| match &e.event {
+                    Event::Phase {
+                        step_id, message, ..
+                    } if *step_id == format!("t{t}") => Some(message.clone()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(mine, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
+        }
+        assert_eq!(store.last_seq("c1").await.unwrap(), 41);
+        assert_eq!(store.events_after("c1", 40).await.unwrap().len(), 1);
+    }
+);
+
+contract!(
+    log_chunks_interleave_with_events_and_prune,
+    |store: Store| async move {
+        project_env(&store).await;
+        new_change(&store, "c1", "me").await;
+        let lines: Vec<ChunkLine> = (0..5)
+            .map(|i| ChunkLine {
+                step_id: "c1-root".into(),
+                stream: Stream::Stdout,
+                at_ms: 1_700_000_000_000 + i,
+                line: format!("line {i} ✓"),
+            })
+            .collect();
+        let encoded = chunk::encode(&lines);
+        let text_bytes: i64 = lines.iter().map(|l| l.line.len() as i64 + 1).sum();
+        let first = store
+            .append_batch(
+                "c1",
+                &[
+                    BatchEntry::Event {
+                        event: Event::ChangeState {
+                            state: ChangeState::Running,
+                            reason: None,
+                        },
+                        at: "2026-01-01T00:00:00.000Z".into(),
+                    },
+                    BatchEntry::Lines {
+                        count: 5,
+                        first_at: lines[0].at_ms,
+                        last_at: lines[4].at_ms,
+                        text_bytes,
+                        chunk: encoded,
+                    },
+                    BatchEntry::Event {
+                        event: Event::ChangeState {
+                            state: ChangeState::Success,
+                            reason: None,
+                        },
+                        at: "2026-01-01T00:00:01.000Z".into(),
+                    },
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(first, 1);
+        let all = store.events_after("c1", 0).await.unwrap();
+        assert_eq!(
+            all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=7).collect::<Vec<_>>()
+        );
+        assert!(matches!(&all[3].event, Event::Log { line, .. } if line == "line 2 ✓"));
+        assert!(matches!(
+            all[6].event,
+            Event::ChangeState {
+                state: ChangeState::Success,
+                ..
+            }
+        ));
+        let middle = store.events_between("c1", 2, Some(4)).await.unwrap();
+        assert_eq!(middle.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(store.last_seq("c1").await.unwrap(), 7);
+        let next = store
+            .append_event(
+                "c1",
+                &Event::ChangeState {
+                    state: ChangeState::Success,
+                    reason: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(next.seq, 8);
+
+        // Not finished: nothing to prune. Finished: its lines go, its other events stay.
+        let nothing = store.prune_logs("9999-01-01T00:00:00.000Z").await.unwrap();
+        assert_eq!(nothing.chunks, 0);
+        store.queue_change("c1", "me").await.unwrap();
+        store
+            .finish_change("c1", "me", ChangeState::Success, None)
+            .await
+            .unwrap();
+        let pruned = store.prune_logs("9999-01-01T00:00:00.000Z").await.unwrap();
+        assert_eq!((pruned.changes, pruned.chunks), (1, 1));
+        assert_eq!(pruned.text_bytes, text_bytes as u64);
+        let left = store.events_after("c1", 0).await.unwrap();
+        assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 7, 8]);
+    }
+);
+
+contract!(leases_and_reaping, |store: Store| async move {
+    project_env(&store).await;
+    store.renew_lease("alive", "h1", 11, 1_000).await.unwrap();
+    store.renew_lease("alive", "h2", 12, 2_000).await.unwrap();
+    store.renew_lease("dead", "h1", 13, 5).await.unwrap();
+    let mut leases = store.leases().await.unwrap();
+    leases.sort_by(|a, b| a.owner.cmp(&b.owner));
+    assert_eq!(
+        leases
+            .iter()
+            .map(|l| (l.owner.as_str(), l.host.as_str(), l.pid, l.expires_at))
+            .collect::<Vec<_>>(),
+        [("alive", "h2", 12, 2_000), ("dead", "h1", 13, 5)]
+    );
+    new_change(&store, "c1", "dead").await;
+    new_change(&store, "c2", "alive").await;
+    store.queue_change("c1", "dead").await.unwrap();
+    store.claim_environment("c1", "dead").await.unwrap();
+    store.start_step("c1-root", "dead", 1, 1).await.unwrap();
+    let reaped = store
+        .reap_changes(|change, steps, leases| {
+            let owner = change.owner.as_deref()?;
+            let lease = leases.iter().find(|l| l.owner == owner)?;
+            (lease.expires_at < 100).then(|| Verdict {
+                state: ChangeState::Error,
+                reason: "worker lost".into(),
+                steps: steps
+                    .iter()
+                    .filter(|s| s.state == StepState::Running)
+                    .map(|s| (s.clone(), StepState::Error, Some("worker lost".into())))
+                    .collect(),
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].id, "c1");
+    assert_eq!(reaped[0].events.len(), 2);
+    assert_eq!(
+        reaped[0].events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    let c1 = store.change("c1").await.unwrap();
+    assert_eq!(
+        (c1.state, c1.reason.as_deref()),
+        (ChangeState::Error, Some("worker lost"))
+    );
+    assert_eq!(store.step("c1-root").await.unwrap().state, StepState::Error);
+    assert_eq!(
+        store.change("c2").await.unwrap().state,
+        ChangeState::Pending
+    );
+    store.drop_lease("dead").await.unwrap();
+    assert_eq!(store.leases().await.unwrap().len(), 1);
+});
+
+contract!(base_image_settings, |store: Store| async move {
+    let (p, e) = project_env(&store).await;
+    let (po, eo) = (PropertiesOwner::from(&p), PropertiesOwner::from(&e));
+    let operator = store.base_image_for("demo", "dev").await.unwrap();
+    assert_eq!(
+        (operator.image, operator.source),
+        (None, BaseImageSource::Operator)
+    );
+    store
+        .set_base_image(&po, Some("team/base:1"))
+        .await
+        .unwrap();
+    let from_project = store.base_image_for("demo", "dev").await.unwrap();
+    assert_eq!(from_project.source, BaseImageSource::Project);
+    store
+        .set_base_image(&eo, Some("team/base:2"))
+        .await
+        .unwrap();
+    store
+        .set_base_image(&eo, Some("team/base:3"))
+        .await
+        .unwrap();
+    let from_env = store.base_image_for("demo", "dev").await.unwrap();
+    assert_eq!(
+        (from_env.image.as_deref(), from_env.source),
+        (Some("team/base:3"), BaseImageSource::Environment)
+    );
+    let mut used = store.base_images_in_use().await.unwrap();
+    used.sort();
+    assert_eq!(used, ["team/base:1", "team/base:3"]);
+    store.set_base_image(&eo, None).await.unwrap();
+    assert_eq!(store.own_base_image(&eo).await.unwrap(), None);
+    assert_eq!(
+        store.base_image_for("demo", "dev").await.unwrap().source,
+        BaseImageSource::Project
+    );
+    assert!(store.base_image_for("demo", "qa").await.is_err());
+});
