@@ -917,3 +917,77 @@ contract!(base_image_settings, |store: Store| async move {
     );
     assert!(store.base_image_for("demo", "qa").await.is_err());
 });
+
+contract!(web_reads, |store: Store| async move {
+    use runner::store::WebChangeFilter;
+    let (_, e) = project_env(&store).await;
+    store.ping().await.unwrap();
+    for id in ["c1", "c2", "c3"] {
+        new_change(&store, id, "me").await;
+    }
+    store.queue_change("c1", "me").await.unwrap();
+    store.claim_environment("c1", "me").await.unwrap();
+    store.start_step("c1-root", "me", 1, 1).await.unwrap();
+    assert_eq!(store.running_containers().await.unwrap(), 1);
+    let running = store
+        .web_changes(&WebChangeFilter {
+            state: Some(ChangeState::Running),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        running.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        ["c1"]
+    );
+    let page = store
+        .web_changes(&WebChangeFilter {
+            project: Some("demo".into()),
+            environment: Some("dev".into()),
+            limit: 2,
+            offset: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 2);
+    let mut counts = store.change_counts().await.unwrap();
+    counts.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(
+        counts,
+        [(ChangeState::Pending, 2), (ChangeState::Running, 1)]
+    );
+    let owner = PropertiesOwner::from(&e);
+    let settle = StepSettle {
+        change_id: "c1",
+        step_id: "c1-root",
+        owner: "me",
+        exit_code: Some(0),
+        properties: None,
+        children: None,
+    };
+    let by = WrittenBy::Change {
+        change_id: "c1".into(),
+        step_id: "c1-root".into(),
+    };
+    let doc = json!({"x": 1});
+    store
+        .settle_step(
+            &settle,
+            &[PropertiesWrite {
+                owner: &owner,
+                expected_version: 1,
+                document: &doc,
+            }],
+            &by,
+        )
+        .await
+        .unwrap();
+    let written = store.versions_written_by("c1-root").await.unwrap();
+    assert_eq!(written.len(), 1);
+    assert_eq!(
+        (written[0].owner_kind.as_str(), written[0].version),
+        ("environment", 2)
+    );
+});

@@ -1,7 +1,7 @@
 //! Reads of the web view: changes filtered by state as well, counts for the metrics, and which property versions
 //! a step wrote. Portable SQL (`$n` placeholders) so another backend can run the same text.
 
-use sqlx::Row;
+use super::db::query;
 
 use super::changes::{change_row, CHANGE_SELECT};
 use super::{Change, Store, StoreError};
@@ -27,7 +27,7 @@ pub struct WrittenVersion {
 impl Store {
     /// Changes matching `filter`, newest first.
     pub async fn web_changes(&self, filter: &WebChangeFilter) -> Result<Vec<Change>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = query(format!(
             "{CHANGE_SELECT} WHERE ($1 IS NULL OR p.code = $1) AND ($2 IS NULL OR e.code = $2) \
              AND ($3 IS NULL OR c.state = $3) ORDER BY c.created_at DESC, c.id DESC LIMIT $4 OFFSET $5"
         ))
@@ -43,7 +43,7 @@ impl Store {
 
     /// How many changes are in each state (states with none are absent).
     pub async fn change_counts(&self) -> Result<Vec<(ChangeState, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM changes GROUP BY state")
+        let rows = query("SELECT state, COUNT(*) AS n FROM changes GROUP BY state")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
@@ -54,7 +54,7 @@ impl Store {
 
     /// Steps running now that run a container themselves (not groups of children).
     pub async fn running_containers(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query(
+        Ok(query(
             "SELECT COUNT(*) FROM steps s WHERE s.state = 'running' \
              AND NOT EXISTS (SELECT 1 FROM steps c WHERE c.parent_id = s.id)",
         )
@@ -68,7 +68,7 @@ impl Store {
         &self,
         step_id: &str,
     ) -> Result<Vec<WrittenVersion>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT owner_kind, version FROM property_versions WHERE step_id = $1 \
              ORDER BY owner_kind DESC, version",
         )
@@ -86,7 +86,7 @@ impl Store {
 
     /// Whether the store answers a query now.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
+        query("SELECT 1").fetch_one(&self.pool).await?;
         Ok(())
     }
 }
