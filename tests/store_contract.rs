@@ -76,7 +76,9 @@ async fn new_change(store: &Store, id: &str, owner: &str) {
             git_sha: "abc123",
             root_step_id: &format!("{id}-root"),
             owner,
-            labels: &[("team".to_owned(), "ops".to_owned())].into_iter().collect(),
+            labels: &[("team".to_owned(), "ops".to_owned())]
+                .into_iter()
+                .collect(),
         })
         .await
         .unwrap();
@@ -991,3 +993,89 @@ contract!(web_reads, |store: Store| async move {
         ("environment", 2)
     );
 });
+
+contract!(
+    api_queries_labels_and_request_ids,
+    |store: Store| async move {
+        use runner::store::{ChangeQuery, Keyset, RequestClaim};
+        project_env(&store).await;
+        for id in ["c1", "c2", "c3"] {
+            new_change(&store, id, "me").await;
+        }
+        let labels = store.change_labels(&["c1".to_owned()]).await.unwrap();
+        assert_eq!(labels["c1"].get("team").map(String::as_str), Some("ops"));
+        let query = ChangeQuery {
+            project: Some("demo".into()),
+            states: vec![ChangeState::Pending],
+            labels: vec![("team".into(), "ops".into())],
+            oldest_first: true,
+            ..Default::default()
+        };
+        let first = store.query_changes(&query, None, 2).await.unwrap();
+        assert_eq!(
+            first.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            ["c1", "c2"]
+        );
+        let last = &first[1];
+        let rest = store
+            .query_changes(
+                &query,
+                Some(&Keyset {
+                    created_at: last.created_at.clone(),
+                    id: last.id.clone(),
+                }),
+                2,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            rest.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            ["c3"]
+        );
+
+        assert_eq!(
+            store
+                .claim_request("r1", "CreateChange", "f1")
+                .await
+                .unwrap(),
+            RequestClaim::New
+        );
+        assert_eq!(
+            store
+                .claim_request("r1", "CreateChange", "f1")
+                .await
+                .unwrap(),
+            RequestClaim::InProgress
+        );
+        store
+            .complete_request("r1", b"\x00\x01answer")
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .claim_request("r1", "CreateChange", "f1")
+                .await
+                .unwrap(),
+            RequestClaim::Done(b"\x00\x01answer".to_vec())
+        );
+        assert!(matches!(
+            store
+                .claim_request("r1", "CreateChange", "f2")
+                .await
+                .unwrap(),
+            RequestClaim::Mismatch { .. }
+        ));
+        store
+            .claim_request("r2", "CancelChange", "f")
+            .await
+            .unwrap();
+        store.release_request("r2").await.unwrap();
+        assert_eq!(
+            store
+                .claim_request("r2", "CancelChange", "f")
+                .await
+                .unwrap(),
+            RequestClaim::New
+        );
+    }
+);

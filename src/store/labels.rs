@@ -33,12 +33,11 @@ impl Store {
     ) -> Result<HashMap<String, Labels>, StoreError> {
         let mut all: HashMap<String, Labels> = HashMap::new();
         for id in change_ids {
-            let rows = query(
-                "SELECT key, value FROM change_labels WHERE change_id = $1 ORDER BY key",
-            )
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?;
+            let rows =
+                query("SELECT key, value FROM change_labels WHERE change_id = $1 ORDER BY key")
+                    .bind(id)
+                    .fetch_all(&self.pool)
+                    .await?;
             let labels = all.entry(id.clone()).or_default();
             for row in rows {
                 labels.insert(row.get(0), row.get(1));
