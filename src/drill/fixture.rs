@@ -11,7 +11,8 @@ pub const PROJECT: &str = "drill";
 pub const ENVIRONMENT: &str = "dev";
 
 /// Its actions. `drill` runs two steps, each writing two properties in one patch (both or neither must ever be
-/// seen); `with_service` starts a service; `slow` runs until cancelled; `fail` fails; `noop` is the next change.
+/// seen); `with_service` starts a service; `slow` runs until cancelled (and takes a second to clean up when it is);
+/// `fail` fails; `noop` is the next change.
 const ACTIONS: &str = r#"{
   "actions": {
     "drill": { "steps": ["first", "second"] },
@@ -28,7 +29,7 @@ const ACTIONS: &str = r#"{
         }
       }
     },
-    "slow": { "run": "trap 'echo slow caught SIGTERM; exit 143' TERM; echo drill sleeping; sleep 120 & wait" },
+    "slow": { "run": "trap 'echo slow caught SIGTERM; sleep 1; echo slow cleaned up; exit 143' TERM; echo drill sleeping; sleep 120 & wait" },
     "fail": { "run": "echo failing on purpose >&2; exit 3" },
     "noop": { "run": "echo next change ran" }
   }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::events::ChangeState;
 use crate::store::{ChangeFilter, Store, StoreError};
 use fixture::{ENVIRONMENT, PROJECT};
-pub use process::Runner;
+pub use process::{Finished, Process, Runner};
 
 /// Where the drill kills the runner, in the order a change meets them.
 pub const POINTS: [&str; 10] = [
@@ -98,6 +98,16 @@ impl Drill {
 
     pub fn home(&self) -> &Path {
         self.runner.home()
+    }
+
+    /// How the drill starts `runner` on its data directory (for tests that drive it otherwise).
+    pub fn runner(&self) -> &Runner {
+        &self.runner
+    }
+
+    /// `runner change create` of `action` on the drill's environment.
+    pub fn create_args(action: &str) -> Vec<&str> {
+        create_args(action)
     }
 
     /// Kills the runner at `point`, restarts, and checks the invariants.

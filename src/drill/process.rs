@@ -120,6 +120,26 @@ impl Process {
         }
     }
 
+    /// Its process id (`None` once it has been waited for).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends it `signal` (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: i32) -> Result<(), DrillError> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| self.failed("it has ended".into()))?;
+        // SAFETY: kill(2) with a pid of our own child that has not been waited for.
+        if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
+            return Err(self.failed(format!(
+                "kill -{signal}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
     /// Everything it printed so far.
     pub fn transcript(&self) -> String {
         self.transcript
@@ -141,6 +161,15 @@ impl Process {
             .kill()
             .await
             .map_err(|e| self.failed(format!("kill -9 failed: {e}")))
+    }
+
+    /// What it printed and how it ended, if it has ended; `None` while it runs.
+    pub async fn exited(&mut self) -> Result<Option<Finished>, DrillError> {
+        match self.child.try_wait() {
+            Ok(Some(_)) => self.finish(Duration::from_secs(5)).await.map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.failed(format!("waiting for it failed: {e}"))),
+        }
     }
 
     /// Waits (at most `limit`) for it to end by itself; kills it if it does not.
