@@ -170,7 +170,11 @@ async fn sequential_tree_stops_at_first_failure_and_aborts_the_rest() {
         ]
     );
     assert_eq!(w.ran(), ["a", "b"]);
-    assert_eq!(steps[2].exit_code, None);
+    assert_eq!(
+        steps[2].exit_code,
+        Some(3),
+        "a failed step keeps its exit code"
+    );
     assert!(steps[2]
         .reason
         .as_deref()

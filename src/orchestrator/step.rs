@@ -29,6 +29,21 @@ pub(super) enum Own {
 /// Why a step's own work stopped short: its final state and reason.
 type Stop = (StepState, String);
 
+/// A [`Stop`] and, when the step's command ran to a non-zero exit, its exit code (recorded with the step's end).
+struct StepStop {
+    stop: Stop,
+    exit_code: Option<i64>,
+}
+
+impl From<Stop> for StepStop {
+    fn from(stop: Stop) -> StepStop {
+        StepStop {
+            stop,
+            exit_code: None,
+        }
+    }
+}
+
 impl Orchestrator {
     /// The build and runner secrets a step gets, named by the project's and environment's properties and
     /// granted to `subject` by the operator's policy.
@@ -101,13 +116,17 @@ impl Orchestrator {
         let props = (project_props, environment_props);
         match self.own_work(run, step, action, &props).await {
             Ok(own) => Ok(own),
-            Err((state, reason)) => {
+            Err(StepStop {
+                stop: (state, reason),
+                exit_code,
+            }) => {
                 self.finish_step(
                     &run.events,
                     step,
                     state,
                     StepFinish {
                         reason: Some(reason.clone()),
+                        exit_code,
                         ..Default::default()
                     },
                 )
@@ -123,7 +142,7 @@ impl Orchestrator {
         step: &Step,
         action: &Action,
         (project_props, environment_props): &(PropertiesVersion, PropertiesVersion),
-    ) -> std::result::Result<Own, Stop> {
+    ) -> std::result::Result<Own, StepStop> {
         let store = &self.app.store;
         let events = &run.events;
         let stop = |stage: Stage, error: &str| {
@@ -144,7 +163,7 @@ impl Orchestrator {
                 properties: None,
                 patches: None,
             };
-            return self.settle(run, step, done).await;
+            return Ok(self.settle(run, step, done).await?);
         }
 
         let view = properties::layered_view(&Layers {
@@ -284,16 +303,20 @@ impl Orchestrator {
         );
         if outcome.ended != Ended::Exited || outcome.exit_code != 0 {
             let limit = outcome.limit.as_ref().map(ToString::to_string);
-            return Err(step_outcome(
-                &step.action,
-                Stopped::Ended {
-                    ended: outcome.ended,
-                    exit_code: outcome.exit_code,
-                    timeout: action.timeout,
-                    limit: limit.as_deref(),
-                },
-                run.cancel.is_cancelled(),
-            ));
+            return Err(StepStop {
+                stop: step_outcome(
+                    &step.action,
+                    Stopped::Ended {
+                        ended: outcome.ended,
+                        exit_code: outcome.exit_code,
+                        timeout: action.timeout,
+                        limit: limit.as_deref(),
+                    },
+                    run.cancel.is_cancelled(),
+                ),
+                // The exit code of a command that exited; not the signal's of one that was stopped.
+                exit_code: (outcome.ended == Ended::Exited).then_some(outcome.exit_code),
+            });
         }
         let result = outcome.result.unwrap_or(Value::Null);
         let step_patches =
@@ -329,6 +352,7 @@ impl Orchestrator {
             },
         )
         .await
+        .map_err(StepStop::from)
     }
 
     /// Lands a step's end, its patches (if any) and its children in one transaction, then reads the children back.

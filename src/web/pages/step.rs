@@ -35,6 +35,9 @@ pub async fn show(
         .collect();
     let patches = patches(store, &change.project, &change.environment, &step, &masker).await?;
     let live = !step.state.is_final() && !change.state.is_final();
+    let has_services = mine
+        .iter()
+        .any(|r| matches!(&r.event, Event::Log { line, .. } if line.starts_with(SERVICE_PREFIX)));
     Ok(page(
         &format!("Step {}", step.action),
         html! {
@@ -63,14 +66,18 @@ pub async fn show(
                 }
             }
             h2 #service-heading { "Service logs" }
-            pre.log #service-log aria-labelledby="service-heading" tabindex="0" {
-                @for r in &mine {
-                    @if let Event::Log { stream, line, .. } = &r.event {
-                        @if line.starts_with(SERVICE_PREFIX) {
-                            span class=(stream_class(*stream)) { (line) "\n" }
+            @if live || has_services {
+                pre.log #service-log aria-labelledby="service-heading" tabindex="0" {
+                    @for r in &mine {
+                        @if let Event::Log { stream, line, .. } = &r.event {
+                            @if line.starts_with(SERVICE_PREFIX) {
+                                span class=(stream_class(*stream)) { (line) "\n" }
+                            }
                         }
                     }
                 }
+            } @else {
+                p.muted { "None: the step ran no services." }
             }
             h2 { "Properties it started from" }
             @match &step.properties {
