@@ -45,6 +45,62 @@ macro_rules! contract {
     };
 }
 
+/// Direct access to a case's database, for what the store's API must never let happen.
+enum Raw {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Raw {
+    async fn execute(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        Ok(match self {
+            Raw::Sqlite(path) => {
+                let pool =
+                    sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display())).await?;
+                let done = sqlx::query(sql).execute(&pool).await;
+                pool.close().await;
+                done?.rows_affected()
+            }
+            Raw::Postgres(url) => {
+                let pool = sqlx::PgPool::connect(url).await?;
+                let done = sqlx::query(sql).execute(&pool).await;
+                pool.close().await;
+                done?.rows_affected()
+            }
+        })
+    }
+}
+
+/// Runs `case` on a fresh store of each backend, with raw access to its database.
+macro_rules! contract_raw {
+    ($name:ident, $case:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let home = tempfile::tempdir().unwrap();
+                let store = Store::connect(home.path(), None).await.unwrap();
+                let raw = Raw::Sqlite(home.path().join("runner.db"));
+                ($case)(store.clone(), raw).await;
+                store.close().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if !support::postgres::postgres_available() {
+                    return;
+                }
+                let url = support::postgres::shared().database();
+                let home = tempfile::tempdir().unwrap();
+                let store = Store::connect(home.path(), Some(&url)).await.unwrap();
+                ($case)(store.clone(), Raw::Postgres(url)).await;
+                store.close().await;
+            }
+        }
+    };
+}
+
 async fn run_case<F, Fut>(store: Store, case: F)
 where
     F: FnOnce(Store) -> Fut,
@@ -1076,6 +1132,100 @@ contract!(
                 .await
                 .unwrap(),
             RequestClaim::New
+        );
+    }
+);
+
+contract_raw!(
+    the_database_refuses_a_second_running_change,
+    |store: Store, raw: Raw| async move {
+        project_env(&store).await;
+        new_change(&store, "c1", "me").await;
+        new_change(&store, "c2", "me").await;
+        store.queue_change("c1", "me").await.unwrap();
+        assert_eq!(
+            store.claim_environment("c1", "me").await.unwrap(),
+            Claim::Claimed
+        );
+        // A writer that skips the store's rules (another version of the runner, a hand-made UPDATE) is refused by
+        // the database itself.
+        let err = raw
+            .execute("UPDATE changes SET state = 'running' WHERE id = 'c2'")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, sqlx::Error::Database(db) if db.is_unique_violation()),
+            "{err:?}"
+        );
+        // Another environment is not affected.
+        store
+            .create_environment("demo", "prod", "Prod")
+            .await
+            .unwrap();
+        let e = store.environment("demo", "prod").await.unwrap();
+        let p = store.project("demo").await.unwrap();
+        store
+            .create_change(&NewChange {
+                id: "p1",
+                project_id: p.id,
+                environment_id: e.id,
+                action: "deploy",
+                git_rev: "HEAD",
+                git_sha: "abc",
+                root_step_id: "p1-root",
+                owner: "me",
+                labels: &Default::default(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            raw.execute("UPDATE changes SET state = 'running' WHERE id = 'p1'")
+                .await
+                .unwrap(),
+            1
+        );
+    }
+);
+
+contract!(
+    event_numbers_are_per_change_and_need_the_change,
+    |store: Store| async move {
+        project_env(&store).await;
+        new_change(&store, "c1", "me").await;
+        new_change(&store, "c2", "me").await;
+        let event = Event::ChangeState {
+            state: ChangeState::Pending,
+            reason: None,
+        };
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let store = store.clone();
+                let event = event.clone();
+                tokio::spawn(async move {
+                    let id = if i % 2 == 0 { "c1" } else { "c2" };
+                    store.append_event(id, &event).await.unwrap().seq
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        for id in ["c1", "c2"] {
+            let seqs: Vec<i64> = store
+                .events_after(id, 0)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            assert_eq!(seqs, (1..=10).collect::<Vec<_>>(), "{id}");
+            assert_eq!(store.last_seq(id).await.unwrap(), 10);
+        }
+        assert_eq!(store.last_seq("nope").await.unwrap(), 0);
+        let err = store.append_event("nope", &event).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::NotFound { what: "change", .. }),
+            "{err:?}"
         );
     }
 );

@@ -62,6 +62,15 @@ impl Pool {
         }
     }
 
+    /// Starts a write transaction that relies on the row locks its statements take (PostgreSQL) rather than the
+    /// store-wide writer lock; SQLite has only the one lock.
+    pub(crate) async fn row_tx(&self) -> Result<Tx, sqlx::Error> {
+        match self {
+            Pool::Sqlite(pool) => Ok(Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?)),
+            Pool::Postgres(pool) => Ok(Tx::Postgres(pool.begin().await?)),
+        }
+    }
+
     pub(crate) async fn close(&self) {
         match self {
             Pool::Sqlite(pool) => pool.close().await,

@@ -2,7 +2,7 @@
 //! [`crate::logs::chunk`]), both numbered in one sequence per change; and the retention that prunes lines of old
 //! changes while keeping the changes, their steps and their other events.
 
-use super::db::{query, Executor};
+use super::db::{query, Tx};
 
 use super::{Store, StoreError};
 use crate::events::{Event, EventRecord};
@@ -42,18 +42,27 @@ pub fn rfc3339_ms(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-pub(super) async fn next_seq<'e>(
-    on: impl Executor<'e>,
+/// Reserves the next `count` sequence numbers of a change and returns the first: an increment of the change's
+/// own counter, which row-locks it until the transaction ends, so concurrent writers of one change queue and
+/// writers of different changes do not meet.
+pub(super) async fn reserve_seqs(
+    tx: &mut Tx,
     change_id: &str,
+    count: i64,
 ) -> Result<i64, StoreError> {
-    Ok(query(
-        "SELECT COALESCE(MAX(s), 0) + 1 FROM (SELECT MAX(seq) AS s FROM events WHERE change_id = ?1 \
-         UNION ALL SELECT MAX(last_seq) FROM log_chunks WHERE change_id = ?1) AS used",
-    )
-    .bind(change_id)
-    .fetch_one(on)
-    .await?
-    .get(0))
+    let last: i64 =
+        query("UPDATE changes SET last_seq = last_seq + ? WHERE id = ? RETURNING last_seq")
+            .bind(count)
+            .bind(change_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "change",
+                code: change_id.to_owned(),
+                hint: ": list changes with `runner change list`".into(),
+            })?
+            .get(0);
+    Ok(last - count + 1)
 }
 
 impl Store {
@@ -64,8 +73,16 @@ impl Store {
         change_id: &str,
         entries: &[BatchEntry],
     ) -> Result<i64, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let first = next_seq(&mut tx, change_id).await?;
+        let count = entries
+            .iter()
+            .map(|e| match e {
+                BatchEntry::Event { .. } => 1,
+                BatchEntry::Lines { count, .. } => *count,
+            })
+            .sum();
+        // Only this change's row is locked: log writers of different changes never wait for one another.
+        let mut tx = self.pool.row_tx().await?;
+        let first = reserve_seqs(&mut tx, change_id, count).await?;
         let mut seq = first;
         for entry in entries {
             match entry {
@@ -176,7 +193,12 @@ impl Store {
 
     /// The highest sequence number the change has used (0 if none).
     pub async fn last_seq(&self, change_id: &str) -> Result<i64, StoreError> {
-        Ok(next_seq(&self.pool, change_id).await? - 1)
+        Ok(query("SELECT last_seq FROM changes WHERE id = ?")
+            .bind(change_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(0))
     }
 
     /// Deletes the log lines of changes that ended before `before` (RFC 3339), keeping the changes, their steps and

@@ -76,7 +76,7 @@ pub(super) async fn insert_event(
     change_id: &str,
     event: &Event,
 ) -> Result<EventRecord, StoreError> {
-    let seq = super::logs::next_seq(&mut *tx, change_id).await?;
+    let seq = super::logs::reserve_seqs(&mut *tx, change_id, 1).await?;
     let at = now();
     query("INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)")
         .bind(change_id)
@@ -140,13 +140,19 @@ impl Store {
         if blocked > 0 {
             return Ok(Claim::Blocked);
         }
-        query(
+        // The unique index on running changes per environment is the last word: should any writer get past the
+        // check above, the database refuses the second running change and this claim waits its turn.
+        let started = query(
             "UPDATE changes SET state = 'running', started_at = COALESCE(started_at, ?) WHERE id = ?",
         )
         .bind(now())
         .bind(change_id)
         .execute(&mut tx)
-        .await?;
+        .await;
+        match started {
+            Err(e) if super::is_unique_violation(&e) => return Ok(Claim::Blocked),
+            other => other?,
+        };
         tx.commit().await?;
         Ok(Claim::Claimed)
     }
