@@ -290,9 +290,9 @@ impl Drill {
                 });
                 if !names_change || !done.transcript.contains("show-logs --follow") {
                     problems.push(format!(
-                        "the follower whose server died did not say which change it followed and how to \
+                        "the follower whose server died ({}) did not say which change it followed and how to \
                          re-attach:\n{}",
-                        done.transcript
+                        done.status, done.transcript
                     ));
                 }
             }

@@ -21,6 +21,7 @@ pub struct Runner {
 #[derive(Debug)]
 pub struct Finished {
     pub success: bool,
+    pub status: std::process::ExitStatus,
     pub transcript: String,
 }
 
@@ -176,13 +177,15 @@ impl Process {
     pub async fn finish(&mut self, limit: Duration) -> Result<Finished, DrillError> {
         match tokio::time::timeout(limit, self.child.wait()).await {
             Ok(Ok(status)) => {
-                // Its pipes close with it; let the readers drain them.
-                while tokio::time::timeout(Duration::from_millis(200), self.lines.recv())
-                    .await
-                    .is_ok_and(|l| l.is_some())
-                {}
+                // Its pipes close with it: the readers are done when the channel closes (bounded, in case a
+                // process it started holds them open).
+                let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                    while self.lines.recv().await.is_some() {}
+                })
+                .await;
                 Ok(Finished {
                     success: status.success(),
+                    status,
                     transcript: self.transcript(),
                 })
             }
