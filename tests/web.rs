@@ -324,3 +324,28 @@ fn metrics_after_a_change_count_its_steps_images_and_states() {
         ) >= 1.0
     );
 }
+
+#[test]
+fn bench_web_prints_render_time_beside_its_yardstick() {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["bench", "web", "--changes", "120", "--runs", "2"])
+        .env("RUNNER_HOME", home.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("120 changes stored"), "{stdout}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains('×')).collect();
+    assert_eq!(rows.len(), 3, "{stdout}");
+    for row in rows {
+        assert!(
+            row.contains(" ms") && (row.ends_with("met") || row.ends_with("MISSED")),
+            "{row}"
+        );
+    }
+}

@@ -66,9 +66,19 @@ pub enum BenchCommand {
         #[arg(long, value_delimiter = ',')]
         points: Vec<String>,
     },
+    /// The web view's server-side render time of a page of 50 changes with many changes in the store, beside the
+    /// same rows read and serialised as JSON (what `change list --output json` does); no Docker needed.
+    Web {
+        /// Changes in the store.
+        #[arg(long, default_value_t = 10_000)]
+        changes: usize,
+        /// Renders timed per page (the median is shown).
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+    },
 }
 
-fn median(mut samples: Vec<Duration>) -> Duration {
+pub(super) fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
 }
@@ -144,6 +154,9 @@ pub async fn run(home: &Path, cmd: BenchCommand) -> Result<()> {
         } => grpc(&scratch, &fixture, watchers, rate.max(1), duration).await,
         BenchCommand::Crash { trials, points } => {
             super::bench_crash::run(&scratch, trials.max(1), &points).await
+        }
+        BenchCommand::Web { changes, runs } => {
+            super::bench_web::run(&scratch, changes.max(1), runs.max(1)).await
         }
     };
     let _ = std::fs::remove_dir_all(&scratch);

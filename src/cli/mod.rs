@@ -7,6 +7,7 @@ mod output;
 mod bench;
 mod bench_crash;
 mod bench_logs;
+mod bench_web;
 mod change;
 mod logs;
 mod remote;
