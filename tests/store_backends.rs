@@ -139,3 +139,29 @@ fn an_unreachable_postgres_store_names_it_without_the_password() {
     assert!(err.contains("check that the server runs"), "{err}");
     assert!(!err.contains("hunter2"), "the password leaked: {err}");
 }
+
+#[test]
+fn bench_store_compares_sqlite_with_one_to_three_postgres_writers() {
+    if !support::postgres::postgres_available() {
+        return;
+    }
+    let url = support::postgres::shared().database();
+    let home = tempfile::tempdir().unwrap();
+    let out = ok(
+        home.path(),
+        None,
+        &["bench", "store", "--steps", "6", "--postgres", &url],
+    );
+    for label in [
+        "SQLite, one process",
+        "PostgreSQL, 1 worker(s)",
+        "PostgreSQL, 2 worker(s)",
+        "PostgreSQL, 3 worker(s)",
+    ] {
+        assert!(out.contains(label), "{out}");
+    }
+    assert!(
+        out.contains("store overhead per step on PostgreSQL"),
+        "{out}"
+    );
+}

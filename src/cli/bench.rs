@@ -55,6 +55,16 @@ pub enum BenchCommand {
         #[arg(long, default_value = "fixtures/demo")]
         fixture: PathBuf,
     },
+    /// What the store costs a step: SQLite in one process beside a shared PostgreSQL with 1, 2 and 3 concurrent
+    /// writers (steps/s and ms of store work per step; goal on PostgreSQL: at most 10 ms).
+    Store {
+        /// Steps per configuration.
+        #[arg(long, default_value_t = 300)]
+        steps: usize,
+        /// A scratch PostgreSQL database to measure (a project named bench-… is added to it).
+        #[arg(long)]
+        postgres: Option<String>,
+    },
     /// The crash drill: the runner is killed with SIGKILL at each crash point, then restarted; prints per point
     /// whether every invariant held (nothing left in Docker, every change ended with a reason, no half-applied
     /// properties, the next change runs), the time to the crash and the time to recover.
@@ -152,6 +162,9 @@ pub async fn run(home: &Path, cmd: BenchCommand) -> Result<()> {
             duration,
             fixture,
         } => grpc(&scratch, &fixture, watchers, rate.max(1), duration).await,
+        BenchCommand::Store { steps, postgres } => {
+            super::bench_store::run(&scratch, steps.max(1), postgres.as_deref()).await
+        }
         BenchCommand::Crash { trials, points } => {
             super::bench_crash::run(&scratch, trials.max(1), &points).await
         }

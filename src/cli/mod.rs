@@ -8,6 +8,7 @@ mod bench;
 mod bench_crash;
 mod bench_logs;
 mod bench_web;
+mod bench_store;
 mod change;
 mod logs;
 mod remote;
