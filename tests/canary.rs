@@ -299,6 +299,7 @@ async fn canary_secrets_are_absent_from_images_inspect_store_logs_and_the_api() 
             git_rev: "main".into(),
             action: "canary".into(),
             step_context_json: context.to_string(),
+            ..Default::default()
         }))
         .await
         .unwrap()

@@ -45,6 +45,7 @@ async fn run_step_returns_the_step_result_of_a_real_container_run() {
         git_rev: "main".into(),
         action: "release".into(),
         step_context_json: step_context.to_string(),
+        ..Default::default()
     };
     let mut stream = client.run_step(request).await.unwrap().into_inner();
     let mut events = vec![];

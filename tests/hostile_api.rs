@@ -218,6 +218,7 @@ impl Server {
             git_rev: "main".into(),
             action: action.into(),
             step_context_json: context.to_string(),
+            ..Default::default()
         };
         let mut stream = self
             .steps()
@@ -434,6 +435,7 @@ async fn run_step_with_a_malformed_step_context_is_invalid_argument() {
         git_rev: "main".into(),
         action: "a".into(),
         step_context_json: "{\"project\": ".into(),
+        ..Default::default()
     };
     let status = s
         .steps()

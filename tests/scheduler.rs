@@ -40,7 +40,8 @@ async fn start(scripts: Vec<(&str, Script)>) -> Server {
         .await
         .unwrap();
     let manifest = json!({"actions": {
-        "deploy": {"steps": ["a"]}, "a": {"run": "a"}, "slow": {"run": "slow"}, "fail": {"run": "fail"}
+        "deploy": {"steps": ["a"]}, "a": {"run": "a"}, "slow": {"run": "slow"}, "fail": {"run": "fail"},
+        "hang": {"run": "hang", "timeout": "1s"}
     }});
     let executor = Arc::new(FakeExecutor {
         scripts: scripts
@@ -850,4 +851,508 @@ async fn a_patch_retried_with_its_request_id_applies_once() {
         "one version per applied patch"
     );
     server.stop().await;
+}
+
+// ---- step runs
+
+use runner::grpc::pb::run_step_event::Event as R;
+use runner::grpc::pb::step_runner_service_client::StepRunnerServiceClient;
+
+fn step_request(action: &str, step_run_id: &str) -> pb::RunStepRequest {
+    pb::RunStepRequest {
+        git_remote: "https://git.example.com/app.git".into(),
+        git_rev: "main".into(),
+        action: action.into(),
+        step_run_id: step_run_id.into(),
+        ..Default::default()
+    }
+}
+
+fn steps_at(channel: &Channel) -> StepRunnerServiceClient<Channel> {
+    StepRunnerServiceClient::new(channel.clone())
+}
+
+/// Every message of a step run stream until it ends (within `limit`), and how it ended.
+async fn drain(
+    mut stream: tonic::Streaming<pb::RunStepEvent>,
+    limit: Duration,
+) -> (Vec<pb::RunStepEvent>, Result<(), Status>) {
+    let mut events = vec![];
+    loop {
+        match tokio::time::timeout(limit, stream.message())
+            .await
+            .expect("the stream ends by itself")
+        {
+            Ok(Some(event)) => events.push(event),
+            Ok(None) => return (events, Ok(())),
+            Err(status) => return (events, Err(status)),
+        }
+    }
+}
+
+fn result_of(events: &[pb::RunStepEvent]) -> pb::RunStepResult {
+    match events.last().and_then(|e| e.event.clone()) {
+        Some(R::Result(result)) => result,
+        other => panic!("no result at the end: {other:?} in {events:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_step_run_survives_its_callers_disconnect_and_is_watched_to_its_result_after_reconnecting(
+) {
+    let server = start(vec![(
+        "slow",
+        Script {
+            output: vec!["started".into()],
+            delay: Duration::from_millis(1500),
+            result: Some(json!({
+                "environment": {"properties_diff": [{"op": "add", "path": "/v", "value": 2}]},
+                "steps": {"children": [{"action": "a"}], "child_execution_strategy": "parallel"}
+            })),
+            ..Default::default()
+        },
+    )])
+    .await;
+    let mut stream = steps_at(&server.channel)
+        .run_step(step_request("slow", "run-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("a first event");
+    assert_eq!(first.step_run_id, "run-1");
+    assert_eq!(first.seq, 1);
+    drop(stream); // the scheduler goes away
+                  // … and comes back on a new connection.
+    let channel = channel_to(server.addr);
+    let run = steps_at(&channel)
+        .get_step_run(pb::GetStepRunRequest {
+            step_run_id: "run-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.state(), pb::StepRunState::Running, "{run:?}");
+    let watch = steps_at(&channel)
+        .watch_step_run(pb::WatchStepRunRequest {
+            step_run_id: "run-1".into(),
+            after_seq: first.seq,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (rest, end) = drain(watch, Duration::from_secs(10)).await;
+    end.unwrap();
+    let seqs: Vec<i64> = rest.iter().map(|e| e.seq).filter(|s| *s > 0).collect();
+    assert_eq!(
+        seqs,
+        (2..2 + seqs.len() as i64).collect::<Vec<_>>(),
+        "resumed after seq 1, no gap"
+    );
+    assert!(rest
+        .iter()
+        .any(|e| matches!(&e.event, Some(R::Log(l)) if l.line == "started")));
+    let result = result_of(&rest);
+    assert_eq!(result.outcome(), pb::StepRunOutcome::Succeeded);
+    assert_eq!(result.patches.len(), 1);
+    assert_eq!(result.patches[0].scope(), pb::PatchScope::Environment);
+    let children = result.children.clone().unwrap();
+    assert_eq!(children.actions, ["a"]);
+    assert_eq!(children.strategy(), pb::ChildrenStrategy::Parallel);
+    // Kept after its end: Get answers the same result, with its duration.
+    let ended = steps_at(&channel)
+        .get_step_run(pb::GetStepRunRequest {
+            step_run_id: "run-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ended.state(), pb::StepRunState::Ended);
+    assert_eq!(ended.outcome(), pb::StepRunOutcome::Succeeded);
+    assert_eq!(ended.result, Some(result));
+    assert!(ended.duration.unwrap().seconds >= 1);
+    assert!(ended.end_time.is_some() && ended.create_time.is_some());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_on_disconnect_ties_a_run_to_its_call() {
+    let server = start(vec![(
+        "slow",
+        Script {
+            output: vec!["started".into()],
+            delay: Duration::from_secs(30),
+            ..Default::default()
+        },
+    )])
+    .await;
+    let mut request = step_request("slow", "tied");
+    request.cancel_on_disconnect = true;
+    let mut stream = steps_at(&server.channel)
+        .run_step(request)
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("a first event");
+    drop(stream);
+    let watch = steps_at(&server.channel)
+        .watch_step_run(pb::WatchStepRunRequest {
+            step_run_id: "tied".into(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (events, end) = drain(watch, Duration::from_secs(10)).await;
+    end.unwrap();
+    assert_eq!(result_of(&events).outcome(), pb::StepRunOutcome::Cancelled);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_of_a_step_run_stops_it_and_reports_cancelled() {
+    let server = start(vec![(
+        "slow",
+        Script {
+            delay: Duration::from_secs(30),
+            ..Default::default()
+        },
+    )])
+    .await;
+    let mut steps = steps_at(&server.channel);
+    let started = steps
+        .start_step_run(step_request("slow", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.state(), pb::StepRunState::Running);
+    let id = started.step_run_id.clone();
+    let cancelling = steps
+        .cancel_step_run(pb::CancelStepRunRequest {
+            step_run_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(
+            cancelling.state(),
+            pb::StepRunState::Cancelling | pb::StepRunState::Ended
+        ),
+        "{cancelling:?}"
+    );
+    let watch = steps
+        .watch_step_run(pb::WatchStepRunRequest {
+            step_run_id: id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let started_waiting = std::time::Instant::now();
+    let (events, end) = drain(watch, Duration::from_secs(10)).await;
+    end.unwrap();
+    assert!(started_waiting.elapsed() < Duration::from_secs(10));
+    assert_eq!(result_of(&events).outcome(), pb::StepRunOutcome::Cancelled);
+    let run = steps
+        .get_step_run(pb::GetStepRunRequest {
+            step_run_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.state(), pb::StepRunState::Ended);
+    assert_eq!(run.outcome(), pb::StepRunOutcome::Cancelled);
+    // Cancelling an ended run answers it unchanged.
+    let again = steps
+        .cancel_step_run(pb::CancelStepRunRequest {
+            step_run_id: id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.outcome(), pb::StepRunOutcome::Cancelled);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_timed_out_or_failing_step_run_says_so() {
+    let server = start(vec![
+        (
+            "fail",
+            Script {
+                exit_code: 4,
+                ..Default::default()
+            },
+        ),
+        (
+            "hang",
+            Script {
+                delay: Duration::from_secs(30),
+                ..Default::default()
+            },
+        ),
+    ])
+    .await;
+    let mut steps = steps_at(&server.channel);
+    for (action, outcome) in [
+        ("fail", pb::StepRunOutcome::Failed),
+        ("hang", pb::StepRunOutcome::TimedOut),
+    ] {
+        let stream = steps
+            .run_step(step_request(action, action))
+            .await
+            .unwrap()
+            .into_inner();
+        let (events, end) = drain(stream, Duration::from_secs(10)).await;
+        end.unwrap();
+        let result = result_of(&events);
+        assert_eq!(result.outcome(), outcome, "{action}");
+        if action == "fail" {
+            assert_eq!(result.exit_code, 4);
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn starting_a_step_run_again_with_its_id_or_request_id_attaches_to_it() {
+    let server = start(vec![(
+        "slow",
+        Script {
+            delay: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )])
+    .await;
+    let mut steps = steps_at(&server.channel);
+    let first = steps
+        .start_step_run(step_request("slow", "mine"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = steps
+        .start_step_run(step_request("slow", "mine"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.step_run_id, again.step_run_id);
+    let mut by_request = step_request("slow", "");
+    by_request.request_id = "start-1".into();
+    let a = steps
+        .start_step_run(by_request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let b = steps
+        .start_step_run(by_request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.step_run_id, b.step_run_id);
+    // The same ids with another request are refused.
+    assert_error(
+        steps.start_step_run(step_request("a", "mine")).await,
+        Code::AlreadyExists,
+        "STEP_RUN_ALREADY_EXISTS",
+    );
+    by_request.action = "a".into();
+    assert_error(
+        steps.start_step_run(by_request).await,
+        Code::InvalidArgument,
+        "REQUEST_ID_REUSED",
+    );
+    // Both runs ran once: each is watched to one result.
+    for id in [first.step_run_id, a.step_run_id] {
+        let watch = steps
+            .watch_step_run(pb::WatchStepRunRequest {
+                step_run_id: id,
+                after_seq: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (events, end) = drain(watch, Duration::from_secs(10)).await;
+        end.unwrap();
+        assert_eq!(result_of(&events).outcome(), pb::StepRunOutcome::Succeeded);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn step_run_errors_carry_codes_and_reasons() {
+    let server = start(vec![]).await;
+    let mut steps = steps_at(&server.channel);
+    assert_error(
+        steps.start_step_run(pb::RunStepRequest::default()).await,
+        Code::InvalidArgument,
+        "FIELD_REQUIRED",
+    );
+    assert_error(
+        steps.start_step_run(step_request("a", "bad id!")).await,
+        Code::InvalidArgument,
+        "INVALID_STEP_RUN_ID",
+    );
+    for context in [
+        "[1]",
+        "{\"project\": 1}",
+        "{\"extra\": {}}",
+        "{\"project\": {\"properties\": []}}",
+        "{",
+    ] {
+        let mut request = step_request("a", "");
+        request.step_context_json = context.into();
+        let status = assert_error(
+            steps.start_step_run(request).await,
+            Code::InvalidArgument,
+            "INVALID_STEP_CONTEXT",
+        );
+        assert!(
+            status.message().contains("step_context_json"),
+            "{}",
+            status.message()
+        );
+    }
+    assert_error(
+        steps
+            .get_step_run(pb::GetStepRunRequest {
+                step_run_id: "nope".into(),
+            })
+            .await,
+        Code::NotFound,
+        "STEP_RUN_NOT_FOUND",
+    );
+    assert_error(
+        steps.get_step_run(pb::GetStepRunRequest::default()).await,
+        Code::InvalidArgument,
+        "FIELD_REQUIRED",
+    );
+    let stream = steps
+        .run_step(step_request("a", "done"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (events, _) = drain(stream, Duration::from_secs(10)).await;
+    let last = events.iter().map(|e| e.seq).max().unwrap();
+    let watch = |after_seq| pb::WatchStepRunRequest {
+        step_run_id: "done".into(),
+        after_seq,
+    };
+    assert_error(
+        steps.watch_step_run(watch(-1)).await,
+        Code::InvalidArgument,
+        "INVALID_CURSOR",
+    );
+    assert_error(
+        steps.watch_step_run(watch(last + 1)).await,
+        Code::OutOfRange,
+        "CURSOR_PAST_END",
+    );
+    // At the end of an ended run: the result alone, at once.
+    let (tail, end) = drain(
+        steps
+            .watch_step_run(watch(last))
+            .await
+            .unwrap()
+            .into_inner(),
+        Duration::from_secs(5),
+    )
+    .await;
+    end.unwrap();
+    assert_eq!(tail.len(), 1);
+    result_of(&tail);
+    // A run that fails before its step finishes ends with its error, also when watched later.
+    let stream = steps
+        .run_step(step_request("zz", "unknown-action"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, end) = drain(stream, Duration::from_secs(10)).await;
+    assert_error(end, Code::InvalidArgument, "ACTION_NOT_FOUND");
+    let run = steps
+        .get_step_run(pb::GetStepRunRequest {
+            step_run_id: "unknown-action".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.outcome(), pb::StepRunOutcome::Failed);
+    assert_eq!(run.error_reason, "ACTION_NOT_FOUND");
+    server.stop().await;
+}
+
+/// Commits an action that prints, sleeps, then prints again to the demo repository.
+fn add_slow_action(demo: &support::Demo) {
+    let path = demo.repo.join(".opschain/actions.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["actions"]["slow_release"] =
+        json!({"run": "echo slow release started && sleep 4 && echo slow release done"});
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    support::git(&demo.repo, &["commit", "-qam", "a slow action"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_step_run_survives_its_callers_disconnect() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = support::Demo::new();
+    demo.set_policy("[run_step]\nallow_file_remotes = true\n");
+    add_slow_action(&demo);
+    let app = App::open(demo.home.path()).await.unwrap();
+    let orchestrator = runner::runtime::local(app).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(run(listener, orchestrator, Default::default(), async {
+        let _ = stopped.await;
+    }));
+    let request = pb::RunStepRequest {
+        git_remote: demo.repo.to_string_lossy().into_owned(),
+        git_rev: "main".into(),
+        action: "slow_release".into(),
+        step_run_id: "container-run".into(),
+        ..Default::default()
+    };
+    let mut stream = steps_at(&channel_to(addr))
+        .run_step(request)
+        .await
+        .unwrap()
+        .into_inner();
+    // Wait until the step prints inside its container, then hang up.
+    let mut seen;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(180), stream.message())
+            .await
+            .expect("the step starts")
+            .unwrap()
+            .expect("an event before the end");
+        seen = event.seq;
+        if matches!(&event.event, Some(R::Log(l)) if l.line == "slow release started") {
+            break;
+        }
+    }
+    drop(stream);
+    let watch = steps_at(&channel_to(addr))
+        .watch_step_run(pb::WatchStepRunRequest {
+            step_run_id: "container-run".into(),
+            after_seq: seen,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (rest, end) = drain(watch, Duration::from_secs(60)).await;
+    end.unwrap();
+    assert!(
+        rest.iter()
+            .any(|e| matches!(&e.event, Some(R::Log(l)) if l.line == "slow release done")),
+        "the step went on after the disconnect: {rest:?}"
+    );
+    let result = result_of(&rest);
+    assert_eq!(result.outcome(), pb::StepRunOutcome::Succeeded);
+    assert_eq!(result.exit_code, 0);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
 }

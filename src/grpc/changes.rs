@@ -13,7 +13,7 @@ use super::{convert, idempotency, list_filter, pb};
 use crate::error::Error;
 use crate::events::{Event, EventRecord};
 use crate::orchestrator::{CreateChange, Orchestrator};
-use crate::store::{Change, ChangeQuery, Keyset, Labels};
+use crate::store::{Change, ChangeQuery, Keyset};
 
 pub struct Changes {
     pub orchestrator: Orchestrator,
@@ -40,7 +40,6 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ChangeEvent, Status>> + 
 
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 1000;
-const MAX_LABELS: usize = 32;
 
 /// Changes on the wire, with their labels.
 async fn with_labels(
@@ -72,28 +71,6 @@ async fn one_with_labels(
     Ok(with_labels(orchestrator, vec![change]).await?.remove(0))
 }
 
-fn check_labels(labels: &std::collections::HashMap<String, String>) -> Result<Labels, Status> {
-    if labels.len() > MAX_LABELS {
-        return Err(bad_field(
-            "INVALID_LABELS",
-            "labels",
-            format!("at most {MAX_LABELS} labels"),
-        ));
-    }
-    for (key, value) in labels {
-        if !list_filter::valid_label(key, value) {
-            return Err(bad_field(
-                "INVALID_LABELS",
-                "labels",
-                format!(
-                    "label {key:?} = {value:?}: keys and values are 1-63 characters [A-Za-z0-9_.-]"
-                ),
-            ));
-        }
-    }
-    Ok(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-}
-
 fn require_id(id: &str) -> Result<(), Status> {
     if id.is_empty() {
         return Err(required("id"));
@@ -121,7 +98,7 @@ impl pb::change_service_server::ChangeService for Changes {
                 return Err(required(field));
             }
         }
-        let labels = check_labels(&r.labels)?;
+        let labels = list_filter::labels(&r.labels)?;
         let request_id = std::mem::take(&mut r.request_id);
         let store = self.orchestrator.app().store.clone();
         let (change, started) =

@@ -31,6 +31,33 @@ pub fn valid_label(key: &str, value: &str) -> bool {
     label_part(key) && label_part(value)
 }
 
+const MAX_LABELS: usize = 32;
+
+/// Checks labels given on a create (at most 32, each key and value of the documented shape).
+pub fn labels(
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<crate::store::Labels, Status> {
+    if labels.len() > MAX_LABELS {
+        return Err(bad_field(
+            "INVALID_LABELS",
+            "labels",
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    for (key, value) in labels {
+        if !valid_label(key, value) {
+            return Err(bad_field(
+                "INVALID_LABELS",
+                "labels",
+                format!(
+                    "label {key:?} = {value:?}: keys and values are 1-63 characters [A-Za-z0-9_.-]"
+                ),
+            ));
+        }
+    }
+    Ok(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
 /// Adds `filter`'s terms to `query`.
 pub fn parse_filter(filter: &str, query: &mut ChangeQuery) -> Result<(), Status> {
     let filter = filter.trim();

@@ -9,7 +9,8 @@ mod list_filter;
 mod projects;
 pub mod redact;
 pub mod status;
-mod step_runner;
+mod step_run_wire;
+mod step_runs;
 
 /// Generated wire types and service stubs of `proto/runner/v1/runner.proto`.
 pub mod pb {
@@ -134,6 +135,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(ServerError::Reflection)?;
+    // Older tools (grpcurl before 1.8.8, some IDEs) ask v1alpha only.
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(ServerError::Reflection)?;
     let auth = auth::Auth { expected: token };
     let tasks = TaskTracker::new();
     let stop_runs = CancellationToken::new();
@@ -146,11 +153,12 @@ pub async fn run(
     let projects = projects::Projects {
         app: orchestrator.app().clone(),
     };
-    let step_runner = step_runner::StepRunner {
-        orchestrator: orchestrator.clone(),
-        tasks: tasks.clone(),
-        stop_runs: stop_runs.clone(),
-    };
+    let step_runner = step_runs::StepRunner::new(
+        orchestrator.clone(),
+        tasks.clone(),
+        stop_runs.clone(),
+        stop.clone(),
+    );
 
     let signal = {
         let stop = stop.clone();
@@ -162,6 +170,7 @@ pub async fn run(
     let served = builder
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection, auth.clone()))
+        .add_service(InterceptedService::new(reflection_alpha, auth.clone()))
         .add_service(InterceptedService::new(
             pb::project_service_server::ProjectServiceServer::new(projects),
             auth.clone(),
@@ -258,6 +267,12 @@ async fn set_health(
     health
         .set_service_status(
             <pb::project_service_server::ProjectServiceServer<projects::Projects> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <pb::step_runner_service_server::StepRunnerServiceServer<step_runs::StepRunner> as tonic::server::NamedService>::NAME,
             status,
         )
         .await;

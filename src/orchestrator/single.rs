@@ -27,6 +27,8 @@ pub struct SingleStep {
 /// What the step left.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SingleStepOutcome {
+    /// Whether the step exited, hit its timeout or was cancelled.
+    pub ended: crate::executor::Ended,
     pub exit_code: i64,
     pub git_sha: String,
     pub image: String,
@@ -271,6 +273,7 @@ impl Orchestrator {
         drop(events);
         let _ = pipe.await;
         Ok(SingleStepOutcome {
+            ended: outcome.ended,
             exit_code: outcome.exit_code,
             git_sha: sha,
             image: image.image,

@@ -14,6 +14,7 @@ mod logs;
 mod projects;
 mod properties;
 mod requests;
+mod step_runs;
 mod transitions;
 mod web;
 
@@ -26,6 +27,7 @@ pub use logs::{rfc3339_ms, BatchEntry, Pruned};
 pub use projects::{Environment, Project};
 pub use properties::{PropertiesOwner, PropertiesVersion, PropertiesWrite, WrittenBy};
 pub use requests::{RequestClaim, ABANDONED_AFTER, REQUEST_ID_WINDOW};
+pub use step_runs::{NewStepRun, StepRunEnd, StepRunEvent, StepRunOutcome, StepRunRecord};
 pub use transitions::{Claim, ReapedChange, StepSettle, Transition, Verdict};
 pub use web::{WebChangeFilter, WrittenVersion};
 
