@@ -1229,3 +1229,65 @@ contract!(
         );
     }
 );
+
+contract!(step_runs, |store: Store| async move {
+    use runner::events::Phase;
+    use runner::store::{NewStepRun, StepRunEnd, StepRunOutcome};
+    let labels = [("batch".to_owned(), "b1".to_owned())]
+        .into_iter()
+        .collect();
+    let new = NewStepRun {
+        id: "run-1",
+        owner: "owner-a",
+        fingerprint: "f1",
+        git_remote: "https://git.example.com/a.git",
+        git_rev: "main",
+        action: "a",
+        labels: &labels,
+    };
+    let run = store.create_step_run(&new).await.unwrap().unwrap();
+    assert!(!run.ended);
+    assert_eq!(run.labels, labels);
+    // The id is taken: the existing run comes back.
+    let again = store.create_step_run(&new).await.unwrap().unwrap_err();
+    assert_eq!(again.fingerprint, "f1");
+    for n in 0..3 {
+        let stored = store
+            .append_step_run_event(
+                "run-1",
+                &Event::Phase {
+                    step_id: "s".into(),
+                    phase: Phase::RunStarted,
+                    message: format!("m{n}"),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(stored.seq, n + 1);
+    }
+    assert_eq!(store.step_run_last_seq("run-1").await.unwrap(), 3);
+    let after = store.step_run_events_after("run-1", 1, 10).await.unwrap();
+    assert_eq!(after.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3]);
+    store.request_step_run_cancel("run-1").await.unwrap();
+    assert!(store.step_run("run-1").await.unwrap().cancel_requested);
+    let end = StepRunEnd {
+        outcome: StepRunOutcome::Cancelled,
+        result: None,
+        error: Some((1, "CANCELLED".into(), "stopped".into())),
+        duration_ms: 1500,
+    };
+    assert!(store.end_step_run("run-1", &end).await.unwrap());
+    assert!(
+        !store.end_step_run("run-1", &end).await.unwrap(),
+        "ends once"
+    );
+    let ended = store.step_run("run-1").await.unwrap();
+    assert!(ended.ended);
+    assert_eq!(ended.outcome, Some(StepRunOutcome::Cancelled));
+    assert_eq!(ended.error, Some((1, "CANCELLED".into(), "stopped".into())));
+    assert_eq!(ended.duration_ms, Some(1500));
+    assert!(matches!(
+        store.step_run("nope").await.unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
+});

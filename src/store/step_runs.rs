@@ -2,8 +2,7 @@
 //! once (compare-and-set from `running`) with an outcome and either the step's result or the error that stopped
 //! the run. Kept after they end, so a caller that lost its connection reads and watches them again.
 
-use sqlx::Row;
-
+use super::db::{query, Row};
 use super::{now, Store, StoreError};
 use crate::events::Event;
 
@@ -90,8 +89,8 @@ pub struct StepRunEvent {
     pub event: Event,
 }
 
-fn record(row: &sqlx::sqlite::SqliteRow) -> StepRunRecord {
-    let code: Option<i32> = row.get("error_code");
+fn record(row: &Row) -> StepRunRecord {
+    let code: Option<i64> = row.get("error_code");
     StepRunRecord {
         id: row.get("id"),
         owner: row.get("owner"),
@@ -99,16 +98,17 @@ fn record(row: &sqlx::sqlite::SqliteRow) -> StepRunRecord {
         git_remote: row.get("git_remote"),
         git_rev: row.get("git_rev"),
         action: row.get("action"),
-        labels: serde_json::from_str(row.get::<&str, _>("labels")).unwrap_or_default(),
-        ended: row.get::<&str, _>("state") == "ended",
+        labels: serde_json::from_str(&row.get::<String, _>("labels")).unwrap_or_default(),
+        ended: row.get::<String, _>("state") == "ended",
         outcome: row
-            .get::<Option<&str>, _>("outcome")
+            .get::<Option<String>, _>("outcome")
+            .as_deref()
             .and_then(StepRunOutcome::parse),
         cancel_requested: row.get::<i64, _>("cancel_requested") != 0,
         result: row.get("result"),
         error: code.map(|code| {
             (
-                code,
+                code as i32,
                 row.get::<Option<String>, _>("error_reason")
                     .unwrap_or_default(),
                 row.get::<Option<String>, _>("error_message")
@@ -127,7 +127,7 @@ impl Store {
         &self,
         new: &NewStepRun<'_>,
     ) -> Result<Result<StepRunRecord, StepRunRecord>, StoreError> {
-        let inserted = sqlx::query(
+        let inserted = query(
             "INSERT INTO step_runs (id, owner, fingerprint, git_remote, git_rev, action, labels, state, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'running', $8) ON CONFLICT (id) DO NOTHING",
         )
@@ -147,7 +147,7 @@ impl Store {
     }
 
     pub async fn step_run(&self, id: &str) -> Result<StepRunRecord, StoreError> {
-        sqlx::query("SELECT * FROM step_runs WHERE id = $1")
+        query("SELECT * FROM step_runs WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
@@ -167,18 +167,18 @@ impl Store {
     ) -> Result<StepRunEvent, StoreError> {
         let mut tx = self.write_tx().await?;
         let seq: i64 =
-            sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 FROM step_run_events WHERE run_id = $1")
+            query("SELECT COALESCE(MAX(seq), 0) + 1 FROM step_run_events WHERE run_id = $1")
                 .bind(run_id)
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut tx)
                 .await?
                 .get(0);
         let at = now();
-        sqlx::query("INSERT INTO step_run_events (run_id, seq, at, event) VALUES ($1, $2, $3, $4)")
+        query("INSERT INTO step_run_events (run_id, seq, at, event) VALUES ($1, $2, $3, $4)")
             .bind(run_id)
             .bind(seq)
             .bind(&at)
             .bind(serde_json::to_string(event).unwrap_or_default())
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
         tx.commit().await?;
         Ok(StepRunEvent {
@@ -195,7 +195,7 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<StepRunEvent>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT seq, at, event FROM step_run_events WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(run_id)
@@ -209,7 +209,7 @@ impl Store {
                 Some(StepRunEvent {
                     seq: row.get(0),
                     at: row.get(1),
-                    event: serde_json::from_str(row.get::<&str, _>(2)).ok()?,
+                    event: serde_json::from_str(&row.get::<String, _>(2)).ok()?,
                 })
             })
             .collect())
@@ -217,7 +217,7 @@ impl Store {
 
     pub async fn step_run_last_seq(&self, run_id: &str) -> Result<i64, StoreError> {
         Ok(
-            sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM step_run_events WHERE run_id = $1")
+            query("SELECT COALESCE(MAX(seq), 0) FROM step_run_events WHERE run_id = $1")
                 .bind(run_id)
                 .fetch_one(&self.pool)
                 .await?
@@ -227,24 +227,24 @@ impl Store {
 
     /// Marks a running run as asked to stop.
     pub async fn request_step_run_cancel(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE step_runs SET cancel_requested = 1 WHERE id = $1 AND state = 'running'",
-        )
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        query("UPDATE step_runs SET cancel_requested = 1 WHERE id = $1 AND state = 'running'")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     /// Ends a running run, once: false if it had ended already.
     pub async fn end_step_run(&self, id: &str, end: &StepRunEnd) -> Result<bool, StoreError> {
         let (code, reason, message) = match &end.error {
-            Some((code, reason, message)) => {
-                (Some(*code), Some(reason.clone()), Some(message.clone()))
-            }
+            Some((code, reason, message)) => (
+                Some(*code as i64),
+                Some(reason.clone()),
+                Some(message.clone()),
+            ),
             None => (None, None, None),
         };
-        let done = sqlx::query(
+        let done = query(
             "UPDATE step_runs SET state = 'ended', outcome = $1, result = $2, error_code = $3, error_reason = $4, \
              error_message = $5, ended_at = $6, duration_ms = $7 WHERE id = $8 AND state = 'running'",
         )
