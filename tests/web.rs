@@ -349,3 +349,79 @@ fn bench_web_prints_render_time_beside_its_yardstick() {
         );
     }
 }
+
+#[test]
+fn json_logs_carry_the_change_and_step_ids_of_what_they_say() {
+    if !support::docker_available() {
+        return;
+    }
+    let demo = support::Demo::new();
+    let (grpc, http) = (web_support::free_port(), web_support::free_port());
+    let log = demo.home.path().join("json.log");
+    let mut server = demo
+        .command(&[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--log-format",
+            "json",
+        ])
+        .env_remove("RUNNER_LOG")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", http)).is_err()
+        || request(http, "GET", "/readyz", &[], "").status != 200
+    {
+        assert!(std::time::Instant::now() < deadline, "serve got ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let server_url = format!("http://127.0.0.1:{grpc}");
+    let mut args = vec!["--server", server_url.as_str()];
+    args.extend(support::create_args("dev", "fail", &[]));
+    let out = demo.run(&args);
+    assert!(!out.status.success(), "the fail action fails");
+    let id = demo.last_change();
+    let steps = demo.json(&["change", "show", &id])["steps"].clone();
+    let step_id = steps[0]["id"].as_str().unwrap().to_owned();
+    unsafe {
+        libc::kill(server.id() as i32, libc::SIGTERM);
+    }
+    server.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect();
+    let about_change: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["change_id"] == id.as_str())
+        .collect();
+    assert!(
+        about_change
+            .iter()
+            .any(|l| l["fields"]["state"] == "error" && l["fields"]["step_id"].is_null()),
+        "the change's end is logged with its id: {text}"
+    );
+    let about_step: Vec<&&serde_json::Value> = about_change
+        .iter()
+        .filter(|l| l["fields"]["step_id"] == step_id.as_str())
+        .collect();
+    assert!(
+        about_step.iter().any(|l| l["fields"]["state"] == "running")
+            && about_step.iter().any(|l| l["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("exit code 3")),
+        "the step's lines carry both ids: {text}"
+    );
+    // Every line that names a step names its change too.
+    for line in &lines {
+        if !line["fields"]["step_id"].is_null() {
+            assert!(!line["fields"]["change_id"].is_null(), "{line}");
+        }
+    }
+}

@@ -432,3 +432,46 @@ async fn a_property_diff_between_two_versions_shows_exactly_the_patched_paths() 
     screenshot(&client, "properties.png").await;
     client.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_changes_lists_badges_follow_a_change_live() {
+    if !support::docker_available() || !web_support::browser_available() {
+        return;
+    }
+    let server = Server::start(Some(TOKEN));
+    let driver = Driver::start();
+    let id = server.create("dev", "sleep");
+    let client = logged_in(&driver, &server, "/changes", 1280).await;
+    client
+        .execute("window.notReloaded = true;", vec![])
+        .await
+        .unwrap();
+    let badge = format!("tr[data-change='{id}'] .badge");
+    until(
+        "the badge to say running",
+        Duration::from_secs(120),
+        || async { attr(&client, &badge, "data-state").await.as_deref() == Some("running") },
+    )
+    .await;
+    // Cancelled elsewhere (the API), seen here without a reload.
+    let url = format!("http://127.0.0.1:{}", server.grpc);
+    server
+        .demo
+        .ok(&["--server", &url, "--token", TOKEN, "change", "cancel", &id]);
+    until(
+        "the badge to say cancelled",
+        Duration::from_secs(40),
+        || async { attr(&client, &badge, "data-state").await.as_deref() == Some("cancelled") },
+    )
+    .await;
+    assert!(
+        text(&client, &badge).await.contains("cancelled"),
+        "the word, not only a colour"
+    );
+    let kept = client
+        .execute("return window.notReloaded === true;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(kept, serde_json::json!(true), "the page was reloaded");
+    client.close().await.unwrap();
+}

@@ -385,8 +385,10 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing(json: bool) {
+    // JSON logs are for a log pipeline: what the server's changes do (info) is what it is there to collect.
+    let default = if json { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -819,7 +821,16 @@ async fn serve(
         ),
         None => None,
     };
-    eprintln!("serving the runner API on {}", args.listen);
+    // With JSON logs every stderr line is a JSON object: the announcements go through the log too.
+    let json = args.log_format == "json";
+    let announce = move |message: String| {
+        if json {
+            tracing::info!("{message}");
+        } else {
+            eprintln!("{message}");
+        }
+    };
+    announce(format!("serving the runner API on {}", args.listen));
     let signals = crate::daemon::shutdown::signals().map_err(|source| Error::Home {
         path: "signal handlers".into(),
         source,
@@ -830,16 +841,16 @@ async fn serve(
         let stopping = stopping.clone();
         async move {
             let signal = signals.await;
-            eprintln!(
+            announce(format!(
                 "{signal}: no new changes; running changes get {} to finish, then are cancelled",
                 crate::actions::format_duration(grace)
-            );
+            ));
             stopping.cancel();
         }
     };
     let web = http.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
-            eprintln!("serving the web view on http://{addr}/");
+            announce(format!("serving the web view on http://{addr}/"));
         }
         let stopping = stopping.clone();
         tokio::spawn(crate::web::run(
@@ -849,9 +860,17 @@ async fn serve(
             async move { stopping.cancelled().await },
         ))
     });
+    // Until the API has stopped: changes that finish during the grace period are logged too.
+    let log_stop = tokio_util::sync::CancellationToken::new();
+    let event_log = tokio::spawn(crate::daemon::event_log::log_events(
+        orchestrator.clone(),
+        log_stop.clone(),
+    ));
     let served = crate::grpc::run(listener, orchestrator, config, shutdown).await;
-    // The web view stops with the API (a failed API stops it too).
+    // The web view and the event log stop with the API (a failed API stops them too).
     stopping.cancel();
+    log_stop.cancel();
+    let _ = event_log.await;
     let web = match web {
         Some(task) => match task.await {
             Ok(result) => result.map_err(|e| crate::error::error_text(&e)),

@@ -49,6 +49,9 @@ function liveLog(log) {
   });
 }
 
+// The same symbols as the server's badges (src/web/layout.rs), so a state reads without colour.
+const SYMBOLS = { success: "✔", error: "✘", cancelled: "⊘", aborted: "⊘", running: "▶", queued: "…" };
+
 // The changes list: badges of unfinished changes follow their state.
 function liveBadges(table) {
   const source = new EventSource(table.dataset.events);
@@ -57,6 +60,7 @@ function liveBadges(table) {
     const cell = document.querySelector('[data-change="' + data.id + '"] .badge');
     if (cell) {
       cell.dataset.state = data.state;
+      cell.firstElementChild.textContent = (SYMBOLS[data.state] || "○") + " ";
       cell.lastChild.textContent = data.state;
     }
   });
