@@ -349,6 +349,26 @@ mod tests {
         }
         .into();
         assert_eq!(status(&no_remote).code(), Code::FailedPrecondition);
+        // A local remote that cannot be read is not transient: standard retry policies must not retry it.
+        let unreadable: Error = SnapshotError::Fetch {
+            remote: "/srv/git/missing.git".into(),
+            transport: Transport::Local,
+            problem: Box::new(FetchProblem::Network {
+                message: "failed to resolve path".into(),
+            }),
+        }
+        .into();
+        assert_eq!(status(&unreadable).code(), Code::FailedPrecondition);
+        assert_eq!(reason(&status(&unreadable)), "REMOTE_NOT_READABLE");
+        let away: Error = SnapshotError::Fetch {
+            remote: "https://git.example.com/a.git".into(),
+            transport: Transport::Https,
+            problem: Box::new(FetchProblem::Network {
+                message: "connection refused".into(),
+            }),
+        }
+        .into();
+        assert_eq!(status(&away).code(), Code::Unavailable);
         let done = Error::NotRetryable {
             id: "c".into(),
             state: "success".into(),
