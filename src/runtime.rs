@@ -81,6 +81,16 @@ pub async fn local(app: App) -> Result<Orchestrator> {
 /// change was created for).
 pub async fn local_as(app: App, owner: Option<String>) -> Result<Orchestrator> {
     let settings = settings()?;
+    let budget = crate::cache::budget::parse(
+        std::env::var(crate::cache::budget::VARIABLE)
+            .ok()
+            .as_deref(),
+    )
+    .map_err(|_| Error::InvalidArgument {
+        what: crate::cache::budget::VARIABLE,
+        value: std::env::var(crate::cache::budget::VARIABLE).unwrap_or_default(),
+        expected: "give a size such as 20GiB, 500MiB or 10G",
+    })?;
     let mut orchestrator = assemble(app, docker::connect().await?, settings)?;
     if let Some(owner) = owner {
         orchestrator = orchestrator.with_owner(owner);
@@ -93,6 +103,22 @@ pub async fn local_as(app: App, owner: Option<String>) -> Result<Orchestrator> {
             removed = reaped.containers,
             "start-up clean-up: ended the changes of runners that died and removed what they left"
         );
+    }
+    if let Some(budget) = budget {
+        // Over its budget, the cache gives up its least recently written files no unfinished change uses.
+        let app = orchestrator.app();
+        let used = crate::cache::prune::in_use(&app.store).await?;
+        match crate::cache::budget::prune_to_budget(&app.home, &used, budget) {
+            Ok(pruned) if !pruned.is_empty() => tracing::info!(
+                removed = pruned.len(),
+                bytes = pruned.iter().map(|p| p.bytes).sum::<u64>(),
+                budget,
+                "the cache was over its budget ({})",
+                crate::cache::budget::VARIABLE
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning the cache to its budget failed"),
+        }
     }
     if let Some(retention) = orchestrator.settings().logs.retention {
         crate::logs::retention::prune_older_than(&orchestrator.app().store, retention).await?;

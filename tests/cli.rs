@@ -544,3 +544,33 @@ fn concurrent_patches_from_two_processes_lose_nothing(r: Runner) {
         (1..=(2 * per_process as i64 + 1)).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_cache_budget_that_is_not_a_size_is_refused_before_anything_runs() {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args([
+            "change",
+            "create",
+            "--project",
+            "p",
+            "--environment",
+            "e",
+            "--git-rev",
+            "main",
+            "--action",
+            "a",
+        ])
+        .env("RUNNER_HOME", home.path())
+        .env("RUNNER_CACHE_BUDGET", "lots")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("RUNNER_CACHE_BUDGET")
+            && stderr.contains("lots")
+            && stderr.contains("20GiB"),
+        "{stderr}"
+    );
+}

@@ -1,8 +1,9 @@
 //! `$RUNNER_HOME/cache`: the files steps are built from, kept between changes so unchanged inputs cost nothing —
 //! `repo-tars/<sha>.tar` (the repository at a commit), `repo-trees/<sha>/` (the same, unpacked, for service builds)
 //! and `contexts/<key>/` (one step image's build context). [`files`] is the discipline every writer follows;
-//! [`prune`] removes what no unfinished change uses.
+//! [`prune`] removes what no unfinished change uses; [`budget`] does so by itself when the cache outgrows its size budget.
 
+pub mod budget;
 pub mod files;
 pub mod prune;
 

@@ -83,13 +83,21 @@ pub async fn in_use(store: &crate::store::Store) -> Result<InUse, crate::store::
     Ok(used)
 }
 
-/// Prunes the cache files under `home` (see [`super`] for the layout).
-pub fn prune_files(
-    home: &Path,
-    used: &InUse,
-    options: &PruneOptions,
-) -> Result<Vec<Pruned>, PruneError> {
-    let mut pruned = vec![];
+/// One cached file or tree, as [`entries`] finds it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// `repo-tar`, `repo-tree` or `context`.
+    pub kind: &'static str,
+    pub path: PathBuf,
+    pub modified: Option<SystemTime>,
+    pub bytes: u64,
+    /// An unfinished change uses it: never pruned.
+    pub in_use: bool,
+}
+
+/// Every cached file and tree under `home` (see [`super`] for the layout), temporaries and locks left out.
+pub fn entries(home: &Path, used: &InUse) -> Result<Vec<Entry>, PruneError> {
+    let mut found = vec![];
     let used_keys: BTreeSet<&str> = used
         .images
         .iter()
@@ -109,10 +117,6 @@ pub fn prune_files(
             Some(name.to_owned())
         }),
     ] {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| PruneError::Io { path, source }
-        };
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -128,27 +132,55 @@ pub fn prune_files(
             let Some(id) = name_of(&file_name) else {
                 continue;
             };
-            let kept = match kind {
+            let in_use = match kind {
                 "context" => used_keys.contains(id.as_str()),
                 _ => used.shas.contains(&id),
             };
             let meta = std::fs::symlink_metadata(&path).map_err(io(&path))?;
-            if kept || !old_enough(meta.modified().ok(), options.older_than) {
-                continue;
-            }
-            let Some(_lock) = files::try_lock(&path).map_err(io(&path))? else {
-                continue; // being built right now
-            };
-            let bytes = size_of(&path);
-            if !options.dry_run {
-                files::remove_all(&path).map_err(io(&path))?;
-            }
-            pruned.push(Pruned {
-                kind: kind.to_owned(),
-                what: path.display().to_string(),
-                bytes,
+            found.push(Entry {
+                kind,
+                modified: meta.modified().ok(),
+                bytes: size_of(&path),
+                path,
+                in_use,
             });
         }
+    }
+    Ok(found)
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PruneError {
+    let path = path.to_owned();
+    move |source| PruneError::Io { path, source }
+}
+
+/// Removes `entry` under its lock (unless `dry_run`); `None` when it is being built right now and stays.
+pub fn remove(entry: &Entry, dry_run: bool) -> Result<Option<Pruned>, PruneError> {
+    let Some(_lock) = files::try_lock(&entry.path).map_err(io(&entry.path))? else {
+        return Ok(None);
+    };
+    if !dry_run {
+        files::remove_all(&entry.path).map_err(io(&entry.path))?;
+    }
+    Ok(Some(Pruned {
+        kind: entry.kind.to_owned(),
+        what: entry.path.display().to_string(),
+        bytes: entry.bytes,
+    }))
+}
+
+/// Prunes the cache files under `home` that no unfinished change uses and that are old enough.
+pub fn prune_files(
+    home: &Path,
+    used: &InUse,
+    options: &PruneOptions,
+) -> Result<Vec<Pruned>, PruneError> {
+    let mut pruned = vec![];
+    for entry in entries(home, used)? {
+        if entry.in_use || !old_enough(entry.modified, options.older_than) {
+            continue;
+        }
+        pruned.extend(remove(&entry, options.dry_run)?);
     }
     Ok(pruned)
 }
