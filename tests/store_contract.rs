@@ -1291,3 +1291,39 @@ contract!(step_runs, |store: Store| async move {
         StoreError::NotFound { .. }
     ));
 });
+
+contract!(
+    leases_expire_by_the_database_clock,
+    |store: Store| async move {
+        let before = store.clock_ms().await.unwrap();
+        let local = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        // The database here runs on this machine: its clock and ours agree to within a few seconds.
+        assert!(
+            (before - local).abs() < 5_000,
+            "db {before} vs local {local}"
+        );
+        store
+            .renew_lease_for("w1", "h1", 1, std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        let after = store.clock_ms().await.unwrap();
+        assert!(after >= before);
+        let lease = store.leases().await.unwrap().pop().unwrap();
+        assert!(
+            lease.expires_at >= before + 30_000 && lease.expires_at <= after + 30_000,
+            "{lease:?} not 30 s after [{before}, {after}]"
+        );
+        // Renewal moves the expiry; a zero time-to-live has run out by the database's next reading.
+        store
+            .renew_lease_for("w1", "h2", 2, std::time::Duration::ZERO)
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let lease = store.leases().await.unwrap().pop().unwrap();
+        assert_eq!((lease.host.as_str(), lease.pid), ("h2", 2));
+        assert!(lease.expires_at < store.clock_ms().await.unwrap());
+    }
+);

@@ -683,14 +683,12 @@ async fn build_image(home: &Path, which: OfflineImage) -> Result<()> {
                 owner: uuid::Uuid::new_v4().to_string(),
                 store: app.store.id().to_owned(),
             };
-            let lease_expires = crate::orchestrator::lease::now_ms()
-                + crate::orchestrator::lease::LEASE_TTL.as_millis() as i64 * 10;
             app.store
-                .renew_lease(
+                .renew_lease_for(
                     &owner.owner,
                     &crate::orchestrator::lease::hostname(),
                     std::process::id(),
-                    lease_expires,
+                    crate::orchestrator::lease::LEASE_TTL * 10,
                 )
                 .await?;
             let request = crate::image::layered::LayeredRequest {

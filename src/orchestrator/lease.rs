@@ -62,11 +62,10 @@ impl Orchestrator {
     /// Takes (or renews) the lease of this orchestrator's owner on behalf of process `pid` — the process that
     /// answers for its changes until that process renews the lease itself.
     pub async fn take_lease_for(&self, pid: u32) -> Result<()> {
-        let expires = now_ms() + LEASE_TTL.as_millis() as i64;
         Ok(self
             .app
             .store
-            .renew_lease(&self.owner, &hostname(), pid, expires)
+            .renew_lease_for(&self.owner, &hostname(), pid, LEASE_TTL)
             .await?)
     }
 
@@ -74,9 +73,9 @@ impl Orchestrator {
     pub async fn hold_lease(&self, stop: CancellationToken) -> Result<tokio::task::JoinHandle<()>> {
         let store = self.app.store.clone();
         let (owner, host, pid) = (self.owner.clone(), hostname(), std::process::id());
+        // Expiry by the store's clock: every host judges leases by that one clock.
         let renew = move |store: crate::store::Store, owner: String, host: String| async move {
-            let expires = now_ms() + LEASE_TTL.as_millis() as i64;
-            store.renew_lease(&owner, &host, pid, expires).await
+            store.renew_lease_for(&owner, &host, pid, LEASE_TTL).await
         };
         renew(store.clone(), owner.clone(), host.clone()).await?;
         Ok(tokio::spawn(async move {

@@ -21,7 +21,8 @@ pub struct Reaped {
 
 /// Ends every unfinished change whose owner is dead (all but `this_owner`'s), with a reason and events.
 pub async fn reap_changes(store: &Store, this_owner: Option<&str>) -> Result<Vec<ReapedChange>> {
-    let (host, now) = (lease::hostname(), lease::now_ms());
+    // Expiries are judged by the store's clock, which set them.
+    let (host, now) = (lease::hostname(), store.clock_ms().await?);
     Ok(store
         .reap_changes(|change, steps, leases| {
             let owner = change.owner.as_deref().unwrap_or("none");
@@ -129,7 +130,7 @@ impl Orchestrator {
         let mut left_overs = self.executor.left_overs().await?;
         // Leases are read after listing: an owner alive when its container was listed still holds its lease now.
         let leases = store.leases().await?;
-        let (host, now) = (lease::hostname(), lease::now_ms());
+        let (host, now) = (lease::hostname(), store.clock_ms().await?);
         let dead =
             |owner: &str| owner != self.owner && lease::owner_is_dead(owner, &leases, &host, now);
         // Containers first: a network or volume in use cannot go.

@@ -311,6 +311,37 @@ impl Store {
         Ok(())
     }
 
+    /// Takes or renews `owner`'s lease for `ttl` from now by the database's clock (see [`Store::clock_ms`]).
+    pub async fn renew_lease_for(
+        &self,
+        owner: &str,
+        host: &str,
+        pid: u32,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let now = self.backend().now_ms_sql();
+        query(format!(
+            "INSERT INTO leases (owner, host, pid, expires_at) VALUES (?, ?, ?, {now} + ?) \
+             ON CONFLICT (owner) DO UPDATE SET host = excluded.host, pid = excluded.pid, expires_at = excluded.expires_at"
+        ))
+        .bind(owner)
+        .bind(host)
+        .bind(pid as i64)
+        .bind(ttl.as_millis() as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The database's clock in Unix milliseconds: what lease expiries are compared with, so hosts whose clocks
+    /// disagree still agree on which leases ran out.
+    pub async fn clock_ms(&self) -> Result<i64, StoreError> {
+        Ok(query(format!("SELECT {}", self.backend().now_ms_sql()))
+            .fetch_one(&self.pool)
+            .await?
+            .get(0))
+    }
+
     pub async fn drop_lease(&self, owner: &str) -> Result<(), StoreError> {
         query("DELETE FROM leases WHERE owner = ?")
             .bind(owner)

@@ -38,6 +38,17 @@ pub(crate) enum Tx {
 /// transaction (the per-environment rule, event numbers, property versions) sees no concurrent writer.
 const PG_WRITER_LOCK: i64 = 0x7275_6e6e_6572; // "runner"
 
+impl Backend {
+    /// The database's clock, in Unix milliseconds, as an SQL expression: leases are judged by one clock, the
+    /// store's, whatever the clocks of the hosts that hold them say.
+    pub(crate) fn now_ms_sql(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+}
+
 impl Pool {
     pub(crate) fn backend(&self) -> Backend {
         match self {

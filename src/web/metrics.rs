@@ -147,7 +147,7 @@ impl Metrics {
         }
         self.running_containers
             .set(store.running_containers().await?);
-        let now = crate::orchestrator::lease::now_ms();
+        let now = store.clock_ms().await?;
         let live = store
             .leases()
             .await?
