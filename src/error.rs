@@ -135,6 +135,7 @@ impl Error {
             Error::Store(StoreError::Open { .. } | StoreError::Connect { .. }) => Unavailable,
             Error::Store(StoreError::BadUrl { .. }) => InvalidInput,
             Error::Store(StoreError::TooLarge { .. }) => InvalidInput,
+            Error::Store(StoreError::InUse { .. }) => Conflict,
             Error::Store(_) => Internal,
             Error::Secret(SecretError::NotFound { .. }) => NotFound,
             Error::Secret(SecretError::Io { .. } | SecretError::Corrupt { .. }) => Internal,

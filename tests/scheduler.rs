@@ -1356,3 +1356,191 @@ async fn a_container_step_run_survives_its_callers_disconnect() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn cancel_answers_the_change_as_it_will_end() {
+    let server = start(vec![(
+        "slow",
+        Script {
+            delay: Duration::from_secs(30),
+            ..Default::default()
+        },
+    )])
+    .await;
+    let change = server.create(create_request("slow", "")).await.unwrap();
+    // Wait until it runs.
+    let mut stream = server
+        .changes()
+        .watch_change(pb::WatchChangeRequest {
+            id: change.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(event) = stream.message().await.unwrap() {
+        if matches!(&event.event, Some(pb::change_event::Event::StepState(s)) if s.state == "running")
+        {
+            break;
+        }
+    }
+    let cancelled = server
+        .changes()
+        .cancel_change(pb::CancelChangeRequest {
+            id: change.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        ["cancelling", "cancelled"].contains(&cancelled.state.as_str()),
+        "not the pre-cancel snapshot: {cancelled:?}"
+    );
+    assert_eq!(server.wait_finished(&change.id).await.state, "cancelled");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn projects_and_environments_get_update_by_mask_and_delete_when_unused() {
+    let server = start(vec![]).await;
+    let mut projects = server.projects();
+    let demo = projects
+        .get_project(pb::GetProjectRequest {
+            project: "demo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(demo.name, "Demo");
+    let mask = |paths: &[&str]| {
+        Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        })
+    };
+    let renamed = projects
+        .update_project(pb::UpdateProjectRequest {
+            project: Some(pb::Project {
+                code: "demo".into(),
+                name: "Demo app".into(),
+                git_remote: "ignored: not in the mask".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["name"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renamed.name, "Demo app");
+    assert_eq!(
+        renamed.git_remote, demo.git_remote,
+        "only the masked field changed"
+    );
+    assert_error(
+        projects
+            .update_project(pb::UpdateProjectRequest {
+                project: Some(demo.clone()),
+                update_mask: mask(&["created_at"]),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_UPDATE_MASK",
+    );
+    assert_error(
+        projects
+            .update_project(pb::UpdateProjectRequest {
+                project: Some(demo.clone()),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "FIELD_REQUIRED",
+    );
+    let env = projects
+        .update_environment(pb::UpdateEnvironmentRequest {
+            environment: Some(pb::Environment {
+                project: "demo".into(),
+                code: "prod".into(),
+                name: "Production".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["name"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(env.name, "Production");
+    let get_env = |code: &str| pb::GetEnvironmentRequest {
+        project: "demo".into(),
+        environment: code.into(),
+    };
+    assert_eq!(
+        projects
+            .get_environment(get_env("prod"))
+            .await
+            .unwrap()
+            .into_inner(),
+        env
+    );
+    // dev has a change: its history is kept, so dev stays.
+    let change = server.create(create_request("deploy", "")).await.unwrap();
+    server.wait_finished(&change.id).await;
+    let delete_env = |code: &str| pb::DeleteEnvironmentRequest {
+        project: "demo".into(),
+        environment: code.into(),
+        ..Default::default()
+    };
+    let status = assert_error(
+        projects.delete_environment(delete_env("dev")).await,
+        Code::FailedPrecondition,
+        "ENVIRONMENT_IN_USE",
+    );
+    assert!(status.get_error_details().precondition_failure().is_some());
+    projects
+        .delete_environment(delete_env("prod"))
+        .await
+        .unwrap();
+    assert_error(
+        projects.get_environment(get_env("prod")).await,
+        Code::NotFound,
+        "ENVIRONMENT_NOT_FOUND",
+    );
+    assert_error(
+        projects
+            .delete_project(pb::DeleteProjectRequest {
+                project: "demo".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "PROJECT_IN_USE",
+    );
+    projects
+        .create_project(pb::CreateProjectRequest {
+            code: "empty".into(),
+            name: "Empty".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    projects
+        .delete_project(pb::DeleteProjectRequest {
+            project: "empty".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_error(
+        projects
+            .get_project(pb::GetProjectRequest {
+                project: "empty".into(),
+            })
+            .await,
+        Code::NotFound,
+        "PROJECT_NOT_FOUND",
+    );
+    server.stop().await;
+}

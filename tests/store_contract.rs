@@ -1327,3 +1327,43 @@ contract!(
         assert!(lease.expires_at < store.clock_ms().await.unwrap());
     }
 );
+
+contract!(project_admin, |store: Store| async move {
+    project_env(&store).await;
+    assert_eq!(
+        store.rename_project("demo", "Renamed").await.unwrap().name,
+        "Renamed"
+    );
+    assert_eq!(
+        store
+            .rename_environment("demo", "dev", "Development")
+            .await
+            .unwrap()
+            .name,
+        "Development"
+    );
+    assert!(matches!(
+        store.delete_project("demo").await.unwrap_err(),
+        StoreError::InUse { .. }
+    ));
+    new_change(&store, "c1", "owner").await;
+    assert!(matches!(
+        store.delete_environment("demo", "dev").await.unwrap_err(),
+        StoreError::InUse { .. }
+    ));
+    store
+        .create_environment("demo", "tmp", "Tmp")
+        .await
+        .unwrap();
+    store.delete_environment("demo", "tmp").await.unwrap();
+    assert!(matches!(
+        store.environment("demo", "tmp").await.unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
+    store.create_project("gone", "Gone", None).await.unwrap();
+    store.delete_project("gone").await.unwrap();
+    assert!(matches!(
+        store.project("gone").await.unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
+});

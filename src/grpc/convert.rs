@@ -45,7 +45,12 @@ pub fn change(c: Change) -> pb::Change {
         action: c.action,
         git_rev: c.git_rev,
         git_sha: c.git_sha,
-        state: c.state.to_string(),
+        // A cancel that was asked for and has not landed yet: the change will end cancelled.
+        state: if c.cancel_requested && !c.state.is_final() {
+            "cancelling".to_owned()
+        } else {
+            c.state.to_string()
+        },
         reason: c.reason.unwrap_or_default(),
         created_at: c.created_at,
         started_at: c.started_at.unwrap_or_default(),
@@ -202,11 +207,14 @@ pub fn change_from(c: pb::Change) -> Change {
         action: c.action,
         git_rev: c.git_rev,
         git_sha: c.git_sha,
-        state: crate::events::ChangeState::parse(&c.state)
-            .unwrap_or(crate::events::ChangeState::Error),
+        state: match c.state.as_str() {
+            "cancelling" => crate::events::ChangeState::Running,
+            state => crate::events::ChangeState::parse(state)
+                .unwrap_or(crate::events::ChangeState::Error),
+        },
         reason: some(c.reason),
         owner: None,
-        cancel_requested: false,
+        cancel_requested: c.state == "cancelling",
         created_at: c.created_at,
         started_at: some(c.started_at),
         finished_at: some(c.finished_at),

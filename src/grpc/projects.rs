@@ -120,6 +120,58 @@ impl pb::project_service_server::ProjectService for Projects {
         Ok(Response::new(environment))
     }
 
+    async fn get_project(
+        &self,
+        request: Request<pb::GetProjectRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
+        Ok(Response::new(
+            self.get_project_of(request.into_inner()).await?,
+        ))
+    }
+
+    async fn update_project(
+        &self,
+        request: Request<pb::UpdateProjectRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
+        Ok(Response::new(
+            self.update_project_of(request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_project(
+        &self,
+        request: Request<pb::DeleteProjectRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.delete_project_of(request.into_inner()).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn get_environment(
+        &self,
+        request: Request<pb::GetEnvironmentRequest>,
+    ) -> Result<Response<pb::Environment>, Status> {
+        Ok(Response::new(
+            self.get_environment_of(request.into_inner()).await?,
+        ))
+    }
+
+    async fn update_environment(
+        &self,
+        request: Request<pb::UpdateEnvironmentRequest>,
+    ) -> Result<Response<pb::Environment>, Status> {
+        Ok(Response::new(
+            self.update_environment_of(request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_environment(
+        &self,
+        request: Request<pb::DeleteEnvironmentRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.delete_environment_of(request.into_inner()).await?;
+        Ok(Response::new(()))
+    }
+
     async fn list_environments(
         &self,
         request: Request<pb::ListEnvironmentsRequest>,
@@ -240,5 +292,207 @@ impl pb::project_service_server::ProjectService for Projects {
         Ok(Response::new(pb::PropertiesHistoryResponse {
             versions: versions.into_iter().map(convert::properties).collect(),
         }))
+    }
+}
+
+fn mask_paths(
+    mask: Option<prost_types::FieldMask>,
+    allowed: &[&str],
+) -> Result<Vec<String>, Status> {
+    let paths = mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(super::status::required("update_mask"));
+    }
+    if let Some(bad) = paths.iter().find(|p| !allowed.contains(&p.as_str())) {
+        return Err(super::status::bad_field(
+            "INVALID_UPDATE_MASK",
+            "update_mask",
+            format!(
+                "update_mask path {bad:?} cannot be updated: use {}",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    Ok(paths)
+}
+
+/// Get, update (field mask) and delete of projects and environments.
+impl Projects {
+    pub async fn get_project_of(&self, r: pb::GetProjectRequest) -> Result<pb::Project, Status> {
+        if r.project.is_empty() {
+            return Err(super::status::required("project"));
+        }
+        Ok(convert::project(
+            self.app
+                .store
+                .project(&r.project)
+                .await
+                .map_err(Error::from)?,
+        ))
+    }
+
+    pub async fn update_project_of(
+        &self,
+        mut r: pb::UpdateProjectRequest,
+    ) -> Result<pb::Project, Status> {
+        let request_id = std::mem::take(&mut r.request_id);
+        let (project, _) =
+            idempotency::once(&self.app.store, "UpdateProject", request_id, &r, || async {
+                let given = r
+                    .project
+                    .clone()
+                    .ok_or_else(|| super::status::required("project"))?;
+                if given.code.is_empty() {
+                    return Err(super::status::required("project.code"));
+                }
+                let paths = mask_paths(
+                    r.update_mask.clone(),
+                    &["name", "git_remote", "git_credential"],
+                )?;
+                let current = self
+                    .app
+                    .store
+                    .project(&given.code)
+                    .await
+                    .map_err(Error::from)?;
+                if paths
+                    .iter()
+                    .any(|p| p == "git_remote" || p == "git_credential")
+                {
+                    let remote = if paths.iter().any(|p| p == "git_remote") {
+                        given.git_remote.clone()
+                    } else {
+                        current.git_remote.clone().unwrap_or_default()
+                    };
+                    let credential = if paths.iter().any(|p| p == "git_credential") {
+                        given.git_credential.clone()
+                    } else {
+                        current.git_credential.clone().unwrap_or_default()
+                    };
+                    let credential = (!credential.is_empty()).then_some(credential.as_str());
+                    self.app
+                        .set_git_remote(&given.code, &remote, credential)
+                        .await?;
+                }
+                if paths.iter().any(|p| p == "name") {
+                    if given.name.trim().is_empty() {
+                        return Err(super::status::required("project.name"));
+                    }
+                    self.app
+                        .store
+                        .rename_project(&given.code, &given.name)
+                        .await
+                        .map_err(Error::from)?;
+                }
+                Ok(convert::project(
+                    self.app
+                        .store
+                        .project(&given.code)
+                        .await
+                        .map_err(Error::from)?,
+                ))
+            })
+            .await?;
+        Ok(project)
+    }
+
+    pub async fn delete_project_of(&self, mut r: pb::DeleteProjectRequest) -> Result<(), Status> {
+        if r.project.is_empty() {
+            return Err(super::status::required("project"));
+        }
+        let request_id = std::mem::take(&mut r.request_id);
+        idempotency::once(&self.app.store, "DeleteProject", request_id, &r, || async {
+            self.app
+                .store
+                .delete_project(&r.project)
+                .await
+                .map_err(Error::from)?;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_environment_of(
+        &self,
+        r: pb::GetEnvironmentRequest,
+    ) -> Result<pb::Environment, Status> {
+        for (field, value) in [("project", &r.project), ("environment", &r.environment)] {
+            if value.is_empty() {
+                return Err(super::status::required(field));
+            }
+        }
+        Ok(convert::environment(
+            self.app
+                .store
+                .environment(&r.project, &r.environment)
+                .await
+                .map_err(Error::from)?,
+        ))
+    }
+
+    pub async fn update_environment_of(
+        &self,
+        mut r: pb::UpdateEnvironmentRequest,
+    ) -> Result<pb::Environment, Status> {
+        let request_id = std::mem::take(&mut r.request_id);
+        let (environment, _) = idempotency::once(
+            &self.app.store,
+            "UpdateEnvironment",
+            request_id,
+            &r,
+            || async {
+                let given = r
+                    .environment
+                    .clone()
+                    .ok_or_else(|| super::status::required("environment"))?;
+                if given.project.is_empty() || given.code.is_empty() {
+                    return Err(super::status::required(
+                        "environment.project and environment.code",
+                    ));
+                }
+                mask_paths(r.update_mask.clone(), &["name"])?;
+                if given.name.trim().is_empty() {
+                    return Err(super::status::required("environment.name"));
+                }
+                Ok(convert::environment(
+                    self.app
+                        .store
+                        .rename_environment(&given.project, &given.code, &given.name)
+                        .await
+                        .map_err(Error::from)?,
+                ))
+            },
+        )
+        .await?;
+        Ok(environment)
+    }
+
+    pub async fn delete_environment_of(
+        &self,
+        mut r: pb::DeleteEnvironmentRequest,
+    ) -> Result<(), Status> {
+        for (field, value) in [("project", &r.project), ("environment", &r.environment)] {
+            if value.is_empty() {
+                return Err(super::status::required(field));
+            }
+        }
+        let request_id = std::mem::take(&mut r.request_id);
+        idempotency::once(
+            &self.app.store,
+            "DeleteEnvironment",
+            request_id,
+            &r,
+            || async {
+                self.app
+                    .store
+                    .delete_environment(&r.project, &r.environment)
+                    .await
+                    .map_err(Error::from)?;
+                Ok(())
+            },
+        )
+        .await?;
+        Ok(())
     }
 }

@@ -125,6 +125,16 @@ fn describe(err: &Error) -> (String, String, Vec<(&'static str, String)>, ErrorD
             vec![("resource_type", (*what).to_owned()), ("name", code.clone())],
             none(),
         ),
+        Error::Store(StoreError::InUse { what, code, by }) => (
+            format!("{}_IN_USE", what.to_ascii_uppercase()),
+            error_text(err),
+            vec![("resource_type", (*what).to_owned()), ("name", code.clone())],
+            ErrorDetails::with_precondition_failure_violation(
+                "IN_USE",
+                code.clone(),
+                format!("still used by {by}"),
+            ),
+        ),
         Error::Store(StoreError::VersionConflict {
             owner,
             expected,

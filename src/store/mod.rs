@@ -11,6 +11,7 @@ mod changes;
 mod db;
 mod labels;
 mod logs;
+mod project_admin;
 mod projects;
 mod properties;
 mod requests;
@@ -63,6 +64,12 @@ pub enum StoreError {
         what: &'static str,
         code: String,
         hint: String,
+    },
+    #[error("{what} {code:?} is still used by {by}")]
+    InUse {
+        what: &'static str,
+        code: String,
+        by: String,
     },
     #[error("{what} {code:?} already exists")]
     AlreadyExists { what: &'static str, code: String },
