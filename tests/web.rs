@@ -425,3 +425,44 @@ fn json_logs_carry_the_change_and_step_ids_of_what_they_say() {
         }
     }
 }
+
+/// The text of the `<pre>` with this id.
+fn pre(body: &str, id: &str) -> String {
+    body.split(&format!("id=\"{id}\""))
+        .nth(1)
+        .and_then(|rest| rest.split("</pre>").next())
+        .unwrap_or_else(|| panic!("no #{id} in {body}"))
+        .to_owned()
+}
+
+#[test]
+fn the_step_page_shows_its_log_and_its_services_log_apart() {
+    if !support::docker_available() {
+        return;
+    }
+    let server = Server::start(Some(TOKEN));
+    let session = server.login();
+    let id = server.create("dev", "with_service");
+    let shown = server.wait_final(&id, Duration::from_secs(180));
+    assert_eq!(shown["change"]["state"], "success", "{shown}");
+    let step = shown["steps"][0]["id"].as_str().unwrap();
+    let page = request(
+        server.http,
+        "GET",
+        &format!("/steps/{step}"),
+        &[("Cookie", &session)],
+        "",
+    );
+    assert_eq!(page.status, 200);
+    let (log, services) = (pre(&page.body, "log"), pre(&page.body, "service-log"));
+    assert!(
+        log.contains("hello-from-web") && !log.contains("[service "),
+        "{log}"
+    );
+    assert!(
+        services.contains("[service web] web is starting"),
+        "{services}"
+    );
+    let image = shown["steps"][0]["image_id"].as_str().unwrap();
+    assert!(page.body.contains(image), "the image reference is shown");
+}
