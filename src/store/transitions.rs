@@ -2,6 +2,33 @@
 //! expects, so a change runs at most once, a cancelled change never starts, of two concurrent retries one wins,
 //! and a step's end, its patches and its children land in one transaction. The reaper's verdicts are applied in
 //! the transaction that reads the leases they were decided against.
+//!
+//! # States as persisted
+//!
+//! ```text
+//! change:  pending ──queue──▶ queued ──claim_environment──▶ running ──finish_change──▶ success | error | cancelled
+//!             ▲                  │ (cancel requested, or        │ (owner's lease ran out: reap_changes)
+//!             │                  ▼  owner dead: reaped)          ▼
+//!             └──reset_change── error | cancelled ◀──────────────┘
+//!
+//! step:    pending ──start_step──▶ running ──settle_step (leaf)──▶ success
+//!                                     │ └──settle_step (children recorded; runs until they end)
+//!                                     └──finish_step / reaper──▶ error | cancelled | aborted
+//! ```
+//!
+//! The rules the database itself holds, whichever process or host writes: at most one `running` change per
+//! environment (a partial unique index; claims are also made in creation order inside the writer transaction);
+//! every write to a change or its steps names the owner that must hold it (`owner = ?` in the same statement), so
+//! a runner whose change was reaped — its lease expired by the database's clock — writes nothing more; each
+//! change numbers its own events and log lines (`changes.last_seq`).
+//!
+//! What comes next fits as more states and more owners, not a redesign: a change or step that waits for a person
+//! (approval, a wait step's manual continue) or a time (a scheduled change) is one more non-final state between
+//! `queued`/`pending` and `running` that no owner holds, left by a compare-and-set like the others; a step taken
+//! by a worker of a fleet rather than by the change's own process is the same `start_step` guarded by the
+//! worker's lease instead of the change owner's; and the executor that runs a step's container (Docker today,
+//! Kubernetes later) is behind the orchestrator's `Executor` seam, so none of these transitions knows which one ran
+//! it.
 
 use super::db::{query, Tx};
 
