@@ -272,11 +272,18 @@ impl Drill {
         let server = format!("http://{listen}");
         let mut args = vec!["--server", server.as_str()];
         args.extend(create_args("slow"));
-        let mut follower = self.runner.start(&args, None)?;
+        let log = self
+            .home()
+            .join(format!("follower-{}.log", uuid::Uuid::new_v4().simple()));
+        let follower = self.runner.start_logged(&args, &log)?;
         serve.wait_for(reached, LIMIT).await?;
+        let served = serve.transcript();
         serve.kill9().await?;
         let followed = follower.finish(Duration::from_secs(30)).await;
-        let id = created_id(&follower.transcript());
+        let id = followed
+            .as_ref()
+            .ok()
+            .and_then(|f| created_id(&f.transcript));
         let mut problems = Vec::new();
         match followed {
             Ok(done) if done.success => {
@@ -291,7 +298,7 @@ impl Drill {
                 if !names_change || !done.transcript.contains("show-logs --follow") {
                     problems.push(format!(
                         "the follower whose server died ({}) did not say which change it followed and how to \
-                         re-attach:\n{}",
+                         re-attach:\n{}\n(the server had printed:\n{served})",
                         done.status, done.transcript
                     ));
                 }

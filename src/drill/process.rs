@@ -68,6 +68,31 @@ impl Runner {
         })
     }
 
+    /// Starts `runner ARGS` with its stdout and stderr going to the file `log` (read when it ends: nothing of its
+    /// output can be missed, whenever it exits).
+    pub fn start_logged(&self, args: &[&str], log: &Path) -> Result<Logged, DrillError> {
+        let failed = |detail: String| DrillError::Runner {
+            command: args.join(" "),
+            detail,
+        };
+        let file = std::fs::File::create(log)
+            .map_err(|e| failed(format!("cannot create {}: {e}", log.display())))?;
+        let mut cmd = self.command(args, None);
+        cmd.stdout(
+            file.try_clone()
+                .map_err(|e| failed(format!("{}: {e}", log.display())))?,
+        )
+        .stderr(file);
+        let child = cmd
+            .spawn()
+            .map_err(|e| failed(format!("cannot start {}: {e}", self.exe.display())))?;
+        Ok(Logged {
+            command: args.join(" "),
+            child,
+            log: log.to_owned(),
+        })
+    }
+
     /// Runs `runner ARGS` to its end (killed after `limit`).
     pub async fn run(&self, args: &[&str], limit: Duration) -> Result<Finished, DrillError> {
         let mut process = self.start(args, None)?;
@@ -91,6 +116,37 @@ async fn forward(
             t.push('\n');
         }
         let _ = tx.send(line);
+    }
+}
+
+/// A running `runner` process whose output goes to a file.
+pub struct Logged {
+    command: String,
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Logged {
+    /// Waits (at most `limit`) for it to end; kills it if it does not. Its output is the file's content.
+    pub async fn finish(mut self, limit: Duration) -> Result<Finished, DrillError> {
+        let waited = tokio::time::timeout(limit, self.child.wait()).await;
+        let transcript = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let failed = |detail: String| DrillError::Runner {
+            command: self.command.clone(),
+            detail: format!("{detail}; it printed:\n{transcript}"),
+        };
+        match waited {
+            Ok(Ok(status)) => Ok(Finished {
+                success: status.success(),
+                status,
+                transcript: transcript.clone(),
+            }),
+            Ok(Err(e)) => Err(failed(format!("waiting for it failed: {e}"))),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Err(failed(format!("it did not end within {limit:?} (killed)")))
+            }
+        }
     }
 }
 
