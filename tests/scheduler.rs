@@ -1544,3 +1544,55 @@ async fn projects_and_environments_get_update_by_mask_and_delete_when_unused() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn get_actions_returns_a_commits_action_tree() {
+    use pb::get_actions_request::Source;
+    let server = start(vec![]).await;
+    let ask = |source: Option<Source>| pb::GetActionsRequest {
+        source,
+        git_rev: "main".into(),
+    };
+    for source in [
+        Source::Project("demo".into()),
+        Source::GitRemote("https://git.example.com/app.git".into()),
+    ] {
+        let found = server
+            .changes()
+            .get_actions(ask(Some(source)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(found.git_sha, "sha-main");
+        assert_eq!(found.manifest_path, ".opschain/actions.json");
+        let names: Vec<&str> = found.actions.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["a", "deploy", "fail", "hang", "slow"]);
+        let deploy = &found.actions[1];
+        assert_eq!(deploy.steps, ["a"]);
+        assert!(!deploy.runs_command);
+        assert_eq!(deploy.run_as(), pb::ChildrenStrategy::Sequential);
+        assert_eq!(found.actions[3].timeout.unwrap().seconds, 1);
+    }
+    assert_error(
+        server.changes().get_actions(ask(None)).await,
+        Code::InvalidArgument,
+        "FIELD_REQUIRED",
+    );
+    assert_error(
+        server
+            .changes()
+            .get_actions(ask(Some(Source::Project("nope".into()))))
+            .await,
+        Code::NotFound,
+        "PROJECT_NOT_FOUND",
+    );
+    assert_error(
+        server
+            .changes()
+            .get_actions(ask(Some(Source::GitRemote("/srv/git/app.git".into()))))
+            .await,
+        Code::PermissionDenied,
+        "POLICY_REFUSED",
+    );
+    server.stop().await;
+}

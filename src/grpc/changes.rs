@@ -241,6 +241,44 @@ impl pb::change_service_server::ChangeService for Changes {
         Ok(Response::new(change))
     }
 
+    async fn get_actions(
+        &self,
+        request: Request<pb::GetActionsRequest>,
+    ) -> Result<Response<pb::GetActionsResponse>, Status> {
+        use pb::get_actions_request::Source;
+        let r = request.into_inner();
+        let (project, remote) = match &r.source {
+            Some(Source::Project(p)) if !p.is_empty() => (Some(p.as_str()), None),
+            Some(Source::GitRemote(g)) if !g.is_empty() => (None, Some(g.as_str())),
+            _ => return Err(required("project or git_remote")),
+        };
+        let found = self
+            .orchestrator
+            .commit_actions(project, remote, &r.git_rev)
+            .await?;
+        let actions = found
+            .manifest
+            .actions
+            .iter()
+            .map(|(name, action)| pb::Action {
+                name: name.clone(),
+                description: action.description.clone().unwrap_or_default(),
+                runs_command: action.run.is_some(),
+                steps: action.steps.clone(),
+                run_as: match action.run_as {
+                    crate::actions::RunAs::Sequential => pb::ChildrenStrategy::Sequential,
+                    crate::actions::RunAs::Parallel => pb::ChildrenStrategy::Parallel,
+                } as i32,
+                timeout: action.timeout.map(super::step_run_wire::duration),
+            })
+            .collect();
+        Ok(Response::new(pb::GetActionsResponse {
+            git_sha: found.git_sha,
+            manifest_path: found.path,
+            actions,
+        }))
+    }
+
     type WatchChangeStream = EventStream;
 
     async fn watch_change(

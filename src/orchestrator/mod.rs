@@ -22,7 +22,7 @@ mod tree;
 
 pub use reaper::{reap_changes, verdict, Reaped};
 pub use seams::{EventTx, ImageRequest, PreparedImage, ServiceImageRequest, Sources, StepImages};
-pub use single::{SingleStep, SingleStepOutcome};
+pub use single::{CommitActions, SingleStep, SingleStepOutcome};
 
 use serde_json::Value;
 use std::sync::Arc;

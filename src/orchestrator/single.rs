@@ -42,7 +42,65 @@ fn text<'a>(doc: &'a Value, pointer: &str, default: &'a str) -> &'a str {
         .unwrap_or(default)
 }
 
+/// The project a remote stands for when a scheduler names a repository without registering it: its mirror is
+/// keyed by the remote.
+fn remote_project(git_remote: &str) -> Project {
+    let key = {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(git_remote.as_bytes())[..6])
+    };
+    Project {
+        id: 0,
+        code: format!("remote-{key}"),
+        name: String::new(),
+        git_remote: Some(git_remote.to_owned()),
+        git_credential: None,
+        created_at: String::new(),
+    }
+}
+
+/// The actions of a repository at a commit.
+#[derive(Debug, Clone)]
+pub struct CommitActions {
+    pub git_sha: String,
+    /// Where the manifest was found (e.g. `.opschain/actions.json`).
+    pub path: String,
+    pub manifest: crate::actions::Manifest,
+}
+
 impl Orchestrator {
+    /// The action tree of a registered project (`project`) or, as RunStep may reach it, of a remote
+    /// (`git_remote`), at a revision resolved to its SHA.
+    pub async fn commit_actions(
+        &self,
+        project: Option<&str>,
+        git_remote: Option<&str>,
+        rev: &str,
+    ) -> Result<CommitActions> {
+        let project = match (project, git_remote) {
+            (Some(code), _) => self.app.store.project(code).await?,
+            (None, Some(remote)) => {
+                self.app.policy.require_run_step_remote(remote)?;
+                remote_project(remote)
+            }
+            (None, None) => {
+                return Err(Error::InvalidArgument {
+                    what: "project",
+                    value: String::new(),
+                    expected: "give a project or a git_remote",
+                })
+            }
+        };
+        let rev = if rev.is_empty() { "HEAD" } else { rev };
+        let git_sha = self.sources.resolve(&project, rev).await?;
+        let (manifest, path) = self.manifest(&project, &git_sha).await?;
+        Ok(CommitActions {
+            git_sha,
+            path,
+            manifest,
+        })
+    }
+
     /// What can be refused before anything is fetched: a remote or a secret `[run_step]` of the operator's
     /// policy does not allow. (The action's Docker access and services are checked once the manifest is read.)
     pub fn check_single_step(&self, request: &SingleStep) -> Result<()> {
@@ -90,19 +148,8 @@ impl Orchestrator {
         }
         self.check_single_step(request)?;
         let context = &request.step_context;
-        // The repository's mirror is keyed by its remote: schedulers need not register projects.
-        let key = {
-            use sha2::Digest;
-            hex::encode(&sha2::Sha256::digest(request.git_remote.as_bytes())[..6])
-        };
-        let project = Project {
-            id: 0,
-            code: format!("remote-{key}"),
-            name: text(context, "/context/project/name", "").to_owned(),
-            git_remote: Some(request.git_remote.clone()),
-            git_credential: None,
-            created_at: String::new(),
-        };
+        let mut project = remote_project(&request.git_remote);
+        project.name = text(context, "/context/project/name", "").to_owned();
         let environment = Environment {
             id: 0,
             project_code: project.code.clone(),
