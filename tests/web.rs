@@ -323,6 +323,14 @@ fn metrics_after_a_change_count_its_steps_images_and_states() {
             "runner_http_requests_total{route=\"/metrics\",method=\"GET\",status=\"401\"}"
         ) >= 1.0
     );
+    // The change was created over gRPC: one call to CreateChange (the CLI's `--server`).
+    assert_eq!(
+        sample(
+            &text,
+            "runner_grpc_calls_total{method=\"/runner.v1.ChangeService/CreateChange\"}"
+        ),
+        1.0
+    );
 }
 
 #[test]

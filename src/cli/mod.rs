@@ -783,9 +783,22 @@ async fn serve(
             message: crate::error::error_text(&other),
         },
     })?;
+    // One set of metrics: the web view serves them, the gRPC server counts its calls into them.
+    let metrics = args
+        .http
+        .map(|_| std::sync::Arc::new(crate::web::metrics::Metrics::new()));
+    let config = crate::grpc::ServerConfig {
+        calls: metrics.clone().map(|m| {
+            crate::grpc::calls::CallCounter(std::sync::Arc::new(move |method: &str| {
+                m.grpc_call(method)
+            }))
+        }),
+        ..config
+    };
     let web_config = crate::web::WebConfig {
         token: config.token.clone(),
         grace: args.grace,
+        metrics,
     };
     if let Some(http) = args.http {
         web_config.check(http).map_err(|e| match e {

@@ -2,6 +2,7 @@
 //! health and reflection. [`run`] is the whole server as a library function; tests start it on an ephemeral port.
 
 pub mod auth;
+pub mod calls;
 mod changes;
 pub mod convert;
 mod idempotency;
@@ -42,6 +43,8 @@ pub struct ServerConfig {
     pub reap_every: Duration,
     /// Serve TLS with this certificate and key (PEM) instead of plaintext.
     pub tls: Option<TlsIdentity>,
+    /// Told of every call, by method (`runner serve`'s `/metrics` counts them).
+    pub calls: Option<calls::CallCounter>,
 }
 
 /// A PEM certificate chain and its private key.
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             grace: Duration::from_secs(30),
             reap_every: Duration::from_secs(60),
             tls: None,
+            calls: None,
         }
     }
 }
@@ -168,6 +172,7 @@ pub async fn run(
         }
     };
     let served = builder
+        .layer(calls::CountLayer::new(config.calls.clone()))
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection, auth.clone()))
         .add_service(InterceptedService::new(reflection_alpha, auth.clone()))

@@ -26,6 +26,11 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: String,
     pub method: String,
@@ -44,6 +49,13 @@ pub struct Metrics {
     running_containers: Gauge,
     leases: Gauge,
     requests: Family<RequestLabels, Counter>,
+    grpc_calls: Family<MethodLabel, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics(…)")
+    }
 }
 
 impl Default for Metrics {
@@ -106,8 +118,15 @@ impl Metrics {
             "Requests to the web server, by route, method and status",
             requests.clone(),
         );
+        let grpc_calls = Family::<MethodLabel, Counter>::default();
+        registry.register(
+            "grpc_calls",
+            "Calls to the gRPC API, by method (`other` for a method the server does not have)",
+            grpc_calls.clone(),
+        );
         Metrics {
             registry,
+            grpc_calls,
             changes,
             steps_finished,
             step_duration,
@@ -159,6 +178,15 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String does not fail");
         Ok(text)
+    }
+
+    /// Counts one call to the gRPC API.
+    pub fn grpc_call(&self, method: &str) {
+        self.grpc_calls
+            .get_or_create(&MethodLabel {
+                method: method.to_owned(),
+            })
+            .inc();
     }
 
     /// Records a step that ended.

@@ -54,6 +54,8 @@ pub struct WebConfig {
     pub token: Option<String>,
     /// How long changes retried from the web may take to finish after shutdown before they are cancelled.
     pub grace: Duration,
+    /// The metrics to serve, when shared with the gRPC server (which counts its calls into them); else new ones.
+    pub metrics: Option<Arc<metrics::Metrics>>,
 }
 
 impl Default for WebConfig {
@@ -61,6 +63,7 @@ impl Default for WebConfig {
         WebConfig {
             token: None,
             grace: Duration::from_secs(30),
+            metrics: None,
         }
     }
 }
@@ -144,7 +147,10 @@ pub async fn run(
 ) -> Result<(), WebError> {
     let addr = listener.local_addr().map_err(WebError::Address)?;
     let token = config.check(addr)?;
-    let metrics = Arc::new(metrics::Metrics::new());
+    let metrics = config
+        .metrics
+        .clone()
+        .unwrap_or_else(|| Arc::new(metrics::Metrics::new()));
     let shared = Shared::new(orchestrator, token, metrics.clone());
     let observer = tokio::spawn(metrics::observe(
         metrics,
