@@ -284,7 +284,11 @@ async fn canary_secrets_are_absent_from_images_inspect_store_logs_and_the_api() 
         "{streamed}"
     );
     // Its reason (a malformed child list quoting the runner secret) is stored masked.
-    assert_eq!(detail.change.as_ref().unwrap().state, "error", "{detail:?}");
+    assert_eq!(
+        detail.change.as_ref().unwrap().state(),
+        pb::ChangeState::Error,
+        "{detail:?}"
+    );
     assert!(step.reason.contains("***"), "{}", step.reason);
 
     // RunStep of the same action: its stream and result.

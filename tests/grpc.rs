@@ -146,7 +146,7 @@ fn change_states(events: &[pb::ChangeEvent]) -> Vec<String> {
     events
         .iter()
         .filter_map(|e| match &e.event {
-            Some(E::ChangeState(s)) => Some(s.state.clone()),
+            Some(E::ChangeState(s)) => Some(s.state().as_str_name().to_owned()),
             _ => None,
         })
         .collect()
@@ -173,7 +173,12 @@ async fn create_watch_success_in_order_and_late_watchers_get_the_history() {
     );
     assert_eq!(
         change_states(&events),
-        ["pending", "queued", "running", "success"]
+        [
+            "CHANGE_STATE_PENDING",
+            "CHANGE_STATE_QUEUED",
+            "CHANGE_STATE_RUNNING",
+            "CHANGE_STATE_SUCCESS"
+        ]
     );
     assert!(events
         .iter()
@@ -181,17 +186,17 @@ async fn create_watch_success_in_order_and_late_watchers_get_the_history() {
     let step_states: Vec<(String, String)> = events
         .iter()
         .filter_map(|e| match &e.event {
-            Some(E::StepState(s)) => Some((s.action.clone(), s.state.clone())),
+            Some(E::StepState(s)) => Some((s.action.clone(), s.state().as_str_name().to_owned())),
             _ => None,
         })
         .collect();
     assert_eq!(
         step_states.first().unwrap(),
-        &("deploy".to_string(), "running".to_string())
+        &("deploy".to_string(), "STEP_STATE_RUNNING".to_string())
     );
     assert_eq!(
         step_states.last().unwrap(),
-        &("deploy".to_string(), "success".to_string())
+        &("deploy".to_string(), "STEP_STATE_SUCCESS".to_string())
     );
     // A watcher that connects after the end receives exactly the same history.
     let late = server.watch(&change.id).await;
@@ -204,7 +209,7 @@ async fn create_watch_success_in_order_and_late_watchers_get_the_history() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(detail.change.unwrap().state, "success");
+    assert_eq!(detail.change.unwrap().state(), pb::ChangeState::Success);
     assert_eq!(detail.steps.len(), 3);
     let list = server
         .changes()
@@ -259,7 +264,10 @@ async fn cancel_over_grpc_stops_a_running_change() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(change_states(&events).last().unwrap(), "cancelled");
+    assert_eq!(
+        change_states(&events).last().unwrap(),
+        "CHANGE_STATE_CANCELLED"
+    );
     server.stop().await;
 }
 

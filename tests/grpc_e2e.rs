@@ -76,7 +76,7 @@ async fn run_step_returns_the_step_result_of_a_real_container_run() {
         .any(|e| matches!(e, R::Log(l) if l.line == "released" && l.step_id == "external-step-1")));
     assert!(events
         .iter()
-        .any(|e| matches!(e, R::Phase(p) if p.phase == "run_finished")));
+        .any(|e| matches!(e, R::Phase(p) if p.phase() == pb::Phase::RunFinished)));
     // Patches are the caller's: nothing was stored for this repository.
     let store = runner::app::App::open(demo.home.path())
         .await

@@ -173,8 +173,14 @@ impl Server {
                 .await
                 .unwrap()
                 .into_inner();
-            let state = detail.change.as_ref().unwrap().state.clone();
-            if ["success", "error", "cancelled"].contains(&state.as_str()) {
+            let state = detail.change.as_ref().unwrap().state();
+            if [
+                pb::ChangeState::Success,
+                pb::ChangeState::Error,
+                pb::ChangeState::Cancelled,
+            ]
+            .contains(&state)
+            {
                 return detail;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -510,7 +516,7 @@ async fn a_granted_privileged_feature_runs() {
     .await;
     let change = s.create("dind").await.unwrap();
     let detail = s.finished(&change.id).await;
-    assert_eq!(detail.change.unwrap().state, "success");
+    assert_eq!(detail.change.unwrap().state(), pb::ChangeState::Success);
     assert_eq!(s.ran(), 1);
     s.stop().await;
 }
@@ -575,7 +581,10 @@ async fn a_secret_named_after_creation_fails_the_step_before_it_runs() {
         .unwrap();
     s.finished(&blocker.id).await;
     let detail = s.finished(&change.id).await;
-    assert_eq!(detail.change.as_ref().unwrap().state, "error");
+    assert_eq!(
+        detail.change.as_ref().unwrap().state(),
+        pb::ChangeState::Error
+    );
     let reason = &detail.steps[0].reason;
     assert!(reason.contains("secret \"db\""), "{reason}");
     assert!(!s.secrets_handed_out().contains(&DB_PASSWORD.to_owned()));
@@ -594,7 +603,10 @@ async fn a_step_patch_writing_runner_secrets_fails_the_step_and_applies_nothing(
     let before = s.versions().await;
     let change = s.create("deploy").await.unwrap();
     let detail = s.finished(&change.id).await;
-    assert_eq!(detail.change.as_ref().unwrap().state, "error");
+    assert_eq!(
+        detail.change.as_ref().unwrap().state(),
+        pb::ChangeState::Error
+    );
     let a = detail.steps.iter().find(|st| st.action == "a").unwrap();
     assert!(
         a.reason
@@ -669,7 +681,10 @@ async fn a_step_turning_properties_into_a_list_or_null_fails_and_applies_nothing
         let before = s.versions().await;
         let change = s.create("a").await.unwrap();
         let detail = s.finished(&change.id).await;
-        assert_eq!(detail.change.as_ref().unwrap().state, "error");
+        assert_eq!(
+            detail.change.as_ref().unwrap().state(),
+            pb::ChangeState::Error
+        );
         assert!(
             detail.steps[0]
                 .reason

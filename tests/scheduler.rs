@@ -218,7 +218,10 @@ async fn duplicate_create_change_with_one_request_id_makes_one_change() {
         .map(|c| c.id)
         .collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
-    assert_eq!(server.wait_finished(&first.id).await.state, "success");
+    assert_eq!(
+        server.wait_finished(&first.id).await.state(),
+        pb::ChangeState::Success
+    );
     server.stop().await;
 }
 
@@ -330,7 +333,10 @@ async fn a_retry_after_a_lost_response_makes_one_change() {
     let all = server.all_changes().await;
     assert_eq!(all.len(), 1, "one change: {all:?}");
     assert_eq!(all[0].id, retried.id);
-    assert_eq!(server.wait_finished(&retried.id).await.state, "success");
+    assert_eq!(
+        server.wait_finished(&retried.id).await.state(),
+        pb::ChangeState::Success
+    );
     server.stop().await;
 }
 
@@ -345,7 +351,10 @@ async fn retry_and_cancel_with_a_request_id_act_once() {
     )])
     .await;
     let change = server.create(create_request("deploy", "")).await.unwrap();
-    assert_eq!(server.wait_finished(&change.id).await.state, "error");
+    assert_eq!(
+        server.wait_finished(&change.id).await.state(),
+        pb::ChangeState::Error
+    );
     let retry = |id: &str| pb::RetryChangeRequest {
         id: id.into(),
         request_id: "retry-1".into(),
@@ -356,7 +365,10 @@ async fn retry_and_cancel_with_a_request_id_act_once() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(server.wait_finished(&change.id).await.state, "error");
+    assert_eq!(
+        server.wait_finished(&change.id).await.state(),
+        pb::ChangeState::Error
+    );
     // The same retry again answers the first result and does not run the change a third time.
     let again = server
         .changes()
@@ -373,7 +385,7 @@ async fn retry_and_cancel_with_a_request_id_act_once() {
         .await;
     let runs = events
         .iter()
-        .filter(|e| matches!(&e.event, Some(pb::change_event::Event::ChangeState(s)) if s.state == "running"))
+        .filter(|e| matches!(&e.event, Some(pb::change_event::Event::ChangeState(s)) if s.state() == pb::ChangeState::Running))
         .count();
     assert_eq!(runs, 2, "created once, retried once");
     server.stop().await;
@@ -383,7 +395,10 @@ async fn retry_and_cancel_with_a_request_id_act_once() {
 async fn retrying_a_succeeded_change_is_failed_precondition() {
     let server = start(vec![]).await;
     let change = server.create(create_request("deploy", "")).await.unwrap();
-    assert_eq!(server.wait_finished(&change.id).await.state, "success");
+    assert_eq!(
+        server.wait_finished(&change.id).await.state(),
+        pb::ChangeState::Success
+    );
     let status = assert_error(
         server
             .changes()
@@ -1379,7 +1394,7 @@ async fn cancel_answers_the_change_as_it_will_end() {
         .unwrap()
         .into_inner();
     while let Some(event) = stream.message().await.unwrap() {
-        if matches!(&event.event, Some(pb::change_event::Event::StepState(s)) if s.state == "running")
+        if matches!(&event.event, Some(pb::change_event::Event::StepState(s)) if s.state() == pb::StepState::Running)
         {
             break;
         }
@@ -1394,10 +1409,13 @@ async fn cancel_answers_the_change_as_it_will_end() {
         .unwrap()
         .into_inner();
     assert!(
-        ["cancelling", "cancelled"].contains(&cancelled.state.as_str()),
+        [pb::ChangeState::Cancelling, pb::ChangeState::Cancelled].contains(&cancelled.state()),
         "not the pre-cancel snapshot: {cancelled:?}"
     );
-    assert_eq!(server.wait_finished(&change.id).await.state, "cancelled");
+    assert_eq!(
+        server.wait_finished(&change.id).await.state(),
+        pb::ChangeState::Cancelled
+    );
     server.stop().await;
 }
 
@@ -1594,5 +1612,48 @@ async fn get_actions_returns_a_commits_action_tree() {
         Code::PermissionDenied,
         "POLICY_REFUSED",
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn states_are_enums_and_times_are_timestamps_that_round_trip() {
+    let server = start(vec![]).await;
+    let created = server.create(create_request("deploy", "")).await.unwrap();
+    assert_ne!(created.state(), pb::ChangeState::Unspecified, "{created:?}");
+    let create_time = created.create_time.expect("create_time is set");
+    assert!(create_time.seconds > 1_600_000_000, "{create_time:?}");
+    assert_eq!(
+        created.end_time, None,
+        "a change that has not ended has no end_time (absent, not empty)"
+    );
+    let done = server.wait_finished(&created.id).await;
+    assert_eq!(done.state(), pb::ChangeState::Success);
+    assert_eq!(
+        done.create_time,
+        Some(create_time),
+        "the same instant on every read"
+    );
+    let (start, end) = (done.start_time.unwrap(), done.end_time.unwrap());
+    let at = |t: &prost_types::Timestamp| (t.seconds, t.nanos);
+    assert!(
+        at(&create_time) <= at(&start) && at(&start) <= at(&end),
+        "{done:?}"
+    );
+    // The CLI's --server mode turns the Timestamp back into the text local mode shows, and back again unchanged.
+    let local = runner::grpc::convert::change_from(done.clone());
+    assert!(local.created_at.ends_with('Z'), "{}", local.created_at);
+    assert_eq!(runner::grpc::convert::change(local), done);
+    let (events, _) = server
+        .watch_to_end(pb::WatchChangeRequest {
+            id: created.id.clone(),
+            ..Default::default()
+        })
+        .await;
+    let last = events.last().unwrap();
+    assert!(
+        matches!(&last.event, Some(pb::change_event::Event::ChangeState(s)) if s.state() == pb::ChangeState::Success),
+        "{last:?}"
+    );
+    assert!(last.time.is_some(), "every event has its time: {last:?}");
     server.stop().await;
 }

@@ -1,7 +1,8 @@
 //! Conversions between the core's records and the wire messages.
 
 use super::pb;
-use crate::events::{Event, EventRecord};
+use crate::events::{BuildStatus, ChangeState, Event, EventRecord, Phase, StepState};
+use crate::executor::Stream;
 use crate::store::{Change, Environment, Project, PropertiesVersion, Step, WrittenBy};
 
 pub fn project(p: Project) -> pb::Project {
@@ -47,14 +48,14 @@ pub fn change(c: Change) -> pb::Change {
         git_sha: c.git_sha,
         // A cancel that was asked for and has not landed yet: the change will end cancelled.
         state: if c.cancel_requested && !c.state.is_final() {
-            "cancelling".to_owned()
+            pb::ChangeState::Cancelling as i32
         } else {
-            c.state.to_string()
+            change_state(c.state) as i32
         },
         reason: c.reason.unwrap_or_default(),
-        created_at: c.created_at,
-        started_at: c.started_at.unwrap_or_default(),
-        finished_at: c.finished_at.unwrap_or_default(),
+        create_time: timestamp(&c.created_at),
+        start_time: c.started_at.as_deref().and_then(timestamp),
+        end_time: c.finished_at.as_deref().and_then(timestamp),
         labels: Default::default(),
     }
 }
@@ -64,14 +65,14 @@ pub fn step(s: Step) -> pb::Step {
         id: s.id,
         parent_id: s.parent_id.unwrap_or_default(),
         action: s.action,
-        state: s.state.to_string(),
+        state: step_state(s.state) as i32,
         reason: s.reason.unwrap_or_default(),
         exit_code: s.exit_code,
         image: s.image_id.unwrap_or_default(),
         image_cached: s.image_cached.unwrap_or_default(),
         properties_json: s.properties.map(|p| p.to_string()).unwrap_or_default(),
-        started_at: s.started_at.unwrap_or_default(),
-        finished_at: s.finished_at.unwrap_or_default(),
+        start_time: s.started_at.as_deref().and_then(timestamp),
+        end_time: s.finished_at.as_deref().and_then(timestamp),
         change_id: s.change_id,
         project_version: s.project_version,
         environment_version: s.environment_version,
@@ -79,11 +80,116 @@ pub fn step(s: Step) -> pb::Step {
     }
 }
 
-fn lower<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
+use super::step_run_wire::timestamp;
+
+/// A wire Timestamp back to the store's text (RFC 3339, milliseconds, UTC), as local mode shows it.
+fn rfc3339(at: Option<prost_types::Timestamp>) -> Option<String> {
+    let at = at?;
+    let at = chrono::DateTime::from_timestamp(at.seconds, u32::try_from(at.nanos).ok()?)?;
+    Some(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+fn change_state(state: ChangeState) -> pb::ChangeState {
+    match state {
+        ChangeState::Pending => pb::ChangeState::Pending,
+        ChangeState::Queued => pb::ChangeState::Queued,
+        ChangeState::Running => pb::ChangeState::Running,
+        ChangeState::Success => pb::ChangeState::Success,
+        ChangeState::Error => pb::ChangeState::Error,
+        ChangeState::Cancelled => pb::ChangeState::Cancelled,
+    }
+}
+
+fn change_state_from(state: pb::ChangeState) -> Option<ChangeState> {
+    Some(match state {
+        pb::ChangeState::Unspecified => return None,
+        pb::ChangeState::Pending => ChangeState::Pending,
+        pb::ChangeState::Queued => ChangeState::Queued,
+        pb::ChangeState::Running | pb::ChangeState::Cancelling => ChangeState::Running,
+        pb::ChangeState::Success => ChangeState::Success,
+        pb::ChangeState::Error => ChangeState::Error,
+        pb::ChangeState::Cancelled => ChangeState::Cancelled,
+    })
+}
+
+fn step_state(state: StepState) -> pb::StepState {
+    match state {
+        StepState::Pending => pb::StepState::Pending,
+        StepState::Running => pb::StepState::Running,
+        StepState::Success => pb::StepState::Success,
+        StepState::Error => pb::StepState::Error,
+        StepState::Cancelled => pb::StepState::Cancelled,
+        StepState::Aborted => pb::StepState::Aborted,
+    }
+}
+
+fn step_state_from(state: pb::StepState) -> Option<StepState> {
+    Some(match state {
+        pb::StepState::Unspecified => return None,
+        pb::StepState::Pending => StepState::Pending,
+        pb::StepState::Running => StepState::Running,
+        pb::StepState::Success => StepState::Success,
+        pb::StepState::Error => StepState::Error,
+        pb::StepState::Cancelled => StepState::Cancelled,
+        pb::StepState::Aborted => StepState::Aborted,
+    })
+}
+
+fn phase(phase: Phase) -> pb::Phase {
+    match phase {
+        Phase::BuildStarted => pb::Phase::BuildStarted,
+        Phase::BuildFinished => pb::Phase::BuildFinished,
+        Phase::RunStarted => pb::Phase::RunStarted,
+        Phase::Initialising => pb::Phase::Initialising,
+        Phase::Completing => pb::Phase::Completing,
+        Phase::RunFinished => pb::Phase::RunFinished,
+    }
+}
+
+fn phase_from(phase: pb::Phase) -> Option<Phase> {
+    Some(match phase {
+        pb::Phase::Unspecified => return None,
+        pb::Phase::BuildStarted => Phase::BuildStarted,
+        pb::Phase::BuildFinished => Phase::BuildFinished,
+        pb::Phase::RunStarted => Phase::RunStarted,
+        pb::Phase::Initialising => Phase::Initialising,
+        pb::Phase::Completing => Phase::Completing,
+        pb::Phase::RunFinished => Phase::RunFinished,
+    })
+}
+
+fn build_status(status: BuildStatus) -> pb::BuildStatus {
+    match status {
+        BuildStatus::Started => pb::BuildStatus::Started,
+        BuildStatus::Cached => pb::BuildStatus::Cached,
+        BuildStatus::Completed => pb::BuildStatus::Completed,
+        BuildStatus::Failed => pb::BuildStatus::Failed,
+    }
+}
+
+fn build_status_from(status: pb::BuildStatus) -> Option<BuildStatus> {
+    Some(match status {
+        pb::BuildStatus::Unspecified => return None,
+        pb::BuildStatus::Started => BuildStatus::Started,
+        pb::BuildStatus::Cached => BuildStatus::Cached,
+        pb::BuildStatus::Completed => BuildStatus::Completed,
+        pb::BuildStatus::Failed => BuildStatus::Failed,
+    })
+}
+
+fn stream(stream: Stream) -> pb::LogStream {
+    match stream {
+        Stream::Stdout => pb::LogStream::Stdout,
+        Stream::Stderr => pb::LogStream::Stderr,
+    }
+}
+
+fn stream_from(stream: pb::LogStream) -> Option<Stream> {
+    match stream {
+        pb::LogStream::Unspecified => None,
+        pb::LogStream::Stdout => Some(Stream::Stdout),
+        pb::LogStream::Stderr => Some(Stream::Stderr),
+    }
 }
 
 /// The event part shared by change events and RunStep events.
@@ -91,7 +197,7 @@ pub fn event(event: &Event) -> pb::change_event::Event {
     use pb::change_event::Event as E;
     match event {
         Event::ChangeState { state, reason } => E::ChangeState(pb::ChangeStateChanged {
-            state: state.to_string(),
+            state: change_state(*state) as i32,
             reason: reason.clone().unwrap_or_default(),
         }),
         Event::StepState {
@@ -104,7 +210,7 @@ pub fn event(event: &Event) -> pb::change_event::Event {
             step_id: step_id.clone(),
             parent_id: parent_id.clone().unwrap_or_default(),
             action: action.clone(),
-            state: state.to_string(),
+            state: step_state(*state) as i32,
             reason: reason.clone().unwrap_or_default(),
         }),
         Event::Phase {
@@ -113,7 +219,7 @@ pub fn event(event: &Event) -> pb::change_event::Event {
             message,
         } => E::Phase(pb::StepPhase {
             step_id: step_id.clone(),
-            phase: lower(phase),
+            phase: self::phase(*phase) as i32,
             message: message.clone(),
         }),
         Event::Build {
@@ -123,7 +229,7 @@ pub fn event(event: &Event) -> pb::change_event::Event {
         } => E::Build(pb::BuildProgress {
             step_id: step_id.clone(),
             vertex: vertex.clone(),
-            status: lower(status),
+            status: build_status(*status) as i32,
         }),
         Event::Log {
             step_id,
@@ -131,7 +237,7 @@ pub fn event(event: &Event) -> pb::change_event::Event {
             line,
         } => E::Log(pb::LogLine {
             step_id: step_id.clone(),
-            stream: lower(stream),
+            stream: self::stream(*stream) as i32,
             line: line.clone(),
         }),
     }
@@ -141,7 +247,7 @@ pub fn change_event(record: &EventRecord) -> pb::ChangeEvent {
     pb::ChangeEvent {
         change_id: record.change_id.clone(),
         seq: record.seq,
-        at: record.at.clone(),
+        time: timestamp(&record.at),
         event: Some(event(&record.event)),
     }
 }
@@ -150,10 +256,6 @@ pub fn change_event(record: &EventRecord) -> pb::ChangeEvent {
 
 fn some(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
-}
-
-fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
-    serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()
 }
 
 pub fn project_from(p: pb::Project) -> Project {
@@ -207,17 +309,14 @@ pub fn change_from(c: pb::Change) -> Change {
         action: c.action,
         git_rev: c.git_rev,
         git_sha: c.git_sha,
-        state: match c.state.as_str() {
-            "cancelling" => crate::events::ChangeState::Running,
-            state => crate::events::ChangeState::parse(state)
-                .unwrap_or(crate::events::ChangeState::Error),
-        },
+        state: change_state_from(pb::ChangeState::try_from(c.state).unwrap_or_default())
+            .unwrap_or(ChangeState::Error),
         reason: some(c.reason),
         owner: None,
-        cancel_requested: c.state == "cancelling",
-        created_at: c.created_at,
-        started_at: some(c.started_at),
-        finished_at: some(c.finished_at),
+        cancel_requested: c.state == pb::ChangeState::Cancelling as i32,
+        created_at: rfc3339(c.create_time).unwrap_or_default(),
+        started_at: rfc3339(c.start_time),
+        finished_at: rfc3339(c.end_time),
     }
 }
 
@@ -228,7 +327,8 @@ pub fn step_from(s: pb::Step) -> Step {
         parent_id: some(s.parent_id),
         position: 0,
         action: s.action,
-        state: crate::events::StepState::parse(&s.state).unwrap_or(crate::events::StepState::Error),
+        state: step_state_from(pb::StepState::try_from(s.state).unwrap_or_default())
+            .unwrap_or(StepState::Error),
         reason: some(s.reason),
         exit_code: s.exit_code,
         image_cached: (!s.image.is_empty()).then_some(s.image_cached),
@@ -237,46 +337,45 @@ pub fn step_from(s: pb::Step) -> Step {
         project_version: s.project_version,
         environment_version: s.environment_version,
         children_strategy: some(s.children_strategy),
-        started_at: some(s.started_at),
-        finished_at: some(s.finished_at),
+        started_at: rfc3339(s.start_time),
+        finished_at: rfc3339(s.end_time),
     }
 }
 
 pub fn record_from(e: pb::ChangeEvent) -> Option<EventRecord> {
-    use crate::events::{ChangeState, StepState};
     use pb::change_event::Event as E;
     let event = match e.event? {
         E::ChangeState(c) => Event::ChangeState {
-            state: ChangeState::parse(&c.state)?,
+            state: change_state_from(pb::ChangeState::try_from(c.state).unwrap_or_default())?,
             reason: some(c.reason),
         },
         E::StepState(s) => Event::StepState {
             step_id: s.step_id,
             parent_id: some(s.parent_id),
             action: s.action,
-            state: StepState::parse(&s.state)?,
+            state: step_state_from(pb::StepState::try_from(s.state).unwrap_or_default())?,
             reason: some(s.reason),
         },
         E::Phase(p) => Event::Phase {
             step_id: p.step_id,
-            phase: parse(&p.phase)?,
+            phase: phase_from(pb::Phase::try_from(p.phase).unwrap_or_default())?,
             message: p.message,
         },
         E::Build(b) => Event::Build {
             step_id: b.step_id,
             vertex: b.vertex,
-            status: parse(&b.status)?,
+            status: build_status_from(pb::BuildStatus::try_from(b.status).unwrap_or_default())?,
         },
         E::Log(l) => Event::Log {
             step_id: l.step_id,
-            stream: parse(&l.stream)?,
+            stream: stream_from(pb::LogStream::try_from(l.stream).unwrap_or_default())?,
             line: l.line,
         },
     };
     Some(EventRecord {
         change_id: e.change_id,
         seq: e.seq,
-        at: e.at,
+        at: rfc3339(e.time).unwrap_or_default(),
         event,
     })
 }
