@@ -385,11 +385,11 @@ async fn token_is_required_except_for_health_and_health_flips_to_serving() {
     let server = start(vec![]).await;
     let err = server
         .projects()
-        .list_projects(pb::ListProjectsRequest {})
+        .list_projects(pb::ListProjectsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let mut wrong = Request::new(pb::ListProjectsRequest {});
+    let mut wrong = Request::new(pb::ListProjectsRequest::default());
     wrong
         .metadata_mut()
         .insert("authorization", MetadataValue::from_static("Bearer wrong"));
@@ -405,7 +405,7 @@ async fn token_is_required_except_for_health_and_health_flips_to_serving() {
     assert_eq!(
         server
             .projects()
-            .list_projects(server.authed(pb::ListProjectsRequest {}))
+            .list_projects(server.authed(pb::ListProjectsRequest::default()))
             .await
             .unwrap()
             .into_inner()
@@ -512,7 +512,7 @@ async fn tls_serves_trusting_clients_only() {
         .await
         .unwrap();
     let projects = ProjectServiceClient::new(channel)
-        .list_projects(pb::ListProjectsRequest {})
+        .list_projects(pb::ListProjectsRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -522,7 +522,7 @@ async fn tls_serves_trusting_clients_only() {
         .unwrap()
         .connect_lazy();
     assert!(ProjectServiceClient::new(plain)
-        .list_projects(pb::ListProjectsRequest {})
+        .list_projects(pb::ListProjectsRequest::default())
         .await
         .is_err());
     stop.send(()).unwrap();

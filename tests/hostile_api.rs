@@ -757,7 +757,7 @@ async fn empty_blank_and_wrong_bearer_tokens_are_unauthenticated() {
     ] {
         let status = s
             .projects()
-            .list_projects(with_token(pb::ListProjectsRequest {}, header))
+            .list_projects(with_token(pb::ListProjectsRequest::default(), header))
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::Unauthenticated, "{header:?}");

@@ -1657,3 +1657,112 @@ async fn states_are_enums_and_times_are_timestamps_that_round_trip() {
     assert!(last.time.is_some(), "every event has its time: {last:?}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn projects_and_environments_page_by_keyset_bound_to_their_request() {
+    let server = start(vec![]).await;
+    let mut projects = server.projects();
+    for code in ["a1", "c1"] {
+        projects
+            .create_project(pb::CreateProjectRequest {
+                code: code.into(),
+                name: code.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let list = |page_token: String| pb::ListProjectsRequest {
+        page_size: 2,
+        page_token,
+    };
+    let first = projects
+        .list_projects(list(String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let codes = |ps: &[pb::Project]| ps.iter().map(|p| p.code.clone()).collect::<Vec<_>>();
+    assert_eq!(codes(&first.projects), ["a1", "c1"]);
+    assert!(!first.next_page_token.is_empty());
+    // Created between pages: one before the cursor (not shown again), one after it (shown once).
+    for code in ["b1", "z1"] {
+        projects
+            .create_project(pb::CreateProjectRequest {
+                code: code.into(),
+                name: code.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let second = projects
+        .list_projects(list(first.next_page_token.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        codes(&second.projects),
+        ["demo", "z1"],
+        "no repeats, no shift"
+    );
+    assert_eq!(second.next_page_token, "", "the last page");
+
+    // Environments of demo, one a page.
+    projects
+        .create_environment(pb::CreateEnvironmentRequest {
+            project: "demo".into(),
+            code: "qa".into(),
+            name: "QA".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let envs = |project: &str, page_token: String| pb::ListEnvironmentsRequest {
+        project: project.into(),
+        page_size: 1,
+        page_token,
+    };
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = projects
+            .list_environments(envs("demo", token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.environments.len(), 1);
+        seen.extend(page.environments.into_iter().map(|e| e.code));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        // A token is bound to its request: another project's list, or ListProjects, refuses it.
+        assert_error(
+            projects.list_environments(envs("a1", token.clone())).await,
+            Code::InvalidArgument,
+            "INVALID_PAGE_TOKEN",
+        );
+        assert_error(
+            projects.list_projects(list(token.clone())).await,
+            Code::InvalidArgument,
+            "INVALID_PAGE_TOKEN",
+        );
+    }
+    assert_eq!(seen, ["dev", "prod", "qa"]);
+    assert_error(
+        projects.list_projects(list("not-a-token".into())).await,
+        Code::InvalidArgument,
+        "INVALID_PAGE_TOKEN",
+    );
+    assert_error(
+        projects
+            .list_projects(pb::ListProjectsRequest {
+                page_size: -1,
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_PAGE_SIZE",
+    );
+    server.stop().await;
+}

@@ -180,17 +180,25 @@ impl Backend {
         match self {
             Backend::Local(app) => Ok(app.store.list_projects().await?),
             Backend::Remote(r) => {
-                let list = r
-                    .projects()
-                    .list_projects(r.request(pb::ListProjectsRequest {}))
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                Ok(list
-                    .projects
-                    .into_iter()
-                    .map(convert::project_from)
-                    .collect())
+                // Every page, as local mode lists every project.
+                let (mut all, mut page_token) = (Vec::new(), String::new());
+                loop {
+                    let request = pb::ListProjectsRequest {
+                        page_size: 1000,
+                        page_token,
+                    };
+                    let list = r
+                        .projects()
+                        .list_projects(r.request(request))
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    all.extend(list.projects.into_iter().map(convert::project_from));
+                    if list.next_page_token.is_empty() {
+                        return Ok(all);
+                    }
+                    page_token = list.next_page_token;
+                }
             }
         }
     }
@@ -251,20 +259,25 @@ impl Backend {
         match self {
             Backend::Local(app) => Ok(app.store.list_environments(project).await?),
             Backend::Remote(r) => {
-                let request = pb::ListEnvironmentsRequest {
-                    project: project.into(),
-                };
-                let list = r
-                    .projects()
-                    .list_environments(r.request(request))
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                Ok(list
-                    .environments
-                    .into_iter()
-                    .map(convert::environment_from)
-                    .collect())
+                let (mut all, mut page_token) = (Vec::new(), String::new());
+                loop {
+                    let request = pb::ListEnvironmentsRequest {
+                        project: project.into(),
+                        page_size: 1000,
+                        page_token,
+                    };
+                    let list = r
+                        .projects()
+                        .list_environments(r.request(request))
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    all.extend(list.environments.into_iter().map(convert::environment_from));
+                    if list.next_page_token.is_empty() {
+                        return Ok(all);
+                    }
+                    page_token = list.next_page_token;
+                }
             }
         }
     }

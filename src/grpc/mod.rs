@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod calls;
 mod changes;
+mod code_pages;
 pub mod convert;
 mod idempotency;
 mod list_filter;

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{convert, idempotency, pb};
+use super::{code_pages, convert, idempotency, pb};
 use crate::app::{App, Scope};
 use crate::error::Error;
 use crate::properties;
@@ -53,11 +53,15 @@ impl pb::project_service_server::ProjectService for Projects {
 
     async fn list_projects(
         &self,
-        _: Request<pb::ListProjectsRequest>,
+        request: Request<pb::ListProjectsRequest>,
     ) -> Result<Response<pb::ListProjectsResponse>, Status> {
+        let r = request.into_inner();
+        let page = code_pages::Page::of("projects", r.page_size, &r.page_token)?;
         let projects = self.app.store.list_projects().await.map_err(Error::from)?;
+        let (projects, next_page_token) = page.cut(projects, |p| &p.code);
         Ok(Response::new(pb::ListProjectsResponse {
             projects: projects.into_iter().map(convert::project).collect(),
+            next_page_token,
         }))
     }
 
@@ -176,14 +180,22 @@ impl pb::project_service_server::ProjectService for Projects {
         &self,
         request: Request<pb::ListEnvironmentsRequest>,
     ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
+        let r = request.into_inner();
+        let page = code_pages::Page::of(
+            &format!("environments of {}", r.project),
+            r.page_size,
+            &r.page_token,
+        )?;
         let environments = self
             .app
             .store
-            .list_environments(&request.into_inner().project)
+            .list_environments(&r.project)
             .await
             .map_err(Error::from)?;
+        let (environments, next_page_token) = page.cut(environments, |e| &e.code);
         Ok(Response::new(pb::ListEnvironmentsResponse {
             environments: environments.into_iter().map(convert::environment).collect(),
+            next_page_token,
         }))
     }
 

@@ -1,0 +1,91 @@
+//! Keyset pages over lists ordered by a unique code (ListProjects, ListEnvironments).
+//!
+//! A page token holds the last code seen and a hash of the query it belongs to; the next page starts after that
+//! code, so entries created or deleted between pages never shift or repeat one. The lists are small (an operator's
+//! projects and environments), so the store returns them whole and the page is cut here.
+
+use base64::Engine;
+use tonic::Status;
+
+use super::status::bad_field;
+
+const DEFAULT_SIZE: i32 = 50;
+const MAX_SIZE: i32 = 1000;
+
+pub struct Page {
+    query: String,
+    size: usize,
+    after: Option<String>,
+}
+
+fn query_hash(query: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(query.as_bytes())[..8])
+}
+
+impl Page {
+    /// The page `token` asks for, if it was issued for `query`.
+    pub fn of(query: &str, page_size: i32, token: &str) -> Result<Page, Status> {
+        let size = match page_size {
+            0 => DEFAULT_SIZE,
+            1..=MAX_SIZE => page_size,
+            _ => {
+                return Err(bad_field(
+                    "INVALID_PAGE_SIZE",
+                    "page_size",
+                    format!("page_size {page_size}: use 1 to {MAX_SIZE}, or 0 for {DEFAULT_SIZE}"),
+                ))
+            }
+        } as usize;
+        let after = if token.is_empty() {
+            None
+        } else {
+            let invalid = |why: &str| {
+                bad_field(
+                    "INVALID_PAGE_TOKEN",
+                    "page_token",
+                    format!("page_token {why}: pass next_page_token of the previous page, with the same request"),
+                )
+            };
+            let json: serde_json::Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(token)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .ok_or_else(|| invalid("is not one this server issued"))?;
+            if json["q"].as_str() != Some(&query_hash(query)) {
+                return Err(invalid("belongs to another query"));
+            }
+            Some(
+                json["after"]
+                    .as_str()
+                    .ok_or_else(|| invalid("is not one this server issued"))?
+                    .to_owned(),
+            )
+        };
+        Ok(Page {
+            query: query.to_owned(),
+            size,
+            after,
+        })
+    }
+
+    /// This page of `all` (ordered by `code`) and the token of the next one ("" on the last).
+    pub fn cut<T>(&self, all: Vec<T>, code: impl Fn(&T) -> &String) -> (Vec<T>, String) {
+        let mut page: Vec<T> = all
+            .into_iter()
+            .filter(|item| self.after.as_ref().is_none_or(|after| code(item) > after))
+            .take(self.size + 1)
+            .collect();
+        let next = if page.len() > self.size {
+            page.truncate(self.size);
+            let json = serde_json::json!({
+                "q": query_hash(&self.query),
+                "after": page.last().map(&code),
+            });
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+        } else {
+            String::new()
+        };
+        (page, next)
+    }
+}
