@@ -33,6 +33,11 @@ pub enum ChangeCommand {
         /// Print the change id and return; the change runs in a background process.
         #[arg(long)]
         background: bool,
+        /// Leave the change in the store's queue for a worker of the fleet (`runner worker`, or a `runner
+        /// serve`, on any host sharing the store) and follow it there to its end; with --background, print its
+        /// id and return. Needs no Docker here.
+        #[arg(long)]
+        enqueue: bool,
     },
     /// Show a change and its tree of steps.
     Show { id: String },
@@ -101,6 +106,7 @@ pub async fn change(app: App, cmd: ChangeCommand, out: Output) -> Result<()> {
             git_rev,
             action,
             background,
+            enqueue,
         } => {
             let request = CreateChange {
                 project,
@@ -108,6 +114,19 @@ pub async fn change(app: App, cmd: ChangeCommand, out: Output) -> Result<()> {
                 git_rev,
                 action,
             };
+            if enqueue {
+                let orchestrator = crate::runtime::offline(app)?;
+                let change = orchestrator.enqueue_change(&request).await?;
+                if background {
+                    println!("{}", change.id);
+                    return Ok(());
+                }
+                eprintln!(
+                    "change {} created at {} ({}), queued for the fleet's workers",
+                    change.id, change.git_sha, change.git_rev
+                );
+                return follow_in_store(&orchestrator, &change.id, out).await;
+            }
             let orchestrator = crate::runtime::local(app).await?;
             if background {
                 let id = in_background(&orchestrator, |child| async move {
@@ -320,6 +339,41 @@ async fn run_in_foreground(orchestrator: &Orchestrator, id: &str, out: Output) -
     outcome(change?)
 }
 
+/// Follows a change whichever worker runs it, from the events in the store, to its end. A signal asks for the
+/// change to be cancelled (its worker stops it) and keeps following until it has ended.
+async fn follow_in_store(orchestrator: &Orchestrator, id: &str, out: Output) -> Result<()> {
+    let store = &orchestrator.app().store;
+    let mut signals =
+        Box::pin(
+            crate::daemon::shutdown::signals().map_err(|source| Error::Home {
+                path: "signal handlers".into(),
+                source,
+            })?,
+        );
+    let mut renderer = render::EventRenderer::new(out, std::io::stderr().is_terminal());
+    let (mut after, mut cancelled) = (0, false);
+    loop {
+        let records = store.events_after(id, after).await?;
+        let mut ended = false;
+        for record in &records {
+            after = record.seq;
+            renderer.show(record);
+            ended |= matches!(record.event, Event::ChangeState { state, .. } if state.is_final());
+        }
+        if ended || records.is_empty() && store.change(id).await?.state.is_final() {
+            return outcome(store.change(id).await?);
+        }
+        tokio::select! {
+            signal = &mut signals, if !cancelled => {
+                eprintln!("{signal}: cancelling change {id}; its worker stops its steps");
+                orchestrator.cancel_change(id).await?;
+                cancelled = true;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
 /// Success only if the change succeeded; otherwise its state and a one-line reason (details, e.g. a conflict
 /// report, are in the log above and in `change show-logs`).
 fn outcome(change: crate::store::Change) -> Result<()> {
@@ -401,6 +455,7 @@ pub async fn change_remote(remote: Remote, cmd: ChangeCommand, out: Output) -> R
             git_rev,
             action,
             background,
+            enqueue: _,
         } => {
             let request = pb::CreateChangeRequest {
                 project,

@@ -99,8 +99,12 @@ enum Command {
     /// Log maintenance: retention.
     #[command(subcommand)]
     Logs(logs::LogsCommand),
-    /// Serve the gRPC API (and run the changes created through it).
+    /// Serve the gRPC API (and run the changes created through it). It also works as a worker of the fleet
+    /// (see `runner worker`) unless --no-worker.
     Serve(ServeArgs),
+    /// Run the changes queued in the store (`runner change create --enqueue`, from any host sharing the store)
+    /// with this host's BuildKit and Docker, until SIGTERM/SIGINT/SIGHUP.
+    Worker(WorkerArgs),
     /// Benchmarks against the docker CLI, measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -189,6 +193,19 @@ struct ServeArgs {
     /// the change and step a line is about).
     #[arg(long, env = "RUNNER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Do not run queued changes (those `runner change create --enqueue` leaves for the fleet's workers).
+    #[arg(long)]
+    no_worker: bool,
+}
+
+#[derive(Args, Debug)]
+struct WorkerArgs {
+    /// Changes run at once (each on its own environment).
+    #[arg(long, env = "RUNNER_WORKER_PARALLEL", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    parallel: u16,
+    /// How long running changes may take to finish after SIGTERM/SIGINT before they are cancelled.
+    #[arg(long, default_value = "30s", value_parser = crate::actions::parse_duration)]
+    grace: std::time::Duration,
 }
 
 #[derive(Args, Debug)]
@@ -430,6 +447,7 @@ async fn run(cli: Cli) -> Result<()> {
             render::base_images(out, &crate::image::layered::list(&docker).await?);
             Ok(())
         }
+        Command::Worker(args) => worker(&home, cli.policy.as_deref(), cli.database.as_deref(), args).await,
         Command::Serve(args) => serve(&home, cli.policy.as_deref(), cli.database.as_deref(), args).await,
         Command::Cache(CacheCommand::Prune {
             older_than,
@@ -848,6 +866,17 @@ async fn serve(
     })?;
     let grace = args.grace;
     let stopping = tokio_util::sync::CancellationToken::new();
+    // The server's worker runs queued changes under the server's lease, which the API holds until the shutdown
+    // below (which waits for the worker) has completed.
+    let worker = (!args.no_worker).then(|| {
+        let (orchestrator, stopping) = (orchestrator.clone(), stopping.clone());
+        let settings = crate::orchestrator::worker::WorkerSettings {
+            parallel: 4,
+            poll: orchestrator.settings().poll,
+            grace,
+        };
+        tokio::spawn(async move { orchestrator.work(&settings, stopping).await })
+    });
     let shutdown = {
         let stopping = stopping.clone();
         async move {
@@ -857,6 +886,9 @@ async fn serve(
                 crate::actions::format_duration(grace)
             ));
             stopping.cancel();
+            if let Some(worker) = worker {
+                let _ = worker.await;
+            }
         }
     };
     let web = http.map(|listener| {
@@ -893,6 +925,58 @@ async fn serve(
         message: crate::error::error_text(&e),
     })?;
     web.map_err(|message| Error::Server { message })
+}
+
+/// `runner worker`: runs queued changes until a signal, under its own lease, logging what its changes do.
+async fn worker(
+    home: &Path,
+    policy: Option<&Path>,
+    database: Option<&str>,
+    args: WorkerArgs,
+) -> Result<()> {
+    let orchestrator = crate::runtime::local(open_app(home, policy, database).await?).await?;
+    let signals = crate::daemon::shutdown::signals().map_err(|source| Error::Home {
+        path: "signal handlers".into(),
+        source,
+    })?;
+    let stop_lease = tokio_util::sync::CancellationToken::new();
+    let lease = orchestrator.hold_lease(stop_lease.clone()).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let log_stop = tokio_util::sync::CancellationToken::new();
+    let event_log = tokio::spawn(crate::daemon::event_log::log_events(
+        orchestrator.clone(),
+        log_stop.clone(),
+    ));
+    let grace = args.grace;
+    let on_signal = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let signal = signals.await;
+            eprintln!(
+                "{signal}: no new changes; running changes get {} to finish, then are cancelled",
+                crate::actions::format_duration(grace)
+            );
+            stop.cancel();
+        })
+    };
+    eprintln!(
+        "worker {} (pid {}): running the changes queued in the store",
+        orchestrator.owner(),
+        std::process::id()
+    );
+    let settings = crate::orchestrator::worker::WorkerSettings {
+        parallel: args.parallel.into(),
+        poll: orchestrator.settings().poll,
+        grace,
+    };
+    let worked = orchestrator.work(&settings, stop).await;
+    on_signal.abort();
+    log_stop.cancel();
+    let _ = event_log.await;
+    // The lease goes last: until every change this worker ran has ended, it answers for them.
+    stop_lease.cancel();
+    let _ = lease.await;
+    worked
 }
 
 /// `runner cache prune`: files first (no daemon needed), then images.

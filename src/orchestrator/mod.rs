@@ -19,6 +19,7 @@ mod single;
 mod step;
 pub mod step_context;
 mod tree;
+pub mod worker;
 
 pub use reaper::{reap_changes, verdict, Reaped};
 pub use seams::{EventTx, ImageRequest, PreparedImage, ServiceImageRequest, Sources, StepImages};

@@ -26,6 +26,24 @@ impl Orchestrator {
         request: &CreateChange,
         labels: &crate::store::Labels,
     ) -> Result<Change> {
+        self.create_owned_change(request, labels, &self.owner).await
+    }
+
+    /// Creates a change no runner process holds: it waits `pending` in the store until a worker of the fleet
+    /// (`runner worker`, or `runner serve`'s) adopts it when its environment is free. The same checks as
+    /// [`create_change`](Self::create_change) run first, here.
+    pub async fn enqueue_change(&self, request: &CreateChange) -> Result<Change> {
+        self.create_owned_change(request, &Default::default(), "")
+            .await
+    }
+
+    /// `owner` empty: nobody's yet.
+    async fn create_owned_change(
+        &self,
+        request: &CreateChange,
+        labels: &crate::store::Labels,
+        owner: &str,
+    ) -> Result<Change> {
         let store = &self.app.store;
         let project = store.project(&request.project).await?;
         let environment = store
@@ -67,7 +85,7 @@ impl Orchestrator {
                 git_rev: &request.git_rev,
                 git_sha: &sha,
                 root_step_id: &uuid::Uuid::new_v4().to_string(),
-                owner: &self.owner,
+                owner,
                 labels,
             })
             .await?;
@@ -241,6 +259,7 @@ impl Orchestrator {
             .environment(&change.project, &change.environment)
             .await?;
         super::crash_point::reached("cloning").await;
+        self.sources.have_commit(&project, &change.git_sha).await?;
         let (manifest, manifest_path) = self.manifest(&project, &change.git_sha).await?;
         let repository_properties = self
             .sources

@@ -25,6 +25,13 @@ pub async fn reap_changes(store: &Store, this_owner: Option<&str>) -> Result<Vec
     let (host, now) = (lease::hostname(), store.clock_ms().await?);
     Ok(store
         .reap_changes(|change, steps, leases| {
+            // A change waiting for a worker has no owner to die; only a cancel ends it.
+            if change.owner.is_none()
+                && change.state == ChangeState::Pending
+                && !change.cancel_requested
+            {
+                return None;
+            }
             let owner = change.owner.as_deref().unwrap_or("none");
             if Some(owner) == this_owner || !lease::owner_is_dead(owner, leases, &host, now) {
                 return None;
@@ -51,6 +58,10 @@ pub fn verdict(change: &Change, steps: &[Step]) -> Verdict {
     let root_state =
         root.map(|root| settle(root, &children, change.cancel_requested, &died, &mut ended));
     let (state, reason) = match (change.state, root_state) {
+        _ if change.cancel_requested && change.owner.is_none() => (
+            ChangeState::Cancelled,
+            "cancelled while it waited for a worker".to_owned(),
+        ),
         _ if change.cancel_requested => (
             ChangeState::Cancelled,
             format!("cancelled; {died} before the cancel completed, and its steps were stopped and removed"),

@@ -33,6 +33,12 @@ pub trait Sources: Send + Sync {
         sha: &'a str,
         environment: &'a str,
     ) -> BoxFuture<'a, Result<Value>>;
+    /// Makes sure the commit `sha` can be read here: a worker of a fleet runs changes another host resolved, so
+    /// its copy of the repository may not have that commit yet. Sources that hold every commit need do nothing.
+    fn have_commit<'a>(&'a self, project: &'a Project, sha: &'a str) -> BoxFuture<'a, Result<()>> {
+        let _ = (project, sha);
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// What a step's image is built for.

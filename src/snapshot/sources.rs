@@ -170,6 +170,20 @@ impl Sources for GitSources {
         .boxed()
     }
 
+    fn have_commit<'a>(&'a self, project: &'a Project, sha: &'a str) -> BoxFuture<'a, Result<()>> {
+        let sha = sha.to_owned();
+        async move {
+            let here = self
+                .with_mirror(project, move |mirror| mirror.resolve(&sha).map(|_| ()))
+                .await;
+            if here.is_err() {
+                fetch_mirror(&self.home, &self.policy, project, self.timeout).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
     fn read_file<'a>(
         &'a self,
         project: &'a Project,

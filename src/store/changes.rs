@@ -138,7 +138,7 @@ impl Store {
         let at = now();
         query(
             "INSERT INTO changes (id, project_id, environment_id, action, git_rev, git_sha, state, owner, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+             VALUES (?, ?, ?, ?, ?, ?, 'pending', NULLIF(?, ''), ?)",
         )
         .bind(new.id)
         .bind(new.project_id)

@@ -9,6 +9,7 @@ mod base_images;
 mod change_query;
 mod changes;
 mod db;
+mod fleet;
 mod labels;
 mod logs;
 mod project_admin;
