@@ -454,3 +454,34 @@ async fn a_worker_killed_mid_step_loses_its_change_and_the_others_carry_on() {
         worker.stop();
     }
 }
+
+#[test]
+fn a_queued_change_waits_for_a_worker_and_a_cancel_ends_it() {
+    if !support::docker_available() {
+        return;
+    }
+    // SQLite: the queue works in one data directory too.
+    let demo = support::Demo::new();
+    let id = demo
+        .ok(&support::create_args(
+            "dev",
+            "noop",
+            &["--enqueue", "--background"],
+        ))
+        .trim()
+        .to_owned();
+    let shown = demo.json(&["change", "show", &id]);
+    assert_eq!(shown["change"]["state"], "pending", "{shown}");
+    assert_eq!(shown["change"]["owner"], serde_json::Value::Null, "{shown}");
+    // Nobody runs it; a cancel ends it at once.
+    demo.ok(&["change", "cancel", &id]);
+    let shown = demo.json(&["change", "show", &id]);
+    assert_eq!(shown["change"]["state"], "cancelled", "{shown}");
+    assert!(
+        shown["change"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("waited for a worker"),
+        "{shown}"
+    );
+}

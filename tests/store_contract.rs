@@ -1367,3 +1367,57 @@ contract!(project_admin, |store: Store| async move {
         StoreError::NotFound { .. }
     ));
 });
+
+contract!(
+    queued_changes_are_adopted_once_in_their_environments_turn,
+    |store: Store| async move {
+        project_env(&store).await;
+        // Created with no owner: the fleet's queue.
+        new_change(&store, "c1", "").await;
+        new_change(&store, "c2", "").await;
+        assert_eq!(store.change("c1").await.unwrap().owner, None);
+        // Two workers at once: one adopts c1, the other finds nothing (c2 waits for c1).
+        let (a, b) = tokio::join!(store.adopt_change("w1"), store.adopt_change("w9"));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(
+            [a.clone(), b.clone()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
+            ["c1"]
+        );
+        let winner = if a.is_some() { "w1" } else { "w9" };
+        assert_eq!(
+            store.change("c1").await.unwrap().owner.as_deref(),
+            Some(winner)
+        );
+        // c2 waits for c1, whoever holds it: no worker takes it yet.
+        assert_eq!(store.adopt_change("w2").await.unwrap(), None);
+        assert_eq!(
+            store.queue_change("c1", winner).await.unwrap(),
+            Transition::Done
+        );
+        assert_eq!(
+            store.claim_environment("c1", winner).await.unwrap(),
+            Claim::Claimed
+        );
+        assert_eq!(store.adopt_change("w2").await.unwrap(), None);
+        store
+            .finish_change("c1", winner, ChangeState::Success, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.adopt_change("w2").await.unwrap().as_deref(),
+            Some("c2")
+        );
+        assert_eq!(store.adopt_change("w3").await.unwrap(), None);
+        // A cancelled queued change is nobody's to run.
+        store
+            .finish_change("c2", "w2", ChangeState::Success, None)
+            .await
+            .unwrap();
+        new_change(&store, "c3", "").await;
+        store.request_cancel("c3").await.unwrap();
+        assert_eq!(store.adopt_change("w1").await.unwrap(), None);
+    }
+);
