@@ -131,6 +131,13 @@ pub struct EventRecord {
     pub seq: i64,
     pub at: String,
     pub event: Event,
+    /// The change's attempt the event belongs to (1 from creation, one more per retry).
+    #[serde(default = "first_attempt")]
+    pub attempt: i64,
+}
+
+fn first_attempt() -> i64 {
+    1
 }
 
 #[cfg(test)]

@@ -234,6 +234,7 @@ async fn canary_secrets_are_absent_from_images_inspect_store_logs_and_the_api() 
     let detail = changes
         .get_change(authed(pb::GetChangeRequest {
             id: change.id.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap()
@@ -249,7 +250,8 @@ async fn canary_secrets_are_absent_from_images_inspect_store_logs_and_the_api() 
         "{:?}",
         changes
             .get_step(authed(pb::GetStepRequest {
-                id: step.id.clone()
+                id: step.id.clone(),
+                ..Default::default()
             }))
             .await
             .unwrap()

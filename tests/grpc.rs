@@ -205,6 +205,7 @@ async fn create_watch_success_in_order_and_late_watchers_get_the_history() {
         .changes()
         .get_change(server.authed(pb::GetChangeRequest {
             id: change.id.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap()

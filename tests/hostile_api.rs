@@ -169,7 +169,10 @@ impl Server {
         for _ in 0..500 {
             let detail = self
                 .changes()
-                .get_change(self.authed(pb::GetChangeRequest { id: id.into() }))
+                .get_change(self.authed(pb::GetChangeRequest {
+                    id: id.into(),
+                    ..Default::default()
+                }))
                 .await
                 .unwrap()
                 .into_inner();

@@ -372,6 +372,84 @@ async fn retry_reruns_from_the_failed_step_with_the_same_sha() {
 }
 
 #[tokio::test]
+async fn a_retry_keeps_the_earlier_attempts_step_records_and_tags_events_with_their_attempt() {
+    let w = world(tree(), vec![("a", ok()), ("b", fails()), ("c", ok())]).await;
+    let store = &w.orchestrator.app().store;
+    let id = w.create("dev", "seq").await;
+    assert_eq!(store.change(&id).await.unwrap().attempt, 1);
+    w.orchestrator
+        .run_change(&id, CancellationToken::new())
+        .await
+        .unwrap();
+    let first_end = store.last_seq(&id).await.unwrap();
+    w.orchestrator.prepare_retry(&id).await.unwrap();
+    let change = w
+        .orchestrator
+        .run_change(&id, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((change.state, change.attempt), (ChangeState::Error, 2));
+
+    let by_action = |steps: &[Step], action: &str| -> Step {
+        steps.iter().find(|s| s.action == action).unwrap().clone()
+    };
+    // Attempt 1 as it ended: b failed with its reason, c was aborted; nothing of attempt 2 leaked into it.
+    let first = store.steps_in_attempt(&id, 1).await.unwrap();
+    let b1 = by_action(&first, "b");
+    assert_eq!((b1.state, b1.attempt), (StepState::Error, 1));
+    assert!(b1.reason.as_deref().unwrap().contains('3'), "{b1:?}");
+    assert_eq!(b1.exit_code, Some(3));
+    assert_eq!(by_action(&first, "c").state, StepState::Aborted);
+    assert!(first.iter().all(|s| s.attempt == 1), "{first:?}");
+    let first_change = store.change_in_attempt(&id, 1).await.unwrap();
+    assert_eq!(
+        (first_change.state, first_change.attempt),
+        (ChangeState::Error, 1)
+    );
+    assert!(first_change.reason.is_some());
+    assert_eq!(store.step_in_attempt(&b1.id, 1).await.unwrap(), b1);
+
+    // Attempt 2 (the current one, the default): b ran again, a was kept from attempt 1 and says so.
+    let current = store.steps(&id).await.unwrap();
+    assert_eq!(current, store.steps_in_attempt(&id, 0).await.unwrap());
+    assert_eq!(current, store.steps_in_attempt(&id, 2).await.unwrap());
+    let b2 = by_action(&current, "b");
+    assert_eq!(
+        (b2.id.clone(), b2.state, b2.attempt),
+        (b1.id.clone(), StepState::Error, 2)
+    );
+    assert_ne!(b2.started_at, b1.started_at, "attempt 2 started b again");
+    assert_eq!(
+        by_action(&current, "a").attempt,
+        1,
+        "a succeeded in attempt 1"
+    );
+    assert_eq!(store.change_in_attempt(&id, 0).await.unwrap().attempt, 2);
+    // Attempts it never had are not found.
+    for missing in [3, -1] {
+        assert!(store.change_in_attempt(&id, missing).await.is_err());
+        assert!(store.steps_in_attempt(&id, missing).await.is_err());
+    }
+
+    // Events of both attempts: numbered 1.. without gaps, each tagged with its attempt.
+    let events = store.events_after(&id, 0).await.unwrap();
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>());
+    assert!(events.iter().any(|e| e.attempt == 2));
+    for e in &events {
+        let expected = if e.seq <= first_end { 1 } else { 2 };
+        assert_eq!(e.attempt, expected, "{e:?}");
+    }
+    let failed_b = |attempt: i64| {
+        events.iter().any(|e| {
+            e.attempt == attempt
+                && matches!(&e.event, Event::StepState { step_id, state: StepState::Error, .. } if *step_id == b1.id)
+        })
+    };
+    assert!(failed_b(1) && failed_b(2), "b failed in each attempt");
+}
+
+#[tokio::test]
 async fn changes_on_one_environment_queue_and_other_environments_do_not_wait() {
     let slow = Script {
         delay: Duration::from_millis(300),

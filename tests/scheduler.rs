@@ -154,7 +154,10 @@ impl Server {
             .await;
         end.unwrap();
         self.changes()
-            .get_change(pb::GetChangeRequest { id: id.into() })
+            .get_change(pb::GetChangeRequest {
+                id: id.into(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -388,6 +391,106 @@ async fn retry_and_cancel_with_a_request_id_act_once() {
         .filter(|e| matches!(&e.event, Some(pb::change_event::Event::ChangeState(s)) if s.state() == pb::ChangeState::Running))
         .count();
     assert_eq!(runs, 2, "created once, retried once");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_change_keeps_its_first_attempt_beside_the_second() {
+    let server = start(vec![(
+        "a",
+        Script {
+            exit_code: 3,
+            ..Default::default()
+        },
+    )])
+    .await;
+    let change = server.create(create_request("deploy", "")).await.unwrap();
+    assert_eq!(change.attempt, 1);
+    assert_eq!(server.wait_finished(&change.id).await.state, "error");
+    let retried = server
+        .changes()
+        .retry_change(pb::RetryChangeRequest {
+            id: change.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.attempt, 2);
+    let current = server.wait_finished(&change.id).await;
+    assert_eq!((current.state.as_str(), current.attempt), ("error", 2));
+
+    let detail = |attempt: i64| {
+        let mut changes = server.changes();
+        let id = change.id.clone();
+        async move {
+            changes
+                .get_change(pb::GetChangeRequest { id, attempt })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let step_a = |d: &pb::ChangeDetail| d.steps.iter().find(|s| s.action == "a").unwrap().clone();
+    let now = detail(0).await.unwrap();
+    assert_eq!(
+        now,
+        detail(2).await.unwrap(),
+        "the current attempt is the default"
+    );
+    assert_eq!((now.attempts, now.change.as_ref().unwrap().attempt), (2, 2));
+    let first = detail(1).await.unwrap();
+    assert_eq!(first.attempts, 2);
+    let first_change = first.change.as_ref().unwrap();
+    assert_eq!(
+        (first_change.attempt, first_change.state.as_str()),
+        (1, "error")
+    );
+    assert!(!first_change.reason.is_empty());
+    let (a1, a2) = (step_a(&first), step_a(&now));
+    assert_eq!(a1.id, a2.id, "the same step, run in each attempt");
+    assert_eq!(
+        (a1.state.as_str(), a1.attempt, a1.exit_code),
+        ("error", 1, Some(3))
+    );
+    assert_eq!((a2.state.as_str(), a2.attempt), ("error", 2));
+    assert!(!a1.reason.is_empty());
+    assert_ne!(a1.started_at, a2.started_at);
+    let step = |attempt: i64| {
+        let mut changes = server.changes();
+        let id = a1.id.clone();
+        async move {
+            changes
+                .get_step(pb::GetStepRequest { id, attempt })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    assert_eq!(step(1).await.unwrap(), a1);
+    assert_eq!(step(0).await.unwrap(), a2);
+
+    assert_error(detail(-1).await, Code::InvalidArgument, "INVALID_ATTEMPT");
+    assert_error(step(-2).await, Code::InvalidArgument, "INVALID_ATTEMPT");
+    assert_error(detail(3).await, Code::NotFound, "ATTEMPT_NOT_FOUND");
+
+    // A watch from the start sees both attempts, numbered without gaps and tagged.
+    let (events, end) = server
+        .watch_to_end(pb::WatchChangeRequest {
+            id: change.id.clone(),
+            ..Default::default()
+        })
+        .await;
+    end.unwrap();
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>());
+    let attempts: Vec<i64> = events.iter().map(|e| e.attempt).collect();
+    assert!(attempts.windows(2).all(|w| w[0] <= w[1]), "{attempts:?}");
+    for attempt in [1, 2] {
+        let failed = events.iter().any(|e| {
+            e.attempt == attempt
+                && matches!(&e.event, Some(pb::change_event::Event::StepState(s)) if s.step_id == a1.id && s.state == "error")
+        });
+        assert!(failed, "attempt {attempt}'s failure of a is tagged with it");
+    }
     server.stop().await;
 }
 
@@ -705,7 +808,7 @@ async fn errors_carry_codes_and_reasons_a_scheduler_can_act_on() {
     assert_error(
         changes
             .clone()
-            .get_change(pb::GetChangeRequest { id: String::new() })
+            .get_change(pb::GetChangeRequest::default())
             .await,
         Code::InvalidArgument,
         "FIELD_REQUIRED",
@@ -713,7 +816,10 @@ async fn errors_carry_codes_and_reasons_a_scheduler_can_act_on() {
     assert_error(
         changes
             .clone()
-            .get_change(pb::GetChangeRequest { id: "nope".into() })
+            .get_change(pb::GetChangeRequest {
+                id: "nope".into(),
+                ..Default::default()
+            })
             .await,
         Code::NotFound,
         "CHANGE_NOT_FOUND",
@@ -721,7 +827,10 @@ async fn errors_carry_codes_and_reasons_a_scheduler_can_act_on() {
     assert_error(
         changes
             .clone()
-            .get_step(pb::GetStepRequest { id: "nope".into() })
+            .get_step(pb::GetStepRequest {
+                id: "nope".into(),
+                ..Default::default()
+            })
             .await,
         Code::NotFound,
         "STEP_NOT_FOUND",

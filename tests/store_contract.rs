@@ -731,6 +731,137 @@ contract!(
 );
 
 contract!(
+    a_retry_archives_the_ended_attempt_and_tags_events,
+    |store: Store| async move {
+        project_env(&store).await;
+        new_change(&store, "c1", "me").await;
+        assert_eq!(store.change("c1").await.unwrap().attempt, 1);
+        let run = |store: Store| async move {
+            store.queue_change("c1", "me").await.unwrap();
+            store.claim_environment("c1", "me").await.unwrap();
+            store.start_step("c1-root", "me", 1, 1).await.unwrap();
+        };
+        run(store.clone()).await;
+        let children = vec![("c1-a".to_owned(), "build".to_owned())];
+        let by = WrittenBy::Change {
+            change_id: "c1".into(),
+            step_id: "c1-root".into(),
+        };
+        let settle = StepSettle {
+            change_id: "c1",
+            step_id: "c1-root",
+            owner: "me",
+            exit_code: Some(0),
+            properties: None,
+            children: Some(("sequential", &children)),
+        };
+        store.settle_step(&settle, &[], &by).await.unwrap();
+        store.start_step("c1-a", "me", 1, 1).await.unwrap();
+        let failed = |reason: &str| StepFinish {
+            exit_code: Some(3),
+            reason: Some(reason.into()),
+            properties: None,
+        };
+        store
+            .finish_step("c1-a", StepState::Error, &failed("first failure"))
+            .await
+            .unwrap();
+        let e1 = store
+            .append_event(
+                "c1",
+                &Event::ChangeState {
+                    state: ChangeState::Error,
+                    reason: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(e1.attempt, 1);
+        // Still running: a retry is refused and archives nothing.
+        assert!(store.reset_change("c1", "me").await.unwrap().is_err());
+        store
+            .finish_change("c1", "me", ChangeState::Error, Some("attempt one failed"))
+            .await
+            .unwrap();
+        assert!(store.reset_change("c1", "me").await.unwrap().is_ok());
+        assert!(
+            store.reset_change("c1", "me").await.unwrap().is_err(),
+            "a second retry of a pending change is refused"
+        );
+        let change = store.change("c1").await.unwrap();
+        assert_eq!(
+            (change.attempt, change.state, change.reason),
+            (2, ChangeState::Pending, None)
+        );
+
+        run(store.clone()).await;
+        store.start_step("c1-a", "me", 1, 1).await.unwrap();
+        assert_eq!(store.step("c1-a").await.unwrap().attempt, 2);
+        store
+            .finish_step("c1-a", StepState::Error, &failed("second failure"))
+            .await
+            .unwrap();
+        let e2 = store
+            .append_event(
+                "c1",
+                &Event::ChangeState {
+                    state: ChangeState::Error,
+                    reason: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!((e2.seq, e2.attempt), (e1.seq + 1, 2));
+
+        let first = store.steps_in_attempt("c1", 1).await.unwrap();
+        assert_eq!(
+            first
+                .iter()
+                .map(|s| (s.id.as_str(), s.state, s.reason.as_deref(), s.attempt))
+                .collect::<Vec<_>>(),
+            [
+                ("c1-root", StepState::Running, None, 1),
+                ("c1-a", StepState::Error, Some("first failure"), 1)
+            ]
+        );
+        let a2 = store.step_in_attempt("c1-a", 0).await.unwrap();
+        assert_eq!(
+            (a2.reason.as_deref(), a2.attempt),
+            (Some("second failure"), 2)
+        );
+        assert_eq!(
+            store
+                .step_in_attempt("c1-a", 1)
+                .await
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("first failure")
+        );
+        let old = store.change_in_attempt("c1", 1).await.unwrap();
+        assert_eq!(
+            (old.attempt, old.state, old.reason.as_deref()),
+            (1, ChangeState::Error, Some("attempt one failed"))
+        );
+        assert!(matches!(
+            store.change_in_attempt("c1", 3).await.unwrap_err(),
+            StoreError::NotFound {
+                what: "attempt",
+                ..
+            }
+        ));
+        let events = store.events_after("c1", 0).await.unwrap();
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.seq, e.attempt))
+                .collect::<Vec<_>>(),
+            [(e1.seq, 1), (e2.seq, 2)]
+        );
+    }
+);
+
+contract!(
     events_are_numbered_without_gaps_under_concurrency,
     |store: Store| async move {
         project_env(&store).await;

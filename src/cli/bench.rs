@@ -583,7 +583,7 @@ async fn grpc(
         calls.push(tokio::spawn(async move {
             let started = Instant::now();
             client
-                .get_change(pb::GetChangeRequest { id })
+                .get_change(pb::GetChangeRequest { id, attempt: 0 })
                 .await
                 .map(|_| started.elapsed())
         }));

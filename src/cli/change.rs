@@ -39,8 +39,13 @@ pub enum ChangeCommand {
         #[arg(long)]
         enqueue: bool,
     },
-    /// Show a change and its tree of steps.
-    Show { id: String },
+    /// Show a change and its tree of steps (of its current attempt unless --attempt says otherwise).
+    Show {
+        id: String,
+        /// An earlier attempt to show (1, 2, …): a retry keeps each attempt's steps and reasons.
+        #[arg(long, default_value_t = 0)]
+        attempt: i64,
+    },
     /// List changes, newest first.
     List {
         #[arg(long, env = "RUNNER_PROJECT")]
@@ -177,12 +182,13 @@ pub async fn change(app: App, cmd: ChangeCommand, out: Output) -> Result<()> {
             lease.give_up().await;
             result
         }
-        ChangeCommand::Show { id } => {
+        ChangeCommand::Show { id, attempt } => {
             // Changes whose runner died are ended first (no Docker needed), so what is shown is the truth.
             crate::orchestrator::reap_changes(&app.store, None).await?;
-            let change = app.store.change(&id).await?;
-            let steps = app.store.steps(&id).await?;
-            render::change(out, &change, &steps);
+            let attempts = app.store.change(&id).await?.attempt;
+            let change = app.store.change_in_attempt(&id, attempt).await?;
+            let steps = app.store.steps_in_attempt(&id, attempt).await?;
+            render::change(out, &change, &steps, attempts);
             Ok(())
         }
         ChangeCommand::List {
@@ -501,15 +507,15 @@ pub async fn change_remote(remote: Remote, cmd: ChangeCommand, out: Output) -> R
             value: "change run".into(),
             expected: "the server runs the changes created through it",
         }),
-        ChangeCommand::Show { id } => {
+        ChangeCommand::Show { id, attempt } => {
             let detail = changes
-                .get_change(remote.request(pb::GetChangeRequest { id }))
+                .get_change(remote.request(pb::GetChangeRequest { id, attempt }))
                 .await
                 .map_err(status)?
                 .into_inner();
             let change = convert::change_from(detail.change.unwrap_or_default());
             let steps: Vec<_> = detail.steps.into_iter().map(convert::step_from).collect();
-            render::change(out, &change, &steps);
+            render::change(out, &change, &steps, detail.attempts);
             Ok(())
         }
         ChangeCommand::List {
@@ -598,7 +604,7 @@ pub async fn step_remote(remote: Remote, cmd: StepCommand, out: Output) -> Resul
         StepCommand::Show { id } => {
             let step = remote
                 .changes()
-                .get_step(remote.request(pb::GetStepRequest { id }))
+                .get_step(remote.request(pb::GetStepRequest { id, attempt: 0 }))
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -654,7 +660,10 @@ async fn follow_remote(remote: &Remote, id: &str, out: Output) -> Result<()> {
     watch_remote(remote, id, 0, false, |record| renderer.show(record)).await?;
     let detail = remote
         .changes()
-        .get_change(remote.request(pb::GetChangeRequest { id: id.to_owned() }))
+        .get_change(remote.request(pb::GetChangeRequest {
+            id: id.to_owned(),
+            attempt: 0,
+        }))
         .await
         .map_err(status)?
         .into_inner();

@@ -124,12 +124,22 @@ pub fn changes(out: Output, changes: &[Change]) {
     }
 }
 
-/// A change with its steps as a tree.
-pub fn change(out: Output, change: &Change, steps: &[Step]) {
+/// A change with its steps as a tree, in the attempt `change.attempt` of `attempts`.
+pub fn change(out: Output, change: &Change, steps: &[Step], attempts: i64) {
     if out == Output::Json {
-        return json(&serde_json::json!({ "change": change, "steps": steps }));
+        return json(
+            &serde_json::json!({ "change": change, "steps": steps, "attempts": attempts }),
+        );
     }
     println!("change      {}", change.id);
+    if attempts > 1 {
+        let others = if change.attempt == attempts {
+            "earlier ones: --attempt N"
+        } else {
+            "not the current one"
+        };
+        println!("attempt     {} of {attempts} ({others})", change.attempt);
+    }
     println!("state       {}", change.state);
     if let Some(reason) = &change.reason {
         println!("reason      {}", reason.lines().next().unwrap_or_default());

@@ -78,6 +78,18 @@ fn require_id(id: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// An attempt asked for: 0 (the current one) or a positive number.
+fn require_attempt(attempt: i64) -> Result<(), Status> {
+    if attempt < 0 {
+        return Err(bad_field(
+            "INVALID_ATTEMPT",
+            "attempt",
+            "attempt must be 0 (the current attempt) or an attempt's number (1, 2, …)",
+        ));
+    }
+    Ok(())
+}
+
 fn is_final(record: &EventRecord) -> bool {
     matches!(record.event, Event::ChangeState { state, .. } if state.is_final())
 }
@@ -128,14 +140,24 @@ impl pb::change_service_server::ChangeService for Changes {
         &self,
         request: Request<pb::GetChangeRequest>,
     ) -> Result<Response<pb::ChangeDetail>, Status> {
-        let id = request.into_inner().id;
+        let r = request.into_inner();
+        let id = r.id;
         require_id(&id)?;
+        require_attempt(r.attempt)?;
         let store = &self.orchestrator.app().store;
-        let change = store.change(&id).await.map_err(Error::from)?;
-        let steps = store.steps(&id).await.map_err(Error::from)?;
+        let attempts = store.change(&id).await.map_err(Error::from)?.attempt;
+        let change = store
+            .change_in_attempt(&id, r.attempt)
+            .await
+            .map_err(Error::from)?;
+        let steps = store
+            .steps_in_attempt(&id, r.attempt)
+            .await
+            .map_err(Error::from)?;
         Ok(Response::new(pb::ChangeDetail {
             change: Some(one_with_labels(&self.orchestrator, change).await?),
             steps: steps.into_iter().map(convert::step).collect(),
+            attempts,
         }))
     }
 
@@ -143,13 +165,15 @@ impl pb::change_service_server::ChangeService for Changes {
         &self,
         request: Request<pb::GetStepRequest>,
     ) -> Result<Response<pb::Step>, Status> {
-        let id = request.into_inner().id;
+        let r = request.into_inner();
+        let id = r.id;
         require_id(&id)?;
+        require_attempt(r.attempt)?;
         let step = self
             .orchestrator
             .app()
             .store
-            .step(&id)
+            .step_in_attempt(&id, r.attempt)
             .await
             .map_err(Error::from)?;
         Ok(Response::new(convert::step(step)))

@@ -57,6 +57,7 @@ pub fn change(c: Change) -> pb::Change {
         start_time: c.started_at.as_deref().and_then(timestamp),
         end_time: c.finished_at.as_deref().and_then(timestamp),
         labels: Default::default(),
+        attempt: c.attempt,
     }
 }
 
@@ -77,6 +78,7 @@ pub fn step(s: Step) -> pb::Step {
         project_version: s.project_version,
         environment_version: s.environment_version,
         children_strategy: s.children_strategy.unwrap_or_default(),
+        attempt: s.attempt,
     }
 }
 
@@ -249,6 +251,7 @@ pub fn change_event(record: &EventRecord) -> pb::ChangeEvent {
         seq: record.seq,
         time: timestamp(&record.at),
         event: Some(event(&record.event)),
+        attempt: record.attempt,
     }
 }
 
@@ -317,6 +320,7 @@ pub fn change_from(c: pb::Change) -> Change {
         created_at: rfc3339(c.create_time).unwrap_or_default(),
         started_at: rfc3339(c.start_time),
         finished_at: rfc3339(c.end_time),
+        attempt: c.attempt.max(1),
     }
 }
 
@@ -339,6 +343,7 @@ pub fn step_from(s: pb::Step) -> Step {
         children_strategy: some(s.children_strategy),
         started_at: rfc3339(s.start_time),
         finished_at: rfc3339(s.end_time),
+        attempt: s.attempt.max(1),
     }
 }
 
@@ -374,6 +379,7 @@ pub fn record_from(e: pb::ChangeEvent) -> Option<EventRecord> {
     };
     Some(EventRecord {
         change_id: e.change_id,
+        attempt: e.attempt.max(1),
         seq: e.seq,
         at: rfc3339(e.time).unwrap_or_default(),
         event,

@@ -318,8 +318,8 @@ pub fn recorder(
         let (store, live, change_id) = (store.clone(), live.clone(), change_id.clone());
         Box::pin(async move {
             let entries = entries(&items);
-            let first = match store.append_batch(&change_id, &entries).await {
-                Ok(first) => first,
+            let (first, attempt) = match store.append_batch_in_attempt(&change_id, &entries).await {
+                Ok(stored) => stored,
                 Err(e) => {
                     tracing::error!(error = %e, change_id, "failed to store events and log lines");
                     return;
@@ -332,12 +332,14 @@ pub fn recorder(
                 let record = match item {
                     Item::Event(event, at_ms) => EventRecord {
                         change_id: change_id.clone(),
+                        attempt,
                         seq,
                         at: rfc3339_ms(at_ms),
                         event,
                     },
                     Item::Line(line) => EventRecord {
                         change_id: change_id.clone(),
+                        attempt,
                         seq,
                         at: rfc3339_ms(line.at_ms),
                         event: Event::Log {

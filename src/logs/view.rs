@@ -152,6 +152,7 @@ mod tests {
     fn log(seq: i64, at_ms: i64, step: &str, line: &str) -> EventRecord {
         EventRecord {
             change_id: "c".into(),
+            attempt: 1,
             seq,
             at: rfc3339_ms(at_ms),
             event: Event::Log {
@@ -165,6 +166,7 @@ mod tests {
     fn phase(seq: i64, at_ms: i64, step: &str) -> EventRecord {
         EventRecord {
             change_id: "c".into(),
+            attempt: 1,
             seq,
             at: rfc3339_ms(at_ms),
             event: Event::Phase {
@@ -187,6 +189,7 @@ mod tests {
         }
         all.push(EventRecord {
             change_id: "c".into(),
+            attempt: 1,
             seq: 12,
             at: rfc3339_ms(20_000),
             event: Event::ChangeState {

@@ -179,6 +179,7 @@ mod tests {
             created_at: "t".into(),
             started_at: None,
             finished_at: None,
+            attempt: 1,
         }
     }
 
@@ -200,6 +201,7 @@ mod tests {
             children_strategy: strategy.map(str::to_owned),
             started_at: None,
             finished_at: None,
+            attempt: 1,
         }
     }
 

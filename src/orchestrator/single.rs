@@ -177,6 +177,7 @@ impl Orchestrator {
             reason: None,
             owner: Some(self.owner.clone()),
             cancel_requested: false,
+            attempt: 1,
             created_at: String::new(),
             started_at: None,
             finished_at: None,

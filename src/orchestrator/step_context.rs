@@ -87,6 +87,7 @@ mod tests {
             created_at: "t".into(),
             started_at: None,
             finished_at: None,
+            attempt: 1,
         };
         let id = StepIdentity {
             project: &project,

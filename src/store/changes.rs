@@ -21,6 +21,8 @@ pub struct Change {
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// 1 from creation, one more per retry; what the record shows (the current attempt unless asked otherwise).
+    pub attempt: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -43,6 +45,9 @@ pub struct Step {
     pub children_strategy: Option<String>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// The change's attempt that last ran (or recorded) the step: a step that succeeded in an earlier attempt is
+    /// kept, not run again, and keeps that attempt's number.
+    pub attempt: i64,
 }
 
 /// A change to create.
@@ -97,6 +102,7 @@ pub(super) fn change_row(row: &Row) -> Change {
         created_at: row.get("created_at"),
         started_at: row.get("started_at"),
         finished_at: row.get("finished_at"),
+        attempt: row.get("attempt"),
     }
 }
 
@@ -120,10 +126,11 @@ pub(super) fn step_row(row: &Row) -> Step {
         children_strategy: row.get("children_strategy"),
         started_at: row.get("started_at"),
         finished_at: row.get("finished_at"),
+        attempt: row.get("attempt"),
     }
 }
 
-fn not_found(what: &'static str, id: &str, hint: &str) -> StoreError {
+pub(super) fn not_found(what: &'static str, id: &str, hint: &str) -> StoreError {
     StoreError::NotFound {
         what,
         code: id.to_owned(),
@@ -272,9 +279,10 @@ impl Store {
             event: event.clone(),
             at: at.clone(),
         };
-        let seq = self.append_batch(change_id, &[entry]).await?;
+        let (seq, attempt) = self.append_batch_in_attempt(change_id, &[entry]).await?;
         Ok(EventRecord {
             change_id: change_id.to_owned(),
+            attempt,
             seq,
             at,
             event: event.clone(),
@@ -400,13 +408,15 @@ pub(super) async fn replace_children(
         .await?;
     for (position, (id, action)) in children.iter().enumerate() {
         query(
-            "INSERT INTO steps (id, change_id, parent_id, position, action, state) VALUES (?, ?, ?, ?, ?, 'pending')",
+            "INSERT INTO steps (id, change_id, parent_id, position, action, state, attempt) \
+             VALUES (?, ?, ?, ?, ?, 'pending', (SELECT attempt FROM changes WHERE id = ?))",
         )
         .bind(id)
         .bind(change_id)
         .bind(parent_id)
         .bind(position as i64)
         .bind(action)
+        .bind(change_id)
         .execute(&mut *tx)
         .await?;
     }

@@ -42,27 +42,28 @@ pub fn rfc3339_ms(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Reserves the next `count` sequence numbers of a change and returns the first: an increment of the change's
+/// Reserves the next `count` sequence numbers of a change and returns the first (with the change's attempt): an increment of the change's
 /// own counter, which row-locks it until the transaction ends, so concurrent writers of one change queue and
 /// writers of different changes do not meet.
 pub(super) async fn reserve_seqs(
     tx: &mut Tx,
     change_id: &str,
     count: i64,
-) -> Result<i64, StoreError> {
-    let last: i64 =
-        query("UPDATE changes SET last_seq = last_seq + ? WHERE id = ? RETURNING last_seq")
-            .bind(count)
-            .bind(change_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound {
-                what: "change",
-                code: change_id.to_owned(),
-                hint: ": list changes with `runner change list`".into(),
-            })?
-            .get(0);
-    Ok(last - count + 1)
+) -> Result<(i64, i64), StoreError> {
+    let row = query(
+        "UPDATE changes SET last_seq = last_seq + ? WHERE id = ? RETURNING last_seq, attempt",
+    )
+    .bind(count)
+    .bind(change_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| StoreError::NotFound {
+        what: "change",
+        code: change_id.to_owned(),
+        hint: ": list changes with `runner change list`".into(),
+    })?;
+    let (last, attempt): (i64, i64) = (row.get(0), row.get(1));
+    Ok((last - count + 1, attempt))
 }
 
 impl Store {
@@ -73,6 +74,15 @@ impl Store {
         change_id: &str,
         entries: &[BatchEntry],
     ) -> Result<i64, StoreError> {
+        Ok(self.append_batch_in_attempt(change_id, entries).await?.0)
+    }
+
+    /// [`Store::append_batch`], also returning the change's attempt the batch was stored in.
+    pub async fn append_batch_in_attempt(
+        &self,
+        change_id: &str,
+        entries: &[BatchEntry],
+    ) -> Result<(i64, i64), StoreError> {
         let count = entries
             .iter()
             .map(|e| match e {
@@ -82,7 +92,7 @@ impl Store {
             .sum();
         // Only this change's row is locked: log writers of different changes never wait for one another.
         let mut tx = self.pool.row_tx().await?;
-        let first = reserve_seqs(&mut tx, change_id, count).await?;
+        let (first, attempt) = reserve_seqs(&mut tx, change_id, count).await?;
         let mut seq = first;
         for entry in entries {
             match entry {
@@ -123,7 +133,7 @@ impl Store {
             }
         }
         tx.commit().await?;
-        Ok(first)
+        Ok((first, attempt))
     }
 
     /// The change's events and log lines with `after < seq <= until` (no upper bound if `until` is `None`), in
@@ -148,6 +158,7 @@ impl Store {
             .filter_map(|row| {
                 Some(EventRecord {
                     change_id: change_id.to_owned(),
+                    attempt: 1,
                     seq: row.get("seq"),
                     at: row.get("at"),
                     event: serde_json::from_str(row.get::<&str, _>("event")).ok()?,
@@ -187,6 +198,12 @@ impl Store {
         }
         if had_events && !chunks.is_empty() {
             records.sort_by_key(|r| r.seq);
+        }
+        let bounds = self.attempt_bounds(change_id).await?;
+        if !bounds.is_empty() {
+            for record in &mut records {
+                record.attempt = super::attempts::attempt_of(&bounds, record.seq);
+            }
         }
         Ok(records)
     }
@@ -286,6 +303,7 @@ impl Store {
 fn line_record(change_id: &str, seq: i64, line: ChunkLine) -> EventRecord {
     EventRecord {
         change_id: change_id.to_owned(),
+        attempt: 1,
         seq,
         at: rfc3339_ms(line.at_ms),
         event: Event::Log {

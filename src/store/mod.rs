@@ -5,6 +5,7 @@
 //! processes on several hosts share. Each has its own migrations (`migrations/` for SQLite, `migrations/postgres/`
 //! for PostgreSQL, the same tables and numbers); every query is written once in the SQL both speak.
 
+mod attempts;
 mod base_images;
 mod change_query;
 mod changes;

@@ -103,7 +103,7 @@ pub(super) async fn insert_event(
     change_id: &str,
     event: &Event,
 ) -> Result<EventRecord, StoreError> {
-    let seq = super::logs::reserve_seqs(&mut *tx, change_id, 1).await?;
+    let (seq, attempt) = super::logs::reserve_seqs(&mut *tx, change_id, 1).await?;
     let at = now();
     query("INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)")
         .bind(change_id)
@@ -114,6 +114,7 @@ pub(super) async fn insert_event(
         .await?;
     Ok(EventRecord {
         change_id: change_id.to_owned(),
+        attempt,
         seq,
         at,
         event: event.clone(),
@@ -216,20 +217,23 @@ impl Store {
         id: &str,
         owner: &str,
     ) -> Result<Result<(), Change>, StoreError> {
-        let done = query(
+        // The ended attempt is archived and the next one begins in one transaction: a retry that loses the race
+        // (the change is no longer in error or cancelled) writes nothing.
+        let mut tx = self.write_tx().await?;
+        if !super::attempts::archive_attempt(&mut tx, id).await? {
+            drop(tx);
+            return Ok(Err(self.change(id).await?));
+        }
+        query(
             "UPDATE changes SET state = 'pending', reason = NULL, owner = ?, cancel_requested = 0, \
-             finished_at = NULL WHERE id = ? AND state IN ('error', 'cancelled')",
+             finished_at = NULL, attempt = attempt + 1 WHERE id = ?",
         )
         .bind(owner)
         .bind(id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if done == 1 {
-            Ok(Ok(()))
-        } else {
-            Ok(Err(self.change(id).await?))
-        }
+        .execute(&mut tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(()))
     }
 
     /// Marks a step running with the property versions it starts from, if its change is still `running` for
@@ -243,7 +247,8 @@ impl Store {
     ) -> Result<Transition, StoreError> {
         let done = query(
             "UPDATE steps SET state = 'running', started_at = ?, project_version = ?, environment_version = ?, \
-             reason = NULL, exit_code = NULL, finished_at = NULL \
+             reason = NULL, exit_code = NULL, finished_at = NULL, \
+             attempt = (SELECT c.attempt FROM changes c WHERE c.id = steps.change_id) \
              WHERE id = ? AND state != 'success' AND EXISTS \
              (SELECT 1 FROM changes c WHERE c.id = steps.change_id AND c.owner = ? AND c.state = 'running')",
         )
