@@ -406,7 +406,10 @@ async fn a_retried_change_keeps_its_first_attempt_beside_the_second() {
     .await;
     let change = server.create(create_request("deploy", "")).await.unwrap();
     assert_eq!(change.attempt, 1);
-    assert_eq!(server.wait_finished(&change.id).await.state, "error");
+    assert_eq!(
+        server.wait_finished(&change.id).await.state(),
+        pb::ChangeState::Error
+    );
     let retried = server
         .changes()
         .retry_change(pb::RetryChangeRequest {
@@ -418,7 +421,10 @@ async fn a_retried_change_keeps_its_first_attempt_beside_the_second() {
         .into_inner();
     assert_eq!(retried.attempt, 2);
     let current = server.wait_finished(&change.id).await;
-    assert_eq!((current.state.as_str(), current.attempt), ("error", 2));
+    assert_eq!(
+        (current.state(), current.attempt),
+        (pb::ChangeState::Error, 2)
+    );
 
     let detail = |attempt: i64| {
         let mut changes = server.changes();
@@ -442,19 +448,19 @@ async fn a_retried_change_keeps_its_first_attempt_beside_the_second() {
     assert_eq!(first.attempts, 2);
     let first_change = first.change.as_ref().unwrap();
     assert_eq!(
-        (first_change.attempt, first_change.state.as_str()),
-        (1, "error")
+        (first_change.attempt, first_change.state()),
+        (1, pb::ChangeState::Error)
     );
     assert!(!first_change.reason.is_empty());
     let (a1, a2) = (step_a(&first), step_a(&now));
     assert_eq!(a1.id, a2.id, "the same step, run in each attempt");
     assert_eq!(
-        (a1.state.as_str(), a1.attempt, a1.exit_code),
-        ("error", 1, Some(3))
+        (a1.state(), a1.attempt, a1.exit_code),
+        (pb::StepState::Error, 1, Some(3))
     );
-    assert_eq!((a2.state.as_str(), a2.attempt), ("error", 2));
+    assert_eq!((a2.state(), a2.attempt), (pb::StepState::Error, 2));
     assert!(!a1.reason.is_empty());
-    assert_ne!(a1.started_at, a2.started_at);
+    assert_ne!(a1.start_time, a2.start_time);
     let step = |attempt: i64| {
         let mut changes = server.changes();
         let id = a1.id.clone();
@@ -487,7 +493,7 @@ async fn a_retried_change_keeps_its_first_attempt_beside_the_second() {
     for attempt in [1, 2] {
         let failed = events.iter().any(|e| {
             e.attempt == attempt
-                && matches!(&e.event, Some(pb::change_event::Event::StepState(s)) if s.step_id == a1.id && s.state == "error")
+                && matches!(&e.event, Some(pb::change_event::Event::StepState(s)) if s.step_id == a1.id && s.state() == pb::StepState::Error)
         });
         assert!(failed, "attempt {attempt}'s failure of a is tagged with it");
     }
