@@ -485,3 +485,47 @@ fn a_queued_change_waits_for_a_worker_and_a_cancel_ends_it() {
         "{shown}"
     );
 }
+
+#[test]
+fn bench_fleet_runs_one_sqlite_worker_beside_one_to_three_postgres_workers() {
+    if !support::docker_available() || !support::postgres::postgres_available() {
+        return;
+    }
+    support::base_image();
+    let url = support::postgres::shared().database();
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args([
+            "bench",
+            "fleet",
+            "--changes",
+            "2",
+            "--parallel",
+            "1",
+            "--postgres",
+            &url,
+        ])
+        .env("RUNNER_HOME", home.path())
+        .env_remove("RUNNER_DATABASE_URL")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for label in [
+        "SQLite, one worker",
+        "PostgreSQL, 1 worker(s)",
+        "PostgreSQL, 2 worker(s)",
+        "PostgreSQL, 3 worker(s)",
+    ] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("{label} missing: {text}"));
+        // Every configuration ran its changes: a rate, and a ratio against the SQLite row of the same run.
+        assert!(row.trim_end().ends_with('x'), "{row}");
+    }
+}

@@ -86,6 +86,19 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 30)]
         runs: usize,
     },
+    /// A fleet end to end: one-step changes per second run by 1, 2 and 3 `runner worker` processes (each its own
+    /// data directory) sharing a PostgreSQL store, beside one worker on SQLite, measured in the same run.
+    Fleet {
+        /// Timed changes per configuration (after an untimed warm-up round), each on its own environment.
+        #[arg(long, default_value_t = 24)]
+        changes: usize,
+        /// Changes each worker runs at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// A scratch PostgreSQL database to measure (projects named bench-fleet-… are added to it).
+        #[arg(long)]
+        postgres: Option<String>,
+    },
 }
 
 pub(super) fn median(mut samples: Vec<Duration>) -> Duration {
@@ -167,6 +180,19 @@ pub async fn run(home: &Path, cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Crash { trials, points } => {
             super::bench_crash::run(&scratch, trials.max(1), &points).await
+        }
+        BenchCommand::Fleet {
+            changes,
+            parallel,
+            postgres,
+        } => {
+            super::bench_fleet::run(
+                &scratch,
+                changes.max(1),
+                parallel.max(1),
+                postgres.as_deref(),
+            )
+            .await
         }
         BenchCommand::Web { changes, runs } => {
             super::bench_web::run(&scratch, changes.max(1), runs.max(1)).await

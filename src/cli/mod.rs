@@ -6,6 +6,7 @@
 mod output;
 mod bench;
 mod bench_crash;
+mod bench_fleet;
 mod bench_logs;
 mod bench_store;
 mod bench_web;
