@@ -17,7 +17,7 @@
 //! ```
 //!
 //! The rules the database itself holds, whichever process or host writes: at most one `running` change per
-//! environment (a partial unique index; claims are also made in creation order inside the writer transaction);
+//! environment (a partial unique index; claims are also made in creation order, under the environment row's lock);
 //! every write to a change or its steps names the owner that must hold it (`owner = ?` in the same statement), so
 //! a runner whose change was reaped — its lease expired by the database's clock — writes nothing more; each
 //! change numbers its own events and log lines (`changes.last_seq`).
@@ -144,7 +144,18 @@ impl Store {
         change_id: &str,
         owner: &str,
     ) -> Result<Claim, StoreError> {
-        let mut tx = self.write_tx().await?;
+        // Claims of one environment queue on its row (PostgreSQL), not on the store-wide writer lock: workers
+        // claiming different environments do not wait for each other. SQLite has the one writer lock.
+        let mut tx = self.pool.row_tx().await?;
+        if self.backend() == super::db::Backend::Postgres {
+            query(
+                "SELECT e.id FROM environments e JOIN changes c ON c.environment_id = e.id WHERE c.id = ? \
+                 FOR UPDATE OF e",
+            )
+            .bind(change_id)
+            .fetch_optional(&mut tx)
+            .await?;
+        }
         let mine: i64 = query(
             "SELECT COUNT(*) FROM changes WHERE id = ? AND owner = ? AND state = 'queued' AND cancel_requested = 0",
         )
