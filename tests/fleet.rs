@@ -529,3 +529,31 @@ fn bench_fleet_runs_one_sqlite_worker_beside_one_to_three_postgres_workers() {
         assert!(row.trim_end().ends_with('x'), "{row}");
     }
 }
+
+#[test]
+fn a_worker_refuses_bad_settings_and_a_missing_docker_clearly() {
+    let home = tempfile::tempdir().unwrap();
+    let worker = |args: &[&str], docker: &str| {
+        Command::new(env!("CARGO_BIN_EXE_runner"))
+            .arg("worker")
+            .args(args)
+            .env("RUNNER_HOME", home.path())
+            .env("DOCKER_HOST", docker)
+            .env_remove("RUNNER_DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+    let out = worker(&["--parallel", "0"], "unix:///var/run/docker.sock");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--parallel") && err.contains("1..=256"),
+        "{err}"
+    );
+    // No Docker: it says so and ends, rather than taking changes it cannot run.
+    let socket = home.path().join("no-docker.sock");
+    let out = worker(&[], &format!("unix://{}", socket.display()));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Docker daemon is unreachable"), "{err}");
+}
