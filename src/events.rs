@@ -124,6 +124,19 @@ pub enum Event {
     },
 }
 
+/// How a step's log keeps a line of one of its services: `[service NAME] LINE` (on stderr).
+pub fn service_line(service: &str, line: &str) -> String {
+    format!("[service {service}] {line}")
+}
+
+/// The service a step's log line came from (see [`service_line`]); `None` for the step's own output. Read from the
+/// line's prefix, so a step that prints such a line itself is taken for that service.
+pub fn service_of(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix("[service ")?;
+    let (name, _) = rest.split_once("] ")?;
+    (!name.is_empty()).then_some(name)
+}
+
 /// An event as stored: numbered per change from 1, without gaps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
@@ -155,6 +168,24 @@ mod tests {
             r#"{"type":"change_state","state":"running"}"#
         );
         assert_eq!(StepState::parse("aborted"), Some(StepState::Aborted));
+    }
+
+    #[test]
+    fn a_service_line_names_its_service_and_the_steps_own_lines_none() {
+        assert_eq!(
+            service_of(&service_line("web", "listening on 80")),
+            Some("web")
+        );
+        assert_eq!(service_of(&service_line("db", "")), Some("db"));
+        for own in [
+            "hello",
+            "[service web]no space",
+            "[service ] x",
+            "[services web] x",
+            "",
+        ] {
+            assert_eq!(service_of(own), None, "{own:?}");
+        }
         assert!(ChangeState::Cancelled.is_final() && !ChangeState::Queued.is_final());
     }
 }

@@ -501,6 +501,44 @@ async fn a_retried_change_keeps_its_first_attempt_beside_the_second() {
 }
 
 #[tokio::test]
+async fn log_lines_say_which_service_they_came_from() {
+    let server = start(vec![(
+        "a",
+        Script {
+            output: vec![
+                "the step's own line".into(),
+                "[service web] web is up".into(),
+            ],
+            ..Default::default()
+        },
+    )])
+    .await;
+    let change = server.create(create_request("deploy", "")).await.unwrap();
+    let (events, end) = server
+        .watch_to_end(pb::WatchChangeRequest {
+            id: change.id.clone(),
+            ..Default::default()
+        })
+        .await;
+    end.unwrap();
+    let lines: Vec<(String, String)> = events
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Some(pb::change_event::Event::Log(l)) => Some((l.service, l.line)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            (String::new(), "the step's own line".to_owned()),
+            ("web".to_owned(), "[service web] web is up".to_owned())
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn retrying_a_succeeded_change_is_failed_precondition() {
     let server = start(vec![]).await;
     let change = server.create(create_request("deploy", "")).await.unwrap();

@@ -241,6 +241,9 @@ pub fn event(event: &Event) -> pb::change_event::Event {
             step_id: step_id.clone(),
             stream: self::stream(*stream) as i32,
             line: line.clone(),
+            service: crate::events::service_of(line)
+                .unwrap_or_default()
+                .to_owned(),
         }),
     }
 }

@@ -263,7 +263,7 @@ pub async fn stop(
             let _ = logs
                 .send(LogLine::line(
                     Stream::Stderr,
-                    &format!("[service {name}] {line}"),
+                    &crate::events::service_line(name, &line),
                 ))
                 .await;
         }
