@@ -400,6 +400,9 @@ async fn a_retried_change_keeps_its_first_attempt_beside_the_second() {
         "a",
         Script {
             exit_code: 3,
+            // Long enough that a watch from seq 0 right after the retry meets attempt 1's end first: it must not end
+            // there (wait_finished below relies on it).
+            delay: Duration::from_millis(300),
             ..Default::default()
         },
     )])

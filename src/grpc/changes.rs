@@ -349,19 +349,25 @@ impl pb::change_service_server::ChangeService for Changes {
                 let id = r.id.clone();
                 async move { store.events_after(&id, last).await }
             };
-            // Whether the change has ended (then nothing more will be stored after what is there now).
+            // Whether the change has ended (then nothing more will be stored after what is there now), and its
+            // current attempt: only that attempt's end ends the watch (an earlier attempt's end was retried).
             let finished = || {
                 let store = store.clone();
                 let id = r.id.clone();
-                async move { store.change(&id).await.map(|c| c.state.is_final()) }
+                async move {
+                    store
+                        .change(&id)
+                        .await
+                        .map(|c| (c.state.is_final(), c.attempt))
+                }
             };
             let send = |record: &EventRecord| tx.send(Ok(convert::change_event(record)));
             let mut done = false;
             crate::orchestrator::crash_point::reached("serve-watching").await;
             while !done {
                 // Read the state first: if it was final, everything it stored is in what is read next.
-                let ended = match finished().await {
-                    Ok(ended) => ended,
+                let (ended, attempt) = match finished().await {
+                    Ok(now) => now,
                     Err(e) => {
                         let _ = tx.send(Err(Error::from(e).into())).await;
                         return;
@@ -379,7 +385,7 @@ impl pb::change_service_server::ChangeService for Changes {
                         return;
                     }
                     last = record.seq;
-                    done |= is_final(record);
+                    done |= is_final(record) && record.attempt >= attempt;
                 }
                 if r.history_only || ended {
                     return;
@@ -395,7 +401,7 @@ impl pb::change_service_server::ChangeService for Changes {
                                 if record.seq == last + 1 {
                                     if send(&record).await.is_err() { return; }
                                     last = record.seq;
-                                    done = is_final(&record);
+                                    done = is_final(&record) && record.attempt >= attempt;
                                 } else if record.seq > last + 1 {
                                     break; // a gap: fill it from the store
                                 }
