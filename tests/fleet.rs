@@ -150,9 +150,17 @@ async fn a_host_killed_mid_step_loses_its_change_and_the_others_carry_on() {
 /// A `runner worker` process with its own data directory, on the shared store; its stderr goes to a file, from
 /// which its owner id is read.
 struct Worker {
-    home: tempfile::TempDir,
+    home: Option<tempfile::TempDir>,
     child: std::process::Child,
     owner: String,
+}
+
+/// A failing test leaves no worker behind.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Worker {
@@ -187,7 +195,11 @@ impl Worker {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        Worker { home, child, owner }
+        Worker {
+            home: Some(home),
+            child,
+            owner,
+        }
     }
 
     /// SIGTERM, and waits for it to end (it ends its changes and gives up its lease first).
@@ -196,7 +208,7 @@ impl Worker {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
         assert!(status.success(), "the worker ended {status}");
-        self.home
+        self.home.take().unwrap()
     }
 }
 
@@ -440,7 +452,7 @@ async fn a_worker_killed_mid_step_loses_its_change_and_the_others_carry_on() {
     }
 
     // The lost worker comes back: nothing of its change is left in Docker.
-    let back = Worker::start_in(lost.home, &url);
+    let back = Worker::start_in(lost.home.take().unwrap(), &url);
     let deadline = Instant::now() + Duration::from_secs(30);
     while containers_of(&change).await > 0 {
         assert!(

@@ -39,8 +39,12 @@ impl Orchestrator {
             // to the workers that can also remove what the dead left.
             let docker_up = self.executor.available().await.is_ok();
             if docker_up && reaped_at.is_none_or(|at| at.elapsed() >= REAP_EVERY) {
-                if let Err(e) = self.reap().await {
-                    tracing::warn!(error = %e, "reaping the changes of dead workers failed");
+                // Reaping is idempotent: a stop does not wait for it (the store may be what is failing).
+                tokio::select! {
+                    reaped = self.reap() => if let Err(e) = reaped {
+                        tracing::warn!(error = %e, "reaping the changes of dead workers failed");
+                    },
+                    _ = stop.cancelled() => {}
                 }
                 reaped_at = Some(std::time::Instant::now());
             }
