@@ -91,7 +91,7 @@ impl LogView {
                 let service_ok = self
                     .service
                     .as_ref()
-                    .is_none_or(|name| line.starts_with(&format!("[service {name}] ")));
+                    .is_none_or(|name| crate::events::service_of(line) == Some(name.as_str()));
                 service_ok && self.grep.as_ref().is_none_or(|re| re.is_match(line))
             }
             _ => self.service.is_none() && !self.lines_only(),

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::error::PageError;
-use super::pages::step::{stream_class, SERVICE_PREFIX};
+use super::pages::step::stream_class;
 use super::AppState;
 use crate::events::{ChangeState, Event, EventRecord};
 use crate::store::Store;
@@ -154,7 +154,7 @@ pub async fn step(
                             serde_json::json!({
                                 "stream": stream_class(*stream),
                                 "line": line,
-                                "service": line.starts_with(SERVICE_PREFIX),
+                                "service": crate::events::service_of(line).is_some(),
                             })
                             .to_string(),
                         )),

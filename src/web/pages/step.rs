@@ -11,13 +11,10 @@ use super::super::AppState;
 use super::change::short;
 use super::diff::{changed_paths, table};
 use super::{masked_json, masker};
-use crate::events::{Event, EventRecord};
+use crate::events::{service_of, Event, EventRecord};
 use crate::executor::Stream;
 use crate::mask::Masker;
 use crate::store::{PropertiesOwner, Step, Store};
-
-/// The prefix the executor gives a service's log lines.
-pub const SERVICE_PREFIX: &str = "[service ";
 
 pub async fn show(
     State(state): State<AppState>,
@@ -37,7 +34,7 @@ pub async fn show(
     let live = !step.state.is_final() && !change.state.is_final();
     let has_services = mine
         .iter()
-        .any(|r| matches!(&r.event, Event::Log { line, .. } if line.starts_with(SERVICE_PREFIX)));
+        .any(|r| matches!(&r.event, Event::Log { line, .. } if service_of(line).is_some()));
     Ok(page(
         &format!("Step {}", step.action),
         html! {
@@ -59,7 +56,7 @@ pub async fn show(
                 data-events={ "/steps/" (step.id) "/events?after=" (last_seq) } {
                 @for r in &mine {
                     @if let Event::Log { stream, line, .. } = &r.event {
-                        @if !line.starts_with(SERVICE_PREFIX) {
+                        @if service_of(line).is_none() {
                             span class=(stream_class(*stream)) { (line) "\n" }
                         }
                     }
@@ -70,7 +67,7 @@ pub async fn show(
                 pre.log #service-log aria-labelledby="service-heading" tabindex="0" {
                     @for r in &mine {
                         @if let Event::Log { stream, line, .. } = &r.event {
-                            @if line.starts_with(SERVICE_PREFIX) {
+                            @if service_of(line).is_some() {
                                 span class=(stream_class(*stream)) { (line) "\n" }
                             }
                         }
