@@ -1,110 +1,42 @@
 //! A real tonic client against `grpc::run` on loopback. Steps run on the fake executor here; the container paths
 //! are covered by the end-to-end tests.
 
+#[path = "support/grpc_server.rs"]
+mod grpc_server;
 mod support;
 
+use grpc_server::{fake_orchestrator, Options, Server};
 use runner::app::App;
 use runner::grpc::pb::change_event::Event as E;
-use runner::grpc::pb::change_service_client::ChangeServiceClient;
 use runner::grpc::pb::project_service_client::ProjectServiceClient;
 use runner::grpc::pb::{self, Scope};
 use runner::grpc::{run, ServerConfig};
-use runner::orchestrator::{Orchestrator, Settings};
+use runner::orchestrator::Orchestrator;
 use serde_json::json;
-use std::sync::Arc;
 use std::time::Duration;
-use support::fakes::{FakeExecutor, Script};
-use support::fakes::{FakeImages, FakeSources};
+use support::fakes::Script;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 const TOKEN: &str = "s3cr3t-token";
 
-struct Server {
-    _home: tempfile::TempDir,
-    channel: Channel,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<Result<(), runner::grpc::ServerError>>,
-}
-
 async fn start(scripts: Vec<(&str, Script)>) -> Server {
     start_with_grace(scripts, Duration::from_secs(5)).await
 }
 
 async fn start_with_grace(scripts: Vec<(&str, Script)>, grace: Duration) -> Server {
-    let home = tempfile::tempdir().unwrap();
-    let app = App::open(home.path()).await.unwrap();
-    app.create_project("demo", "Demo", Some("/nowhere"))
-        .await
-        .unwrap();
-    app.create_environment("demo", "dev", "Dev").await.unwrap();
-    let manifest = json!({"actions": {
+    Options::new(json!({"actions": {
         "deploy": {"steps": ["a", "b"]}, "a": {"run": "a"}, "b": {"run": "b"}, "slow": {"run": "slow"}
-    }});
-    let executor = Arc::new(FakeExecutor {
-        scripts: scripts
-            .into_iter()
-            .map(|(a, s)| (a.to_owned(), s))
-            .collect(),
-        ..Default::default()
-    });
-    let orchestrator = Orchestrator::new(
-        app,
-        Arc::new(FakeSources {
-            manifest,
-            properties: json!({}),
-        }),
-        Arc::new(FakeImages),
-        executor,
-        Settings {
-            poll: Duration::from_millis(20),
-            ..Default::default()
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = ServerConfig {
-        token: Some(TOKEN.into()),
-        grace,
-        ..Default::default()
-    };
-    let handle = tokio::spawn(run(listener, orchestrator, config, async {
-        let _ = stopped.await;
-    }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
-    Server {
-        _home: home,
-        channel,
-        stop: Some(stop),
-        handle,
-    }
+    }}))
+    .token(TOKEN)
+    .grace(grace)
+    .scripts(scripts)
+    .start()
+    .await
 }
 
 impl Server {
-    fn authed<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        request.metadata_mut().insert(
-            "authorization",
-            MetadataValue::try_from(format!("Bearer {TOKEN}")).unwrap(),
-        );
-        request
-    }
-    fn projects(&self) -> ProjectServiceClient<Channel> {
-        ProjectServiceClient::new(self.channel.clone())
-    }
-    fn changes(&self) -> ChangeServiceClient<Channel> {
-        ChangeServiceClient::new(self.channel.clone())
-    }
-    /// Stops the server and waits for it; returns its data directory for a look afterwards.
-    async fn stop(mut self) -> tempfile::TempDir {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.handle.await.unwrap().unwrap();
-        self._home
-    }
     async fn create(&self, action: &str) -> pb::Change {
         let request = pb::CreateChangeRequest {
             project: "demo".into(),
@@ -589,16 +521,7 @@ async fn shutdown_cancels_what_outlives_the_grace_period() {
 
 /// An orchestrator with no actions, for tests of the server itself.
 fn bare_orchestrator(app: App) -> Orchestrator {
-    Orchestrator::new(
-        app,
-        Arc::new(FakeSources {
-            manifest: json!({"actions": {}}),
-            properties: json!({}),
-        }),
-        Arc::new(FakeImages),
-        Arc::new(FakeExecutor::default()),
-        Settings::default(),
-    )
+    fake_orchestrator(app, json!({"actions": {}}), Default::default())
 }
 
 #[tokio::test]

@@ -2,37 +2,25 @@
 //! the fake executor) and the real `runner` binary: each gets a clear error with the right status or exit code,
 //! and nothing is applied, leaked or left running.
 
+#[path = "support/grpc_server.rs"]
+mod grpc_server;
 mod support;
 
+use grpc_server::{fake_orchestrator, Options, Server};
 use runner::app::App;
-use runner::grpc::pb::change_service_client::ChangeServiceClient;
-use runner::grpc::pb::project_service_client::ProjectServiceClient;
-use runner::grpc::pb::step_runner_service_client::StepRunnerServiceClient;
 use runner::grpc::pb::{self, run_step_event::Event as R, Scope};
 use runner::grpc::{run, ServerConfig};
-use runner::orchestrator::{Orchestrator, Settings};
 use runner::secrets::SecretValues;
 use serde_json::{json, Value};
-use std::sync::Arc;
 use std::time::Duration;
-use support::fakes::{FakeExecutor, FakeImages, FakeSources, Script};
+use support::fakes::Script;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 const TOKEN: &str = "hostile-test-token";
 /// Secret values the server holds: none may ever appear in an answer.
 const DB_PASSWORD: &str = "db-canary-7c41e2";
 const CI_TOKEN: &str = "ci-canary-5b9f03";
-
-struct Server {
-    _home: tempfile::TempDir,
-    channel: Channel,
-    executor: Arc<FakeExecutor>,
-    app: App,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<Result<(), runner::grpc::ServerError>>,
-}
 
 fn manifest() -> Value {
     json!({"actions": {
@@ -47,63 +35,14 @@ fn manifest() -> Value {
 
 /// A server whose operator wrote `policy`; the secrets `db` and `ci` exist.
 async fn start(policy: &str, scripts: Vec<(&str, Script)>) -> Server {
-    let home = tempfile::tempdir().unwrap();
-    std::fs::write(home.path().join("policy.toml"), policy).unwrap();
-    let app = App::open(home.path()).await.unwrap();
-    app.create_project("demo", "Demo", Some("/nowhere"))
+    Options::new(manifest())
+        .token(TOKEN)
+        .policy(policy)
+        .secret("db", "DB_PASSWORD", DB_PASSWORD)
+        .secret("ci", "CI_TOKEN", CI_TOKEN)
+        .scripts(scripts)
+        .start()
         .await
-        .unwrap();
-    app.create_environment("demo", "dev", "Dev").await.unwrap();
-    for (name, key, value) in [
-        ("db", "DB_PASSWORD", DB_PASSWORD),
-        ("ci", "CI_TOKEN", CI_TOKEN),
-    ] {
-        app.secrets
-            .set(name, SecretValues([(key.into(), value.into())].into()))
-            .unwrap();
-    }
-    let executor = Arc::new(FakeExecutor {
-        scripts: scripts
-            .into_iter()
-            .map(|(a, s)| (a.to_owned(), s))
-            .collect(),
-        ..Default::default()
-    });
-    let orchestrator = Orchestrator::new(
-        app.clone(),
-        Arc::new(FakeSources {
-            manifest: manifest(),
-            properties: json!({}),
-        }),
-        Arc::new(FakeImages),
-        executor.clone(),
-        Settings {
-            poll: Duration::from_millis(20),
-            ..Default::default()
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = ServerConfig {
-        token: Some(TOKEN.into()),
-        grace: Duration::from_secs(5),
-        ..Default::default()
-    };
-    let handle = tokio::spawn(run(listener, orchestrator, config, async {
-        let _ = stopped.await;
-    }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
-    Server {
-        _home: home,
-        channel,
-        executor,
-        app,
-        stop: Some(stop),
-        handle,
-    }
 }
 
 fn env_scope() -> Option<Scope> {
@@ -121,23 +60,6 @@ fn project_scope() -> Option<Scope> {
 }
 
 impl Server {
-    fn authed<T>(&self, message: T) -> Request<T> {
-        with_token(message, &format!("Bearer {TOKEN}"))
-    }
-    fn projects(&self) -> ProjectServiceClient<Channel> {
-        ProjectServiceClient::new(self.channel.clone())
-    }
-    fn changes(&self) -> ChangeServiceClient<Channel> {
-        ChangeServiceClient::new(self.channel.clone())
-    }
-    fn steps(&self) -> StepRunnerServiceClient<Channel> {
-        StepRunnerServiceClient::new(self.channel.clone())
-    }
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.handle.await.unwrap().unwrap();
-    }
-
     async fn create(&self, action: &str) -> Result<pb::Change, Status> {
         let request = pb::CreateChangeRequest {
             project: "demo".into(),
@@ -787,16 +709,7 @@ async fn a_blank_token_in_the_server_config_is_refused_before_serving() {
     for token in ["", "  ", "\n"] {
         let home = tempfile::tempdir().unwrap();
         let app = App::open(home.path()).await.unwrap();
-        let orchestrator = Orchestrator::new(
-            app,
-            Arc::new(FakeSources {
-                manifest: manifest(),
-                properties: json!({}),
-            }),
-            Arc::new(FakeImages),
-            Arc::new(FakeExecutor::default()),
-            Settings::default(),
-        );
+        let orchestrator = fake_orchestrator(app, manifest(), Default::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = ServerConfig {
             token: Some(token.into()),

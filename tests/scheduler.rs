@@ -2,104 +2,37 @@
 //! idempotent retries (also after a lost response), resumable and bounded watches, shutdown, keyset pages, labels,
 //! and the code and `ErrorInfo.reason` of every error a scheduler acts on. Steps run on the fake executor.
 
+#[path = "support/grpc_server.rs"]
+mod grpc_server;
 mod support;
 
+use grpc_server::{channel_to, Options, Server};
 use runner::app::App;
 use runner::grpc::pb::change_service_client::ChangeServiceClient;
-use runner::grpc::pb::project_service_client::ProjectServiceClient;
 use runner::grpc::pb::{self, Scope};
+use runner::grpc::run;
 use runner::grpc::status::reason;
-use runner::grpc::{run, ServerConfig};
-use runner::orchestrator::{Orchestrator, Settings};
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
-use support::fakes::{FakeExecutor, FakeImages, FakeSources, Script};
+use support::fakes::Script;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-struct Server {
-    _home: tempfile::TempDir,
-    addr: std::net::SocketAddr,
-    channel: Channel,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<Result<(), runner::grpc::ServerError>>,
-}
-
 async fn start(scripts: Vec<(&str, Script)>) -> Server {
-    let home = tempfile::tempdir().unwrap();
-    let app = App::open(home.path()).await.unwrap();
-    app.create_project("demo", "Demo", Some("/nowhere"))
-        .await
-        .unwrap();
-    app.create_environment("demo", "dev", "Dev").await.unwrap();
-    app.create_environment("demo", "prod", "Prod")
-        .await
-        .unwrap();
-    let manifest = json!({"actions": {
+    Options::new(json!({"actions": {
         "deploy": {"steps": ["a"]}, "a": {"run": "a"}, "slow": {"run": "slow"}, "fail": {"run": "fail"},
         "hang": {"run": "hang", "timeout": "1s"}
-    }});
-    let executor = Arc::new(FakeExecutor {
-        scripts: scripts
-            .into_iter()
-            .map(|(a, s)| (a.to_owned(), s))
-            .collect(),
-        ..Default::default()
-    });
-    let orchestrator = Orchestrator::new(
-        app,
-        Arc::new(FakeSources {
-            manifest,
-            properties: json!({}),
-        }),
-        Arc::new(FakeImages),
-        executor,
-        Settings {
-            poll: Duration::from_millis(20),
-            ..Default::default()
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = ServerConfig {
-        grace: Duration::from_secs(5),
-        ..Default::default()
-    };
-    let handle = tokio::spawn(run(listener, orchestrator, config, async {
-        let _ = stopped.await;
-    }));
-    let channel = channel_to(addr);
-    Server {
-        _home: home,
-        addr,
-        channel,
-        stop: Some(stop),
-        handle,
-    }
-}
-
-fn channel_to(addr: std::net::SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy()
+    }}))
+    .environment("prod", "Prod")
+    .scripts(scripts)
+    .start()
+    .await
 }
 
 impl Server {
-    fn changes(&self) -> ChangeServiceClient<Channel> {
-        ChangeServiceClient::new(self.channel.clone())
-    }
-    fn projects(&self) -> ProjectServiceClient<Channel> {
-        ProjectServiceClient::new(self.channel.clone())
-    }
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.handle.await.unwrap().unwrap();
-    }
     async fn create(&self, request: pb::CreateChangeRequest) -> Result<pb::Change, Status> {
         self.changes()
             .create_change(request)
