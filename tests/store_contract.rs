@@ -1552,3 +1552,172 @@ contract!(
         assert_eq!(store.adopt_change("w1").await.unwrap(), None);
     }
 );
+
+// ---- Wake-ups (src/store/wakeups.rs). Followers wait with a 60 s fallback, so only a notification (or an
+// in-process signal) can wake them within a test: each case asserts *that* its follower was notified, not how fast.
+mod wakeups {
+    use super::*;
+    use runner::store::Woke;
+    use std::time::Duration;
+
+    /// Long enough that a follower woken within a test was woken by a notification.
+    const NEVER: Duration = Duration::from_secs(60);
+
+    fn lines_only(change: &str, n: i64) -> BatchEntry {
+        let lines: Vec<ChunkLine> = (0..n)
+            .map(|i| ChunkLine {
+                step_id: format!("{change}-root"),
+                stream: Stream::Stdout,
+                at_ms: 1_700_000_000_000 + i,
+                line: format!("line {i}"),
+            })
+            .collect();
+        BatchEntry::Lines {
+            count: n,
+            first_at: lines[0].at_ms,
+            last_at: lines[n as usize - 1].at_ms,
+            text_bytes: lines.iter().map(|l| l.line.len() as i64 + 1).sum(),
+            chunk: chunk::encode(&lines),
+        }
+    }
+
+    fn running() -> Event {
+        Event::ChangeState {
+            state: ChangeState::Running,
+            reason: None,
+        }
+    }
+
+    async fn postgres_pair() -> Option<(Store, Store, String, tempfile::TempDir)> {
+        if !support::postgres::postgres_available() {
+            return None;
+        }
+        let url = support::postgres::shared().database();
+        let home = tempfile::tempdir().unwrap();
+        let follower = Store::connect(home.path(), Some(&url)).await.unwrap();
+        // Another process's handle: its own pool, its own connections.
+        let writer = Store::connect(home.path(), Some(&url)).await.unwrap();
+        follower.set_follow_fallback(NEVER);
+        Some((follower, writer, url, home))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_another_handles_event_and_log_lines_wake_the_changes_follower() {
+        let Some((follower, writer, _url, _home)) = postgres_pair().await else {
+            return;
+        };
+        project_env(&writer).await;
+        new_change(&writer, "c1", "w").await;
+        new_change(&writer, "c2", "w").await;
+        let mut c1 = follower.change_signal("c1").await;
+        assert_eq!(c1.fallback(), NEVER);
+        writer.append_event("c1", &running()).await.unwrap();
+        assert_eq!(c1.wait().await, Woke::Notified, "an event of c1");
+        // Log lines alone (a chunk, no event) wake it too.
+        writer
+            .append_batch("c1", &[lines_only("c1", 3)])
+            .await
+            .unwrap();
+        assert_eq!(c1.wait().await, Woke::Notified, "log lines of c1");
+        // A cancel request moves the change's row.
+        writer.request_cancel("c1").await.unwrap();
+        assert_eq!(c1.wait().await, Woke::Notified, "a cancel request of c1");
+        // Another change's news is not c1's.
+        writer.append_event("c2", &running()).await.unwrap();
+        assert_eq!(
+            c1.wait_at_most(Duration::from_millis(100)).await,
+            Woke::Fallback,
+            "c2's event woke c1's follower"
+        );
+        writer
+            .finish_change("c1", "w", ChangeState::Cancelled, None)
+            .await
+            .unwrap();
+        assert_eq!(c1.wait().await, Woke::Notified, "c1 ended");
+        assert!(follower.change("c1").await.unwrap().state.is_final());
+        follower.close().await;
+        writer.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_another_handles_new_change_and_cancel_wake_the_workers() {
+        let Some((follower, writer, _url, _home)) = postgres_pair().await else {
+            return;
+        };
+        project_env(&writer).await;
+        let mut work = follower.work_signal().await;
+        new_change(&writer, "c1", "").await;
+        assert_eq!(work.wait().await, Woke::Notified, "a queued change");
+        writer.request_cancel("c1").await.unwrap();
+        assert_eq!(work.wait().await, Woke::Notified, "a cancel request");
+        follower.close().await;
+        writer.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_a_listener_whose_connection_is_killed_wakes_its_followers_and_listens_again()
+    {
+        let Some((follower, writer, url, _home)) = postgres_pair().await else {
+            return;
+        };
+        project_env(&writer).await;
+        new_change(&writer, "c1", "w").await;
+        let mut c1 = follower.change_signal("c1").await;
+        let admin = sqlx::PgPool::connect(&url).await.unwrap();
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        assert_eq!(killed, 1, "one listening connection per store handle");
+        // Whatever was announced while it was gone is unknown: its followers are told to look again.
+        assert_eq!(c1.wait().await, Woke::Notified, "the reconnect");
+        // And it listens again.
+        let mut c1 = follower.change_signal("c1").await;
+        writer.append_event("c1", &running()).await.unwrap();
+        assert_eq!(
+            c1.wait().await,
+            Woke::Notified,
+            "an event after the reconnect"
+        );
+        admin.close().await;
+        follower.close().await;
+        writer.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_writers_of_this_process_wake_followers_and_other_processes_are_polled() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::connect(home.path(), None).await.unwrap();
+        project_env(&store).await;
+        new_change(&store, "c1", "w").await;
+        new_change(&store, "c2", "w").await;
+        assert_eq!(store.follow_fallback(), runner::store::SQLITE_FALLBACK);
+        store.set_follow_fallback(NEVER);
+        let mut c1 = store.change_signal("c1").await;
+        let writer = store.clone();
+        tokio::spawn(async move { writer.append_event("c1", &running()).await.unwrap() });
+        assert_eq!(c1.wait().await, Woke::Notified, "an event of c1");
+        store
+            .append_batch("c1", &[lines_only("c1", 2)])
+            .await
+            .unwrap();
+        assert_eq!(c1.wait().await, Woke::Notified, "log lines of c1");
+        let mut work = store.work_signal().await;
+        store.request_cancel("c2").await.unwrap();
+        assert_eq!(work.wait().await, Woke::Notified, "a cancel request");
+        // Another process's store handle cannot signal this one: its writes are found by the fallback poll.
+        let other = Store::connect(home.path(), None).await.unwrap();
+        let before = store.last_seq("c1").await.unwrap();
+        other.append_event("c1", &running()).await.unwrap();
+        assert_eq!(
+            c1.wait_at_most(Duration::from_millis(20)).await,
+            Woke::Fallback
+        );
+        assert!(store.last_seq("c1").await.unwrap() > before);
+        other.close().await;
+        store.close().await;
+    }
+}

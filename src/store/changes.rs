@@ -167,6 +167,7 @@ impl Store {
         .await?;
         super::labels::insert_labels(&mut tx, new.id, new.labels).await?;
         tx.commit().await?;
+        self.work_changed();
         Ok(())
     }
 
@@ -206,6 +207,8 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        self.changed(id);
+        self.work_changed();
         Ok(())
     }
 

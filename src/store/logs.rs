@@ -133,6 +133,7 @@ impl Store {
             }
         }
         tx.commit().await?;
+        self.changed(change_id);
         Ok((first, attempt))
     }
 

@@ -19,6 +19,7 @@ mod properties;
 mod requests;
 mod step_runs;
 mod transitions;
+mod wakeups;
 mod web;
 
 pub use base_images::{BaseImageSetting, BaseImageSource};
@@ -32,6 +33,9 @@ pub use properties::{PropertiesOwner, PropertiesVersion, PropertiesWrite, Writte
 pub use requests::{RequestClaim, ABANDONED_AFTER, REQUEST_ID_WINDOW};
 pub use step_runs::{NewStepRun, StepRunEnd, StepRunEvent, StepRunOutcome, StepRunRecord};
 pub use transitions::{Claim, ReapedChange, StepSettle, Transition, Verdict};
+pub use wakeups::{
+    parse_fallback, set_default_fallback, Signal, Woke, POSTGRES_FALLBACK, SQLITE_FALLBACK,
+};
 pub use web::{WebChangeFilter, WrittenVersion};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -104,6 +108,8 @@ pub struct Store {
     pool: db::Pool,
     id: String,
     home: PathBuf,
+    /// Wake-ups of followers and workers (see [`wakeups`]); shared by this handle's clones.
+    wakeups: std::sync::Arc<wakeups::Hub>,
 }
 
 impl Store {
@@ -193,6 +199,7 @@ impl Store {
             pool,
             id,
             home: home.to_owned(),
+            wakeups: std::sync::Arc::new(wakeups::Hub::new()),
         }
     }
 
@@ -203,6 +210,7 @@ impl Store {
 
     /// Closes the store's connections (a PostgreSQL server then sees this process leave at once).
     pub async fn close(&self) {
+        self.wakeups.close().await;
         self.pool.close().await
     }
 

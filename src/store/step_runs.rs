@@ -181,6 +181,7 @@ impl Store {
             .execute(&mut tx)
             .await?;
         tx.commit().await?;
+        self.step_run_changed(run_id);
         Ok(StepRunEvent {
             seq,
             at,
@@ -231,6 +232,7 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        self.step_run_changed(id);
         Ok(())
     }
 
@@ -259,6 +261,7 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        self.step_run_changed(id);
         Ok(done == 1)
     }
 }

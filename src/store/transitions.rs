@@ -217,6 +217,8 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        self.changed(id);
+        self.work_changed();
         Ok(Transition::of(done))
     }
 
@@ -403,6 +405,12 @@ impl Store {
             });
         }
         tx.commit().await?;
+        for change in &reaped {
+            self.changed(&change.id);
+        }
+        if !reaped.is_empty() {
+            self.work_changed();
+        }
         Ok(reaped)
     }
 }
