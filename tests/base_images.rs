@@ -430,17 +430,33 @@ fn a_missing_source_image_is_named_with_how_to_get_it() {
         return;
     }
     let world = World::new();
-    let (ok, _, stderr) = world.build_base("runner-test/does-not-exist:1", "runner-test/never:1");
-    assert!(!ok);
-    assert!(
-        stderr.contains("\"runner-test/does-not-exist:1\" is not in the Docker Engine")
-            && stderr.contains("docker pull")
-            && stderr.contains("docker import"),
-        "{stderr}"
-    );
-    let (ok, _, stderr) = world.build_base("runner-test/does-not-exist:1", "Not A Tag");
-    assert!(!ok);
-    assert!(stderr.contains("invalid --tag \"Not A Tag\""), "{stderr}");
+    // (case, --from, --tag, what stderr says)
+    let cases = [
+        (
+            "a source image that is not there",
+            "runner-test/does-not-exist:1",
+            "runner-test/never:1",
+            &[
+                "\"runner-test/does-not-exist:1\" is not in the Docker Engine",
+                "docker pull",
+                "docker import",
+            ][..],
+        ),
+        (
+            "a tag that is not a tag",
+            "runner-test/does-not-exist:1",
+            "Not A Tag",
+            &["invalid --tag \"Not A Tag\""][..],
+        ),
+    ];
+    let cases = cases.map(|(case, from, tag, needles)| (case, (from, tag, needles)));
+    support::each_case(cases, |(from, tag, needles)| {
+        let (ok, _, stderr) = world.build_base(from, tag);
+        assert!(!ok, "refused");
+        for needle in needles {
+            assert!(stderr.contains(needle), "expected {needle:?} in {stderr}");
+        }
+    });
 }
 
 #[test]
@@ -563,32 +579,35 @@ fn a_base_image_the_policy_does_not_grant_fails_the_change_naming_the_setting() 
 #[test]
 fn base_image_settings_are_checked_and_only_admins_set_them() {
     let world = World::new();
-    let (ok, _, stderr) = world.run(&[
-        "project",
-        "set-base-image",
-        "--project",
-        "perl",
-        "--image",
-        "Not An Image",
-    ]);
-    assert!(!ok);
-    assert!(
-        stderr.contains("invalid base image \"Not An Image\""),
-        "{stderr}"
-    );
-    let (ok, _, stderr) = world.run(&[
-        "project",
-        "set-base-image",
-        "--project",
-        "nope",
-        "--image",
-        "a:1",
-    ]);
-    assert!(!ok);
-    assert!(stderr.contains("\"nope\" does not exist"), "{stderr}");
-    let (ok, _, stderr) = world.run(&["project", "set-base-image", "--project", "perl"]);
-    assert!(!ok, "--image or --clear is required");
-    assert!(stderr.contains("--image"), "{stderr}");
+    let set = |extra: &[&'static str]| {
+        let mut args = vec!["project", "set-base-image"];
+        args.extend_from_slice(extra);
+        args
+    };
+    // (case, arguments, what stderr says)
+    let cases = [
+        (
+            "an image that is not an image reference",
+            set(&["--project", "perl", "--image", "Not An Image"]),
+            "invalid base image \"Not An Image\"",
+        ),
+        (
+            "a project that does not exist",
+            set(&["--project", "nope", "--image", "a:1"]),
+            "\"nope\" does not exist",
+        ),
+        (
+            "neither --image nor --clear",
+            set(&["--project", "perl"]),
+            "--image",
+        ),
+    ];
+    let cases = cases.map(|(case, args, needle)| (case, (args, needle)));
+    support::each_case(cases, |(args, needle)| {
+        let (ok, _, stderr) = world.run(&args);
+        assert!(!ok, "refused");
+        assert!(stderr.contains(needle), "expected {needle:?} in {stderr}");
+    });
 }
 
 #[test]

@@ -36,6 +36,11 @@ impl Hostile {
             format!("FROM scratch\nLABEL leaked={CANARY}\n"),
         )
         .unwrap();
+        std::fs::write(
+            outside.join("props.json"),
+            format!(r#"{{"leak": "{CANARY}"}}"#),
+        )
+        .unwrap();
         support::git(&repo, &["init", "-q", "-b", "main"]);
         let h = Hostile {
             home,
@@ -255,100 +260,100 @@ fn refused_in_change(h: &Hostile, action: &str, needle: &str) -> String {
 
 // ---- Manifests ----
 
+/// Manifests the runner must refuse when the change is created, with the error each gets. One data directory
+/// serves every row: a refusal records nothing, so none can see another's.
 #[test]
-fn a_timeout_too_long_to_represent_is_refused_not_a_panic() {
+fn manifests_that_cannot_run_are_refused_when_the_change_is_created() {
     if !support::docker_available() {
         return;
     }
     let h = Hostile::new();
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            r#"{"actions": {"slow": {"run": "true", "timeout": "99999999999999999999h"}}}"#,
-        )],
-        &[],
-    );
-    refused_at_create(
-        &h,
-        "slow",
-        "\"99999999999999999999h\" is too long: at most 8760h",
-    );
-}
-
-#[test]
-fn a_numeric_timeout_beyond_any_duration_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            r#"{"actions": {"slow": {"run": "true", "timeout": 18446744073709551615}}}"#,
-        )],
-        &[],
-    );
-    refused_at_create(&h, "slow", "is too long");
-}
-
-#[test]
-fn a_service_readiness_timeout_overflow_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            r#"{"actions": {"it": {"run": "true", "services": {"db": {"image": "x", "readiness_timeout": "1e400h"}}}}}"#,
-        )],
-        &[],
-    );
-    refused_at_create(&h, "it", "invalid duration unit");
-}
-
-#[test]
-fn a_manifest_that_is_not_utf8_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    std::fs::write(
-        h.repo.join(".opschain/actions.json"),
-        b"{\"actions\": {\"\xff\xfe\": {}}}",
-    )
-    .unwrap();
-    h.commit(&[], &[]);
-    refused_at_create(&h, "ok", ".opschain/actions.json is malformed");
-}
-
-#[test]
-fn a_truncated_manifest_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    h.commit(
-        &[(".opschain/actions.json", r#"{"actions": {"ok": {"run": "#)],
-        &[],
-    );
-    refused_at_create(&h, "ok", ".opschain/actions.json is malformed");
-}
-
-#[test]
-fn an_action_cannot_grant_itself_unknown_settings() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            r#"{"actions": {"ok": {"run": "true", "privileged": true, "secrets": ["db"]}}}"#,
-        )],
-        &[],
-    );
-    refused_at_create(&h, "ok", "unknown field `privileged`");
+    let long_service = "s".repeat(64);
+    let outside_dockerfile = h.outside.join("Dockerfile");
+    // (case, .opschain/actions.json, action, what the error says)
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "a timeout too long to represent is refused, not a panic",
+            r#"{"actions": {"slow": {"run": "true", "timeout": "99999999999999999999h"}}}"#.into(),
+            "slow",
+            "\"99999999999999999999h\" is too long: at most 8760h",
+        ),
+        (
+            "a numeric timeout beyond any duration",
+            r#"{"actions": {"slow": {"run": "true", "timeout": 18446744073709551615}}}"#.into(),
+            "slow",
+            "is too long",
+        ),
+        (
+            "a service readiness timeout overflow",
+            r#"{"actions": {"it": {"run": "true", "services": {"db": {"image": "x", "readiness_timeout": "1e400h"}}}}}"#.into(),
+            "it",
+            "invalid duration unit",
+        ),
+        (
+            "a manifest that is not UTF-8",
+            b"{\"actions\": {\"\xff\xfe\": {}}}".to_vec(),
+            "ok",
+            ".opschain/actions.json is malformed",
+        ),
+        (
+            "a truncated manifest",
+            r#"{"actions": {"ok": {"run": "#.into(),
+            "ok",
+            ".opschain/actions.json is malformed",
+        ),
+        (
+            "an action cannot grant itself unknown settings",
+            r#"{"actions": {"ok": {"run": "true", "privileged": true, "secrets": ["db"]}}}"#.into(),
+            "ok",
+            "unknown field `privileged`",
+        ),
+        (
+            "an action name with control characters",
+            r#"{"actions": {"ok\u001b[2J": {"run": "true"}, "ok": {"run": "true"}}}"#.into(),
+            "ok",
+            "action name \"ok\\u{1b}[2J\"",
+        ),
+        (
+            "a service name longer than a host name",
+            format!(
+                r#"{{"actions": {{"it": {{"run": "true", "services": {{"{long_service}": {{"image": "x"}}}}}}}}}}"#
+            )
+            .into(),
+            "it",
+            "use 1-63 letters",
+        ),
+        (
+            "actions that reach themselves",
+            r#"{"actions": {"a": {"steps": ["b"]}, "b": {"steps": ["a"]}}}"#.into(),
+            "a",
+            "form a cycle: a -> b -> a",
+        ),
+        (
+            "a service build context with `..`",
+            service_build("web/Dockerfile", "web/../../outside").into(),
+            "it",
+            "leaves the repository (`..`)",
+        ),
+        (
+            "an absolute service Dockerfile path",
+            service_build(outside_dockerfile.to_str().unwrap(), ".").into(),
+            "it",
+            "is absolute: give a path inside the repository",
+        ),
+        (
+            "resources that are not sizes",
+            r#"{"actions": {"it": {"run": "true", "resources": {"memory": "lots"}}}}"#.into(),
+            "it",
+            "action \"it\" in .opschain/actions.json: `resources` invalid size \"lots\"",
+        ),
+    ];
+    let cases = cases.into_iter().map(|(case, m, a, n)| (case, (m, a, n)));
+    support::each_case(cases, |(manifest, action, needle)| {
+        std::fs::write(h.repo.join(".opschain/actions.json"), manifest).unwrap();
+        h.commit(&[], &[]);
+        refused_at_create(&h, action, needle);
+    });
 }
 
 #[test]
@@ -372,59 +377,6 @@ fn an_action_name_longer_than_the_limit_is_refused() {
         "the error quotes a bounded excerpt of the name, not all of it"
     );
 }
-
-#[test]
-fn an_action_name_with_control_characters_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            r#"{"actions": {"ok\u001b[2J": {"run": "true"}, "ok": {"run": "true"}}}"#,
-        )],
-        &[],
-    );
-    refused_at_create(&h, "ok", "action name \"ok\\u{1b}[2J\"");
-}
-
-#[test]
-fn a_service_name_longer_than_a_host_name_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    let name = "s".repeat(64);
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            &format!(
-                r#"{{"actions": {{"it": {{"run": "true", "services": {{"{name}": {{"image": "x"}}}}}}}}}}"#
-            ),
-        )],
-        &[],
-    );
-    refused_at_create(&h, "it", "use 1-63 letters");
-}
-
-#[test]
-fn actions_that_reach_themselves_are_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            r#"{"actions": {"a": {"steps": ["b"]}, "b": {"steps": ["a"]}}}"#,
-        )],
-        &[],
-    );
-    refused_at_create(&h, "a", "form a cycle: a -> b -> a");
-}
-
-// ---- Symlinks out of the repository, one per kind of path ----
 
 #[test]
 fn a_manifest_symlinked_out_of_the_repository_is_refused() {
@@ -460,39 +412,6 @@ fn an_opschain_directory_symlinked_out_of_the_repository_is_refused() {
     refused_at_create(&h, "ok", "is reached through the symlink .opschain");
 }
 
-#[test]
-fn repository_properties_symlinked_out_of_the_repository_are_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    support::base_image();
-    let h = Hostile::new();
-    std::fs::write(
-        h.outside.join("props.json"),
-        format!(r#"{{"leak": "{CANARY}"}}"#),
-    )
-    .unwrap();
-    let target = h.outside.join("props.json");
-    h.commit(
-        &[],
-        &[(".opschain/properties.json", target.to_str().unwrap())],
-    );
-    refused_in_change(&h, "ok", "symlinks are never followed");
-}
-
-#[test]
-fn a_repository_dockerfile_symlinked_out_of_the_repository_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    support::base_image();
-    let h = Hostile::new();
-    let target = h.outside.join("Dockerfile");
-    h.commit(&[], &[(".opschain/Dockerfile", target.to_str().unwrap())]);
-    let reason = refused_in_change(&h, "ok", ".opschain/Dockerfile at ");
-    assert!(reason.contains("symlinks are never followed"), "{reason}");
-}
-
 /// The service manifest for the build tests: `web` built from `dockerfile` with `context`.
 fn service_build(dockerfile: &str, context: &str) -> String {
     format!(
@@ -500,129 +419,101 @@ fn service_build(dockerfile: &str, context: &str) -> String {
     )
 }
 
+/// Symlinks out of the repository, one per kind of path read while the change runs: each fails the change before
+/// any step container runs, with a reason that names it.
 #[test]
-fn a_symlinked_service_build_context_cannot_serve_files_outside_the_repository() {
+fn paths_symlinked_out_of_the_repository_fail_the_change_before_any_step_runs() {
     if !support::docker_available() {
         return;
     }
     support::base_image();
-    let h = Hostile::new();
-    h.commit(
-        &[
-            (
-                ".opschain/actions.json",
-                &service_build("web/Dockerfile", "svc"),
-            ),
-            ("web/Dockerfile", "FROM scratch\nCOPY secret.txt /\n"),
-        ],
-        &[("svc", "../../../outside")],
+    let service =
+        |dockerfile, context| (".opschain/actions.json", service_build(dockerfile, context));
+    let copy_secret = (
+        "web/Dockerfile",
+        "FROM scratch\nCOPY secret.txt /\n".to_owned(),
     );
-    let reason = refused_in_change(
-        &h,
-        "it",
-        "build context \"svc\" leads outside the repository",
-    );
-    assert!(reason.contains("service \"web\""), "{reason}");
+    let cases = [
+        (
+            "repository properties",
+            Escape {
+                files: vec![],
+                link: (".opschain/properties.json", "$OUTSIDE/props.json"),
+                action: "ok",
+                reason: &["symlinks are never followed"],
+            },
+        ),
+        (
+            "the repository's Dockerfile",
+            Escape {
+                files: vec![],
+                link: (".opschain/Dockerfile", "$OUTSIDE/Dockerfile"),
+                action: "ok",
+                reason: &[".opschain/Dockerfile at ", "symlinks are never followed"],
+            },
+        ),
+        (
+            "a relative service build context",
+            Escape {
+                files: vec![service("web/Dockerfile", "svc"), copy_secret.clone()],
+                link: ("svc", "../../../outside"),
+                action: "it",
+                reason: &[
+                    "build context \"svc\" leads outside the repository",
+                    "service \"web\"",
+                ],
+            },
+        ),
+        (
+            "an absolute service build context",
+            Escape {
+                files: vec![service("web/Dockerfile", "svc"), copy_secret],
+                link: ("svc", "$OUTSIDE"),
+                action: "it",
+                reason: &["build context \"svc\" leads outside the repository"],
+            },
+        ),
+        (
+            "a service Dockerfile",
+            Escape {
+                files: vec![service("web/Dockerfile", ".")],
+                link: ("web/Dockerfile", "../../../../outside/Dockerfile"),
+                action: "it",
+                reason: &["build Dockerfile \"web/Dockerfile\" leads outside the repository"],
+            },
+        ),
+        (
+            "a service Dockerfile below a symlinked directory",
+            Escape {
+                files: vec![service("svc/Dockerfile", ".")],
+                link: ("svc", "../../../outside"),
+                action: "it",
+                reason: &["build Dockerfile \"svc/Dockerfile\" leads outside the repository"],
+            },
+        ),
+    ];
+    support::each_case(cases, |escape| {
+        let h = Hostile::new();
+        let files: Vec<(&str, &str)> = escape.files.iter().map(|(p, c)| (*p, c.as_str())).collect();
+        let (link, target) = escape.link;
+        let target = target.replace("$OUTSIDE", h.outside.to_str().unwrap());
+        h.commit(&files, &[(link, &target)]);
+        let reason = refused_in_change(&h, escape.action, escape.reason[0]);
+        for needle in &escape.reason[1..] {
+            assert!(reason.contains(needle), "expected {needle:?} in {reason}");
+        }
+    });
 }
 
-#[test]
-fn an_absolute_symlinked_service_build_context_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    support::base_image();
-    let h = Hostile::new();
-    let target = h.outside.clone();
-    h.commit(
-        &[
-            (
-                ".opschain/actions.json",
-                &service_build("web/Dockerfile", "svc"),
-            ),
-            ("web/Dockerfile", "FROM scratch\nCOPY secret.txt /\n"),
-        ],
-        &[("svc", target.to_str().unwrap())],
-    );
-    refused_in_change(
-        &h,
-        "it",
-        "build context \"svc\" leads outside the repository",
-    );
-}
-
-#[test]
-fn a_service_dockerfile_symlinked_out_of_the_repository_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    support::base_image();
-    let h = Hostile::new();
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            &service_build("web/Dockerfile", "."),
-        )],
-        &[("web/Dockerfile", "../../../../outside/Dockerfile")],
-    );
-    refused_in_change(
-        &h,
-        "it",
-        "build Dockerfile \"web/Dockerfile\" leads outside the repository",
-    );
-}
-
-#[test]
-fn a_service_dockerfile_below_a_symlinked_directory_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    support::base_image();
-    let h = Hostile::new();
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            &service_build("svc/Dockerfile", "."),
-        )],
-        &[("svc", "../../../outside")],
-    );
-    refused_in_change(
-        &h,
-        "it",
-        "build Dockerfile \"svc/Dockerfile\" leads outside the repository",
-    );
-}
-
-#[test]
-fn a_service_build_context_with_dot_dot_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            &service_build("web/Dockerfile", "web/../../outside"),
-        )],
-        &[],
-    );
-    refused_at_create(&h, "it", "leaves the repository (`..`)");
-}
-
-#[test]
-fn an_absolute_service_dockerfile_path_is_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    let target = h.outside.join("Dockerfile");
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            &service_build(target.to_str().unwrap(), "."),
-        )],
-        &[],
-    );
-    refused_at_create(&h, "it", "is absolute: give a path inside the repository");
+/// A path of the repository symlinked out of it, and how the change fails.
+struct Escape {
+    /// Committed as they are.
+    files: Vec<(&'static str, String)>,
+    /// The symlink (path, target); a target `$OUTSIDE…` starts with the absolute path of `outside/`.
+    link: (&'static str, &'static str),
+    action: &'static str,
+    /// What the failed change's reason says: all of these.
+    reason: &'static [&'static str],
 }
 
 #[test]
@@ -882,26 +773,6 @@ fn resources_above_the_operators_maximum_are_refused_before_anything_runs() {
         &[],
     );
     refused_at_create(&h, "forky", "raise `max_pids`");
-}
-
-#[test]
-fn resources_that_are_not_sizes_are_refused() {
-    if !support::docker_available() {
-        return;
-    }
-    let h = Hostile::new();
-    h.commit(
-        &[(
-            ".opschain/actions.json",
-            r#"{"actions": {"it": {"run": "true", "resources": {"memory": "lots"}}}}"#,
-        )],
-        &[],
-    );
-    refused_at_create(
-        &h,
-        "it",
-        "action \"it\" in .opschain/actions.json: `resources` invalid size \"lots\"",
-    );
 }
 
 #[test]

@@ -674,48 +674,39 @@ async fn page_tokens_are_bound_to_their_filter_and_bad_queries_are_invalid_argum
         .await
         .unwrap();
     assert!(!page.next_page_token.is_empty());
-    assert_error(
-        server
-            .list(pb::ListChangesRequest {
-                page_size: 1,
-                page_token: page.next_page_token.clone(),
-                filter: "action = deploy".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::InvalidArgument,
-        "INVALID_PAGE_TOKEN",
-    );
-    assert_error(
-        server
-            .list(pb::ListChangesRequest {
-                page_token: "garbage".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::InvalidArgument,
-        "INVALID_PAGE_TOKEN",
-    );
-    assert_error(
-        server
-            .list(pb::ListChangesRequest {
-                filter: "colour = red".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::InvalidArgument,
-        "INVALID_FILTER",
-    );
-    assert_error(
-        server
-            .list(pb::ListChangesRequest {
-                order_by: "name".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::InvalidArgument,
-        "INVALID_ORDER_BY",
-    );
+    let list = |page_token: &str, filter: &str, order_by: &str| pb::ListChangesRequest {
+        page_size: 1,
+        page_token: page_token.into(),
+        filter: filter.into(),
+        order_by: order_by.into(),
+        ..Default::default()
+    };
+    // (case, request, reason); every one is InvalidArgument.
+    let cases = [
+        (
+            "a token under another filter",
+            list(&page.next_page_token, "action = deploy", ""),
+            "INVALID_PAGE_TOKEN",
+        ),
+        (
+            "a token that is no token",
+            list("garbage", "", ""),
+            "INVALID_PAGE_TOKEN",
+        ),
+        (
+            "an unknown filter field",
+            list("", "colour = red", ""),
+            "INVALID_FILTER",
+        ),
+        ("an unknown order", list("", "", "name"), "INVALID_ORDER_BY"),
+    ];
+    let mut answers = vec![];
+    for (case, request, expected) in cases {
+        answers.push((case, (server.list(request).await, expected)));
+    }
+    support::each_case(answers, |(answer, expected)| {
+        assert_error(answer, Code::InvalidArgument, expected);
+    });
     server.stop().await;
 }
 
@@ -785,48 +776,114 @@ async fn labels_are_kept_and_filter_the_list() {
 async fn errors_carry_codes_and_reasons_a_scheduler_can_act_on() {
     let server = start(vec![]).await;
     let changes = server.changes();
-    assert_error(
-        changes
-            .clone()
-            .get_change(pb::GetChangeRequest::default())
-            .await,
-        Code::InvalidArgument,
-        "FIELD_REQUIRED",
-    );
-    assert_error(
-        changes
-            .clone()
-            .get_change(pb::GetChangeRequest {
-                id: "nope".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::NotFound,
-        "CHANGE_NOT_FOUND",
-    );
-    assert_error(
-        changes
-            .clone()
-            .get_step(pb::GetStepRequest {
-                id: "nope".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::NotFound,
-        "STEP_NOT_FOUND",
-    );
-    assert_error(
-        server.create(pb::CreateChangeRequest::default()).await,
-        Code::InvalidArgument,
-        "FIELD_REQUIRED",
-    );
+    let projects = server.projects();
+    let scope = || {
+        Some(Scope {
+            project: "demo".into(),
+            environment: String::new(),
+        })
+    };
     let mut unknown_project = create_request("deploy", "");
     unknown_project.project = "nope".into();
-    assert_error(
-        server.create(unknown_project).await,
-        Code::NotFound,
-        "PROJECT_NOT_FOUND",
-    );
+    // (case, the call's answer, code, reason)
+    let cases: Vec<(&str, Result<(), Status>, Code, &str)> = vec![
+        (
+            "GetChange without an id",
+            changes
+                .clone()
+                .get_change(pb::GetChangeRequest::default())
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "FIELD_REQUIRED",
+        ),
+        (
+            "GetChange of an unknown id",
+            changes
+                .clone()
+                .get_change(pb::GetChangeRequest {
+                    id: "nope".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Code::NotFound,
+            "CHANGE_NOT_FOUND",
+        ),
+        (
+            "GetStep of an unknown id",
+            changes
+                .clone()
+                .get_step(pb::GetStepRequest {
+                    id: "nope".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Code::NotFound,
+            "STEP_NOT_FOUND",
+        ),
+        (
+            "CreateChange without its fields",
+            server
+                .create(pb::CreateChangeRequest::default())
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "FIELD_REQUIRED",
+        ),
+        (
+            "CreateChange in an unknown project",
+            server.create(unknown_project).await.map(drop),
+            Code::NotFound,
+            "PROJECT_NOT_FOUND",
+        ),
+        (
+            "PatchProperties with an unknown op",
+            projects
+                .clone()
+                .patch_properties(pb::PatchPropertiesRequest {
+                    scope: scope(),
+                    patch_json: "[{\"op\": \"jump\"}]".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "INVALID_PATCH",
+        ),
+        (
+            "GetProperties without a scope",
+            projects
+                .clone()
+                .get_properties(pb::GetPropertiesRequest::default())
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "FIELD_REQUIRED",
+        ),
+        (
+            "CreateProject of a code in use",
+            projects
+                .clone()
+                .create_project(pb::CreateProjectRequest {
+                    code: "demo".into(),
+                    name: "again".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Code::AlreadyExists,
+            "PROJECT_ALREADY_EXISTS",
+        ),
+    ];
+    let cases = cases
+        .into_iter()
+        .map(|(case, answer, code, reason)| (case, (answer, code, reason)));
+    support::each_case(cases, |(answer, code, expected)| {
+        assert_error(answer, code, expected);
+    });
+    // The errors that say more than their reason.
     let status = assert_error(
         server.create(create_request("zz", "")).await,
         Code::InvalidArgument,
@@ -841,13 +898,6 @@ async fn errors_carry_codes_and_reasons_a_scheduler_can_act_on() {
             .field,
         "action"
     );
-    let scope = || {
-        Some(Scope {
-            project: "demo".into(),
-            environment: String::new(),
-        })
-    };
-    let projects = server.projects();
     let current = projects
         .clone()
         .set_properties(pb::SetPropertiesRequest {
@@ -880,38 +930,6 @@ async fn errors_carry_codes_and_reasons_a_scheduler_can_act_on() {
     assert_eq!(
         details.precondition_failure().unwrap().violations[0].description,
         format!("the current version is {current}")
-    );
-    assert_error(
-        projects
-            .clone()
-            .patch_properties(pb::PatchPropertiesRequest {
-                scope: scope(),
-                patch_json: "[{\"op\": \"jump\"}]".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::InvalidArgument,
-        "INVALID_PATCH",
-    );
-    assert_error(
-        projects
-            .clone()
-            .get_properties(pb::GetPropertiesRequest::default())
-            .await,
-        Code::InvalidArgument,
-        "FIELD_REQUIRED",
-    );
-    assert_error(
-        projects
-            .clone()
-            .create_project(pb::CreateProjectRequest {
-                code: "demo".into(),
-                name: "again".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::AlreadyExists,
-        "PROJECT_ALREADY_EXISTS",
     );
     server.stop().await;
 }
@@ -1298,6 +1316,7 @@ async fn step_run_errors_carry_codes_and_reasons() {
         Code::InvalidArgument,
         "INVALID_STEP_RUN_ID",
     );
+    let mut answers = vec![];
     for context in [
         "[1]",
         "{\"project\": 1}",
@@ -1307,17 +1326,16 @@ async fn step_run_errors_carry_codes_and_reasons() {
     ] {
         let mut request = step_request("a", "");
         request.step_context_json = context.into();
-        let status = assert_error(
-            steps.start_step_run(request).await,
-            Code::InvalidArgument,
-            "INVALID_STEP_CONTEXT",
-        );
+        answers.push((context, steps.start_step_run(request).await));
+    }
+    support::each_case(answers, |answer| {
+        let status = assert_error(answer, Code::InvalidArgument, "INVALID_STEP_CONTEXT");
         assert!(
             status.message().contains("step_context_json"),
             "{}",
             status.message()
         );
-    }
+    });
     assert_error(
         steps
             .get_step_run(pb::GetStepRunRequest {

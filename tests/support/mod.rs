@@ -278,3 +278,22 @@ pub fn create_args<'a>(env: &'a str, action: &'a str, extra: &[&'a str]) -> Vec<
     args.extend_from_slice(extra);
     args
 }
+
+/// Runs `check` on every `(name, case)` of a table, in order. A case that fails panics again with its name in
+/// front of its own message, so the failure says which row broke (the first failing row ends the test).
+pub fn each_case<N: std::fmt::Display, C>(
+    cases: impl IntoIterator<Item = (N, C)>,
+    mut check: impl FnMut(C),
+) {
+    for (name, case) in cases {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(case)));
+        if let Err(panic) = outcome {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(a panic without a message)");
+            panic!("case {name}: {message}");
+        }
+    }
+}
