@@ -32,7 +32,10 @@ impl ChangeState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepState {
+    /// Not its turn yet.
     Pending,
+    /// Its turn has come: any eligible worker may claim it.
+    Ready,
     Running,
     Success,
     Error,
@@ -43,7 +46,10 @@ pub enum StepState {
 
 impl StepState {
     pub fn is_final(self) -> bool {
-        !matches!(self, StepState::Pending | StepState::Running)
+        !matches!(
+            self,
+            StepState::Pending | StepState::Ready | StepState::Running
+        )
     }
 }
 
@@ -66,7 +72,7 @@ macro_rules! text_enum {
 }
 
 text_enum!(ChangeState { Pending => "pending", Queued => "queued", Running => "running", Success => "success", Error => "error", Cancelled => "cancelled" });
-text_enum!(StepState { Pending => "pending", Running => "running", Success => "success", Error => "error", Cancelled => "cancelled", Aborted => "aborted" });
+text_enum!(StepState { Pending => "pending", Ready => "ready", Running => "running", Success => "success", Error => "error", Cancelled => "cancelled", Aborted => "aborted" });
 
 /// The phases of a step that the log reports (seed 003: started, initialising, completing, finished).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

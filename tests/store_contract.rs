@@ -11,8 +11,8 @@ use runner::events::{ChangeState, Event, StepState};
 use runner::executor::Stream;
 use runner::logs::chunk::{self, ChunkLine};
 use runner::store::{
-    BaseImageSource, BatchEntry, ChangeFilter, Claim, NewChange, PropertiesOwner, PropertiesWrite,
-    StepFinish, StepSettle, Store, StoreError, Transition, Verdict, WrittenBy,
+    BaseImageSource, BatchEntry, ChangeFilter, Claim, NewChange, NewStep, PropertiesOwner,
+    PropertiesWrite, StepFinish, StepSettle, Store, StoreError, Transition, Verdict, WrittenBy,
 };
 use serde_json::json;
 
@@ -117,6 +117,17 @@ async fn project_env(store: &Store) -> (runner::store::Project, runner::store::E
         .await
         .unwrap();
     (p, e)
+}
+
+/// Children to record: (id, action), flags off.
+fn kids(spec: &[(&str, &str)]) -> Vec<NewStep> {
+    spec.iter()
+        .map(|(id, action)| NewStep {
+            id: (*id).to_owned(),
+            action: (*action).to_owned(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 async fn new_change(store: &Store, id: &str, owner: &str) {
@@ -623,10 +634,7 @@ contract!(
             store.start_step("c1-root", "me", 1, 1).await.unwrap(),
             Transition::Done
         );
-        let children = vec![
-            ("c1-a".to_owned(), "build".to_owned()),
-            ("c1-b".to_owned(), "release".to_owned()),
-        ];
+        let children = kids(&[("c1-a", "build"), ("c1-b", "release")]);
         let doc = json!({"deployed": true});
         let settle = StepSettle {
             change_id: "c1",
@@ -742,7 +750,7 @@ contract!(
             store.start_step("c1-root", "me", 1, 1).await.unwrap();
         };
         run(store.clone()).await;
-        let children = vec![("c1-a".to_owned(), "build".to_owned())];
+        let children = kids(&[("c1-a", "build")]);
         let by = WrittenBy::Change {
             change_id: "c1".into(),
             step_id: "c1-root".into(),

@@ -39,6 +39,10 @@ pub struct Action {
     pub timeout: Option<Duration>,
     #[serde(default)]
     pub ignore_failure: bool,
+    /// When the worker running the step is lost (its lease expired), run the step again on another worker
+    /// rather than failing it. Only for steps that are safe to run twice.
+    #[serde(default)]
+    pub retry_on_worker_loss: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Containers started before the step and removed after it, reachable from it by name.
@@ -587,6 +591,21 @@ mod tests {
         );
         assert!(m.actions["release"].ignore_failure);
         assert!(matches!(m.actions["release"].run, Some(Command::Exec(ref a)) if a.len() == 3));
+    }
+
+    #[test]
+    fn retry_on_worker_loss_is_off_unless_asked_and_must_be_a_boolean() {
+        let m = Manifest::parse(".opschain/actions.json", JSON.as_bytes()).unwrap();
+        assert!(!m.actions["build"].retry_on_worker_loss);
+        let on = r#"{ "actions": { "a": { "run": "true", "retry_on_worker_loss": true } } }"#;
+        let m = Manifest::parse(".opschain/actions.json", on.as_bytes()).unwrap();
+        assert!(m.actions["a"].retry_on_worker_loss);
+        let bad = r#"{ "actions": { "a": { "run": "true", "retry_on_worker_loss": "yes" } } }"#;
+        let e = Manifest::parse(".opschain/actions.json", bad.as_bytes()).unwrap_err();
+        assert!(
+            e.to_string().contains("retry_on_worker_loss") || e.to_string().contains("boolean"),
+            "{e}"
+        );
     }
 
     #[test]

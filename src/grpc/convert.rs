@@ -116,7 +116,8 @@ fn change_state_from(state: pb::ChangeState) -> Option<ChangeState> {
 
 fn step_state(state: StepState) -> pb::StepState {
     match state {
-        StepState::Pending => pb::StepState::Pending,
+        // The API's clients see a step whose turn came but that no worker took yet as pending.
+        StepState::Pending | StepState::Ready => pb::StepState::Pending,
         StepState::Running => pb::StepState::Running,
         StepState::Success => pb::StepState::Success,
         StepState::Error => pb::StepState::Error,
@@ -347,6 +348,10 @@ pub fn step_from(s: pb::Step) -> Step {
         started_at: rfc3339(s.start_time),
         finished_at: rfc3339(s.end_time),
         attempt: s.attempt.max(1),
+        // Which worker ran a step is the store's business, not the API's.
+        worker: None,
+        ignore_failure: false,
+        retry_on_worker_loss: false,
     }
 }
 

@@ -77,17 +77,21 @@ impl Orchestrator {
         }
         let id = uuid::Uuid::new_v4().to_string();
         store
-            .create_change(&crate::store::NewChange {
-                id: &id,
-                project_id: project.id,
-                environment_id: environment.id,
-                action: &request.action,
-                git_rev: &request.git_rev,
-                git_sha: &sha,
-                root_step_id: &uuid::Uuid::new_v4().to_string(),
-                owner,
-                labels,
-            })
+            .create_change_with_root(
+                &crate::store::NewChange {
+                    id: &id,
+                    project_id: project.id,
+                    environment_id: environment.id,
+                    action: &request.action,
+                    git_rev: &request.git_rev,
+                    git_sha: &sha,
+                    root_step_id: &uuid::Uuid::new_v4().to_string(),
+                    owner,
+                    labels,
+                },
+                action.ignore_failure,
+                action.retry_on_worker_loss,
+            )
             .await?;
         let record = store
             .append_event(

@@ -202,6 +202,9 @@ mod tests {
             started_at: None,
             finished_at: None,
             attempt: 1,
+            worker: None,
+            ignore_failure: false,
+            retry_on_worker_loss: false,
         }
     }
 

@@ -373,10 +373,10 @@ impl Orchestrator {
                 run.cancel.is_cancelled(),
             )
         };
-        let ids: Vec<(String, String)> = done
+        let ids: Vec<crate::store::NewStep> = done
             .children
             .iter()
-            .map(|a| (uuid::Uuid::new_v4().to_string(), a.clone()))
+            .map(|a| crate::store::NewStep::of(a, &run.manifest))
             .collect();
         let settle = StepSettle {
             change_id: &run.change.id,

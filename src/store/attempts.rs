@@ -25,11 +25,11 @@ pub(super) async fn archive_attempt(tx: &mut Tx, change_id: &str) -> Result<bool
     query(
         "INSERT INTO step_attempts (change_id, attempt, ord, id, step_attempt, parent_id, position, action, state, \
          reason, exit_code, image_id, image_cached, properties, children_strategy, project_version, \
-         environment_version, started_at, finished_at) \
+         environment_version, started_at, finished_at, worker, ignore_failure, retry_on_worker_loss) \
          SELECT s.change_id, c.attempt, s.rowid, s.id, s.attempt, s.parent_id, s.position, s.action, s.state, \
          s.reason, s.exit_code, s.image_id, s.image_cached, s.properties, s.children_strategy, s.project_version, \
-         s.environment_version, s.started_at, s.finished_at \
-         FROM steps s JOIN changes c ON c.id = s.change_id WHERE s.change_id = ?",
+         s.environment_version, s.started_at, s.finished_at, s.worker, s.ignore_failure, \
+         s.retry_on_worker_loss FROM steps s JOIN changes c ON c.id = s.change_id WHERE s.change_id = ?",
     )
     .bind(change_id)
     .execute(&mut *tx)

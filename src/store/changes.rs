@@ -48,6 +48,35 @@ pub struct Step {
     /// The change's attempt that last ran (or recorded) the step: a step that succeeded in an earlier attempt is
     /// kept, not run again, and keeps that attempt's number.
     pub attempt: i64,
+    /// The worker (lease owner) that claimed the step last; `None` before any did.
+    pub worker: Option<String>,
+    /// The action's `ignore_failure`: the step's failure does not fail its parent.
+    pub ignore_failure: bool,
+    /// The action's `retry_on_worker_loss`: the step runs again elsewhere if its worker is lost.
+    pub retry_on_worker_loss: bool,
+}
+
+/// A step to record (a change's root, or a step's child): its id, its action and the action's flags the store
+/// needs to advance the tree without the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NewStep {
+    pub id: String,
+    pub action: String,
+    pub ignore_failure: bool,
+    pub retry_on_worker_loss: bool,
+}
+
+impl NewStep {
+    /// A step of `action` as the manifest describes it (flags off for an action it does not know).
+    pub fn of(action: &str, manifest: &crate::actions::Manifest) -> NewStep {
+        let found = manifest.actions.get(action);
+        NewStep {
+            id: uuid::Uuid::new_v4().to_string(),
+            action: action.to_owned(),
+            ignore_failure: found.is_some_and(|a| a.ignore_failure),
+            retry_on_worker_loss: found.is_some_and(|a| a.retry_on_worker_loss),
+        }
+    }
 }
 
 /// A change to create.
@@ -127,6 +156,9 @@ pub(super) fn step_row(row: &Row) -> Step {
         started_at: row.get("started_at"),
         finished_at: row.get("finished_at"),
         attempt: row.get("attempt"),
+        worker: row.get("worker"),
+        ignore_failure: row.get::<i64, _>("ignore_failure") != 0,
+        retry_on_worker_loss: row.get::<i64, _>("retry_on_worker_loss") != 0,
     }
 }
 
@@ -139,8 +171,19 @@ pub(super) fn not_found(what: &'static str, id: &str, hint: &str) -> StoreError 
 }
 
 impl Store {
-    /// Creates a pending change with its root step.
+    /// Creates a pending change with its root step (flags off).
     pub async fn create_change(&self, new: &NewChange<'_>) -> Result<(), StoreError> {
+        self.create_change_with_root(new, false, false).await
+    }
+
+    /// Creates a pending change with its root step, which has the action's `ignore_failure` and
+    /// `retry_on_worker_loss` flags.
+    pub async fn create_change_with_root(
+        &self,
+        new: &NewChange<'_>,
+        ignore_failure: bool,
+        retry_on_worker_loss: bool,
+    ) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
         let at = now();
         query(
@@ -158,11 +201,14 @@ impl Store {
         .execute(&mut tx)
         .await?;
         query(
-            "INSERT INTO steps (id, change_id, parent_id, position, action, state) VALUES (?, ?, NULL, 0, ?, 'pending')",
+            "INSERT INTO steps (id, change_id, parent_id, position, action, state, ignore_failure, \
+             retry_on_worker_loss) VALUES (?, ?, NULL, 0, ?, 'pending', ?, ?)",
         )
         .bind(new.root_step_id)
         .bind(new.id)
         .bind(new.action)
+        .bind(ignore_failure)
+        .bind(retry_on_worker_loss)
         .execute(&mut tx)
         .await?;
         super::labels::insert_labels(&mut tx, new.id, new.labels).await?;
@@ -394,7 +440,7 @@ pub(super) async fn replace_children(
     change_id: &str,
     parent_id: &str,
     strategy: &str,
-    children: &[(String, String)],
+    children: &[NewStep],
 ) -> Result<(), StoreError> {
     query(
         "WITH RECURSIVE below(id) AS (SELECT id FROM steps WHERE parent_id = ? \
@@ -409,17 +455,20 @@ pub(super) async fn replace_children(
         .bind(parent_id)
         .execute(&mut *tx)
         .await?;
-    for (position, (id, action)) in children.iter().enumerate() {
+    for (position, child) in children.iter().enumerate() {
         query(
-            "INSERT INTO steps (id, change_id, parent_id, position, action, state, attempt) \
-             VALUES (?, ?, ?, ?, ?, 'pending', (SELECT attempt FROM changes WHERE id = ?))",
+            "INSERT INTO steps (id, change_id, parent_id, position, action, state, attempt, ignore_failure, \
+             retry_on_worker_loss) \
+             VALUES (?, ?, ?, ?, ?, 'pending', (SELECT attempt FROM changes WHERE id = ?), ?, ?)",
         )
-        .bind(id)
+        .bind(&child.id)
         .bind(change_id)
         .bind(parent_id)
         .bind(position as i64)
-        .bind(action)
+        .bind(&child.action)
         .bind(change_id)
+        .bind(child.ignore_failure)
+        .bind(child.retry_on_worker_loss)
         .execute(&mut *tx)
         .await?;
     }

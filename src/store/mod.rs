@@ -5,6 +5,7 @@
 //! processes on several hosts share. Each has its own migrations (`migrations/` for SQLite, `migrations/postgres/`
 //! for PostgreSQL, the same tables and numbers); every query is written once in the SQL both speak.
 
+pub mod advance;
 mod attempts;
 mod base_images;
 mod change_query;
@@ -24,7 +25,7 @@ mod web;
 
 pub use base_images::{BaseImageSetting, BaseImageSource};
 pub use change_query::{ChangeQuery, Keyset};
-pub use changes::{Change, ChangeFilter, NewChange, Step, StepFinish};
+pub use changes::{Change, ChangeFilter, NewChange, NewStep, Step, StepFinish};
 pub use db::Backend;
 pub use labels::Labels;
 pub use logs::{rfc3339_ms, BatchEntry, Pruned};

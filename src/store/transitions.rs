@@ -77,7 +77,7 @@ pub struct StepSettle<'a> {
     pub exit_code: Option<i64>,
     pub properties: Option<serde_json::Value>,
     /// `sequential` or `parallel`, and the children (new step id, action) to record; none for a leaf.
-    pub children: Option<(&'a str, &'a [(String, String)])>,
+    pub children: Option<(&'a str, &'a [super::NewStep])>,
 }
 
 /// The reaper's decision for one change whose runner died.
