@@ -21,15 +21,17 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-async fn start(scripts: Vec<(&str, Script)>) -> Server {
+/// The server of these tests before `.start()`: the manifest below, environments `dev` and `prod`, no token.
+fn options() -> Options {
     Options::new(json!({"actions": {
         "deploy": {"steps": ["a"]}, "a": {"run": "a"}, "slow": {"run": "slow"}, "fail": {"run": "fail"},
         "hang": {"run": "hang", "timeout": "1s"}
     }}))
     .environment("prod", "Prod")
-    .scripts(scripts)
-    .start()
-    .await
+}
+
+async fn start(scripts: Vec<(&str, Script)>) -> Server {
+    options().scripts(scripts).start().await
 }
 
 impl Server {
@@ -1566,7 +1568,7 @@ async fn projects_and_environments_get_update_by_mask_and_delete_when_unused() {
         projects
             .update_project(pb::UpdateProjectRequest {
                 project: Some(demo.clone()),
-                update_mask: mask(&["created_at"]),
+                update_mask: mask(&["create_time"]),
                 ..Default::default()
             })
             .await,
@@ -1871,5 +1873,109 @@ async fn projects_and_environments_page_by_keyset_bound_to_their_request() {
         Code::InvalidArgument,
         "INVALID_PAGE_SIZE",
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn project_environment_and_properties_times_are_timestamps_that_round_trip() {
+    let server = start(vec![]).await;
+    let mut projects = server.projects();
+    let project = projects
+        .create_project(pb::CreateProjectRequest {
+            code: "timed".into(),
+            name: "Timed".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let create_time = project.create_time.expect("a project has its create_time");
+    assert!(create_time.seconds > 1_600_000_000, "{create_time:?}");
+    let read = projects
+        .get_project(pb::GetProjectRequest {
+            project: "timed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        read.create_time,
+        Some(create_time),
+        "the same instant on every read"
+    );
+    let environment = projects
+        .create_environment(pb::CreateEnvironmentRequest {
+            project: "timed".into(),
+            code: "dev".into(),
+            name: "Dev".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let env_time = environment
+        .create_time
+        .expect("an environment has its create_time");
+    let at = |t: &prost_types::Timestamp| (t.seconds, t.nanos);
+    assert!(
+        at(&create_time) <= at(&env_time),
+        "{project:?} {environment:?}"
+    );
+    let listed = projects
+        .list_environments(pb::ListEnvironmentsRequest {
+            project: "timed".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.environments, std::slice::from_ref(&environment));
+    let scope = Some(Scope {
+        project: "timed".into(),
+        environment: "dev".into(),
+    });
+    let written = projects
+        .set_properties(pb::SetPropertiesRequest {
+            scope: scope.clone(),
+            document_json: "{\"a\": 1}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let write_time = written
+        .write_time
+        .expect("a properties version has its write_time");
+    assert!(
+        at(&env_time) <= at(&write_time),
+        "{environment:?} {written:?}"
+    );
+    let history = projects
+        .properties_history(pb::PropertiesHistoryRequest {
+            scope: scope.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert!(
+        history.iter().all(|v| v.write_time.is_some()),
+        "every version has its time: {history:?}"
+    );
+    assert_eq!(
+        history.iter().find(|v| v.version == written.version),
+        Some(&written)
+    );
+    // The CLI's --server mode turns each Timestamp back into the text local mode shows, and back again unchanged.
+    use runner::grpc::convert;
+    let local = convert::project_from(project.clone());
+    assert!(local.created_at.ends_with('Z'), "{}", local.created_at);
+    assert_eq!(convert::project(local), project);
+    let local = convert::environment_from(environment.clone());
+    assert!(local.created_at.ends_with('Z'), "{}", local.created_at);
+    assert_eq!(convert::environment(local), environment);
+    let local = convert::properties_from(written.clone());
+    assert!(local.written_at.ends_with('Z'), "{}", local.written_at);
+    assert_eq!(convert::properties(local), written);
     server.stop().await;
 }

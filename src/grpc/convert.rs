@@ -11,7 +11,7 @@ pub fn project(p: Project) -> pb::Project {
         name: p.name,
         git_remote: p.git_remote.unwrap_or_default(),
         git_credential: p.git_credential.unwrap_or_default(),
-        created_at: p.created_at,
+        create_time: timestamp(&p.created_at),
     }
 }
 
@@ -20,7 +20,7 @@ pub fn environment(e: Environment) -> pb::Environment {
         project: e.project_code,
         code: e.code,
         name: e.name,
-        created_at: e.created_at,
+        create_time: timestamp(&e.created_at),
     }
 }
 
@@ -33,7 +33,7 @@ pub fn properties(v: PropertiesVersion) -> pb::PropertiesVersion {
     pb::PropertiesVersion {
         version: v.version,
         document_json: v.document.to_string(),
-        written_at: v.written_at,
+        write_time: timestamp(&v.written_at),
         written_by,
     }
 }
@@ -272,7 +272,7 @@ pub fn project_from(p: pb::Project) -> Project {
         name: p.name,
         git_remote: some(p.git_remote),
         git_credential: some(p.git_credential),
-        created_at: p.created_at,
+        created_at: rfc3339(p.create_time).unwrap_or_default(),
     }
 }
 
@@ -282,7 +282,7 @@ pub fn environment_from(e: pb::Environment) -> Environment {
         project_code: e.project,
         code: e.code,
         name: e.name,
-        created_at: e.created_at,
+        created_at: rfc3339(e.create_time).unwrap_or_default(),
     }
 }
 
@@ -303,7 +303,7 @@ pub fn properties_from(v: pb::PropertiesVersion) -> PropertiesVersion {
     PropertiesVersion {
         version: v.version,
         document: serde_json::from_str(&v.document_json).unwrap_or_default(),
-        written_at: v.written_at,
+        written_at: rfc3339(v.write_time).unwrap_or_default(),
         written_by,
     }
 }
