@@ -34,6 +34,16 @@ async fn start(scripts: Vec<(&str, Script)>) -> Server {
     options().scripts(scripts).start().await
 }
 
+/// Each store a server can have: SQLite in its data directory, and PostgreSQL (a fresh database on this process's
+/// cluster; a machine without PostgreSQL fails the test unless RUNNER_TEST_SKIP_POSTGRES=1).
+fn stores() -> Vec<(&'static str, Option<String>)> {
+    let mut stores = vec![("SQLite", None)];
+    if support::postgres::postgres_available() {
+        stores.push(("PostgreSQL", Some(support::postgres::shared().database())));
+    }
+    stores
+}
+
 impl Server {
     async fn create(&self, request: pb::CreateChangeRequest) -> Result<pb::Change, Status> {
         self.changes()
@@ -1874,6 +1884,107 @@ async fn projects_and_environments_page_by_keyset_bound_to_their_request() {
         "INVALID_PAGE_SIZE",
     );
     server.stop().await;
+}
+
+#[tokio::test]
+async fn keyset_pages_of_projects_and_environments_end_at_their_last_entry_and_survive_a_deleted_cursor(
+) {
+    for (store, database) in stores() {
+        let server = match &database {
+            Some(url) => options().database(url),
+            None => options(),
+        }
+        .start()
+        .await;
+        let mut projects = server.projects();
+        for code in ["b", "c"] {
+            projects
+                .create_project(pb::CreateProjectRequest {
+                    code: code.into(),
+                    name: code.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let list = |page_size: i32, page_token: &str| pb::ListProjectsRequest {
+            page_size,
+            page_token: page_token.into(),
+        };
+        let codes = |ps: &[pb::Project]| ps.iter().map(|p| p.code.clone()).collect::<Vec<_>>();
+        // A page that holds exactly what is left is the last: no token to an empty page.
+        let all = projects
+            .list_projects(list(3, ""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(codes(&all.projects), ["b", "c", "demo"], "{store}");
+        assert_eq!(
+            all.next_page_token, "",
+            "{store}: a full last page has no next page"
+        );
+        let first = projects
+            .list_projects(list(2, ""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(codes(&first.projects), ["b", "c"], "{store}");
+        assert!(!first.next_page_token.is_empty(), "{store}");
+        // The page's last entry (the cursor) goes away between pages: the next page still starts after it.
+        projects
+            .delete_project(pb::DeleteProjectRequest {
+                project: "c".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let second = projects
+            .list_projects(list(2, &first.next_page_token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(codes(&second.projects), ["demo"], "{store}");
+        assert_eq!(second.next_page_token, "", "{store}");
+
+        let envs = |page_size: i32, page_token: &str| pb::ListEnvironmentsRequest {
+            project: "demo".into(),
+            page_size,
+            page_token: page_token.into(),
+        };
+        let names = |es: &[pb::Environment]| es.iter().map(|e| e.code.clone()).collect::<Vec<_>>();
+        let all = projects
+            .list_environments(envs(2, ""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(names(&all.environments), ["dev", "prod"], "{store}");
+        assert_eq!(
+            all.next_page_token, "",
+            "{store}: a full last page has no next page"
+        );
+        let first = projects
+            .list_environments(envs(1, ""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(names(&first.environments), ["dev"], "{store}");
+        projects
+            .delete_environment(pb::DeleteEnvironmentRequest {
+                project: "demo".into(),
+                environment: "dev".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let second = projects
+            .list_environments(envs(1, &first.next_page_token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(names(&second.environments), ["prod"], "{store}");
+        assert_eq!(second.next_page_token, "", "{store}");
+        server.stop().await;
+    }
 }
 
 #[tokio::test]

@@ -1,8 +1,9 @@
 //! Keyset pages over lists ordered by a unique code (ListProjects, ListEnvironments).
 //!
 //! A page token holds the last code seen and a hash of the query it belongs to; the next page starts after that
-//! code, so entries created or deleted between pages never shift or repeat one. The lists are small (an operator's
-//! projects and environments), so the store returns them whole and the page is cut here.
+//! code, so entries created or deleted between pages never shift or repeat one. The store's keyset query
+//! (`Store::projects_after`, `Store::environments_after`) fetches the page, one entry more than it holds to tell
+//! whether another page follows.
 
 use base64::Engine;
 use tonic::Status;
@@ -69,23 +70,29 @@ impl Page {
         })
     }
 
-    /// This page of `all` (ordered by `code`) and the token of the next one ("" on the last).
-    pub fn cut<T>(&self, all: Vec<T>, code: impl Fn(&T) -> &String) -> (Vec<T>, String) {
-        let mut page: Vec<T> = all
-            .into_iter()
-            .filter(|item| self.after.as_ref().is_none_or(|after| code(item) > after))
-            .take(self.size + 1)
-            .collect();
-        let next = if page.len() > self.size {
-            page.truncate(self.size);
+    /// The code the page starts after (none on the first page).
+    pub fn after(&self) -> Option<&str> {
+        self.after.as_deref()
+    }
+
+    /// How many entries to fetch after [`Page::after`]: the page's size and one more, which says a next page exists.
+    pub fn fetch(&self) -> usize {
+        self.size + 1
+    }
+
+    /// This page of `fetched` (the [`Page::fetch`] entries after [`Page::after`], ordered by `code`) and the token
+    /// of the next one ("" on the last).
+    pub fn cut<T>(&self, mut fetched: Vec<T>, code: impl Fn(&T) -> &String) -> (Vec<T>, String) {
+        let next = if fetched.len() > self.size {
+            fetched.truncate(self.size);
             let json = serde_json::json!({
                 "q": query_hash(&self.query),
-                "after": page.last().map(&code),
+                "after": fetched.last().map(&code),
             });
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
         } else {
             String::new()
         };
-        (page, next)
+        (fetched, next)
     }
 }

@@ -57,7 +57,12 @@ impl pb::project_service_server::ProjectService for Projects {
     ) -> Result<Response<pb::ListProjectsResponse>, Status> {
         let r = request.into_inner();
         let page = code_pages::Page::of("projects", r.page_size, &r.page_token)?;
-        let projects = self.app.store.list_projects().await.map_err(Error::from)?;
+        let projects = self
+            .app
+            .store
+            .projects_after(page.after(), page.fetch())
+            .await
+            .map_err(Error::from)?;
         let (projects, next_page_token) = page.cut(projects, |p| &p.code);
         Ok(Response::new(pb::ListProjectsResponse {
             projects: projects.into_iter().map(convert::project).collect(),
@@ -189,7 +194,7 @@ impl pb::project_service_server::ProjectService for Projects {
         let environments = self
             .app
             .store
-            .list_environments(&r.project)
+            .environments_after(&r.project, page.after(), page.fetch())
             .await
             .map_err(Error::from)?;
         let (environments, next_page_token) = page.cut(environments, |e| &e.code);

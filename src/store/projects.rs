@@ -98,6 +98,23 @@ impl Store {
         Ok(rows.iter().map(project_row).collect())
     }
 
+    /// One keyset page of projects: at most `limit` of them, in code order, from the first whose code comes after
+    /// `after` (from the first of all without one). Projects created or deleted since the previous page neither
+    /// shift nor repeat an entry, and the page is cut by the database, not from the whole list.
+    pub async fn projects_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Project>, StoreError> {
+        let rows = query(format!(
+            "SELECT * FROM projects WHERE code > ? ORDER BY code LIMIT {limit}"
+        ))
+        .bind(after.unwrap_or_default())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(project_row).collect())
+    }
+
     pub async fn project(&self, code: &str) -> Result<Project, StoreError> {
         query("SELECT * FROM projects WHERE code = ?")
             .bind(code)
@@ -178,6 +195,24 @@ impl Store {
             "{ENVIRONMENT_SELECT} WHERE p.code = ? ORDER BY e.code"
         ))
         .bind(project_code)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(environment_row).collect())
+    }
+
+    /// One keyset page of a project's environments, as [`Store::projects_after`] pages projects.
+    pub async fn environments_after(
+        &self,
+        project_code: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Environment>, StoreError> {
+        self.project(project_code).await?;
+        let rows = query(format!(
+            "{ENVIRONMENT_SELECT} WHERE p.code = ? AND e.code > ? ORDER BY e.code LIMIT {limit}"
+        ))
+        .bind(project_code)
+        .bind(after.unwrap_or_default())
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(environment_row).collect())

@@ -12,6 +12,7 @@ use runner::grpc::pb::project_service_client::ProjectServiceClient;
 use runner::grpc::pb::step_runner_service_client::StepRunnerServiceClient;
 use runner::grpc::{run, ServerConfig, ServerError};
 use runner::orchestrator::{Orchestrator, Settings};
+use runner::policy::Policy;
 use runner::secrets::SecretValues;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -54,6 +55,7 @@ pub struct Options {
     environments: Vec<(String, String)>,
     policy: Option<String>,
     secrets: Vec<(String, String, String)>,
+    database: Option<String>,
 }
 
 impl Options {
@@ -67,6 +69,7 @@ impl Options {
             environments: vec![],
             policy: None,
             secrets: vec![],
+            database: None,
         }
     }
 
@@ -110,12 +113,21 @@ impl Options {
         self
     }
 
+    /// The store at this `postgres://` URL instead of SQLite in the data directory.
+    pub fn database(mut self, url: &str) -> Options {
+        self.database = Some(url.to_owned());
+        self
+    }
+
     pub async fn start(self) -> Server {
         let home = tempfile::tempdir().unwrap();
         if let Some(policy) = &self.policy {
             std::fs::write(home.path().join("policy.toml"), policy).unwrap();
         }
-        let app = App::open(home.path()).await.unwrap();
+        let policy = Policy::load(home.path()).unwrap();
+        let app = App::open_with_store(home.path(), policy, self.database.as_deref())
+            .await
+            .unwrap();
         app.create_project("demo", "Demo", Some("/nowhere"))
             .await
             .unwrap();
