@@ -2,8 +2,9 @@
 -- them, followers and workers learn of them without polling, and no writer has to remember to. NOTIFY is sent at
 -- commit, and identical notifications of one transaction are sent once: a batch of log lines wakes a follower once.
 
--- `runner_change` (payload: the change id): an event or a log chunk of the change was stored, or its row moved
--- (state, owner, cancel request).
+-- `runner_change` (payload: the change id): an event or a log chunk of the change was stored. Not when the change's
+-- row moves: every move a follower shows is also an event, and a follower woken by the row (say, `success`) before
+-- the writer stored the events that go with it would read a final state without them and stop short.
 CREATE FUNCTION runner_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('runner_change', NEW.change_id);
@@ -26,7 +27,6 @@ BEGIN
     END IF;
     IF NEW.state IS DISTINCT FROM OLD.state OR NEW.owner IS DISTINCT FROM OLD.owner
        OR NEW.cancel_requested IS DISTINCT FROM OLD.cancel_requested THEN
-        PERFORM pg_notify('runner_change', NEW.id);
         PERFORM pg_notify('runner_work', '');
     END IF;
     RETURN NULL;

@@ -14,11 +14,13 @@ use crate::events::{ChangeState, Event, EventRecord};
 use crate::grpc::{convert, pb};
 use crate::logs::view::LogView;
 use crate::orchestrator::{CreateChange, Orchestrator};
-use crate::store::ChangeFilter;
+use crate::store::{ChangeFilter, Signal, Woke};
 
 #[derive(Subcommand, Debug)]
 pub enum ChangeCommand {
-    /// Create a change and follow it to its end (exit 0 only if it succeeded).
+    /// Create a change and follow it to its end (exit 0 only if it succeeded). Against a PostgreSQL store
+    /// (--database) the change is queued for the fleet's workers and followed wherever it runs; against the
+    /// SQLite store this process runs it.
     Create {
         #[arg(long, env = "RUNNER_PROJECT")]
         project: String,
@@ -35,7 +37,8 @@ pub enum ChangeCommand {
         background: bool,
         /// Leave the change in the store's queue for a worker of the fleet (`runner worker`, or a `runner
         /// serve`, on any host sharing the store) and follow it there to its end; with --background, print its
-        /// id and return. Needs no Docker here.
+        /// id and return. Needs no Docker here. Always so against a PostgreSQL store; refused with --server
+        /// (the server runs the changes created through it).
         #[arg(long)]
         enqueue: bool,
     },
@@ -119,7 +122,8 @@ pub async fn change(app: App, cmd: ChangeCommand, out: Output) -> Result<()> {
                 git_rev,
                 action,
             };
-            if enqueue {
+            // A shared store has a fleet to run its changes: this process only queues and follows.
+            if enqueue || app.store.backend() == crate::store::Backend::Postgres {
                 let orchestrator = crate::runtime::offline(app)?;
                 let change = orchestrator.enqueue_change(&request).await?;
                 if background {
@@ -357,17 +361,27 @@ async fn follow_in_store(orchestrator: &Orchestrator, id: &str, out: Output) -> 
             })?,
         );
     let mut renderer = render::EventRenderer::new(out, std::io::stderr().is_terminal());
-    let (mut after, mut cancelled) = (0, false);
+    let (mut after, mut cancelled, mut told, mut quiet) = (0, false, false, false);
+    // Taken before the first read: whatever a worker stores after it wakes this follower.
+    let mut stored = store.change_signal(id).await;
     loop {
         let records = store.events_after(id, after).await?;
-        let mut ended = false;
         for record in &records {
             after = record.seq;
             renderer.show(record);
-            ended |= matches!(record.event, Event::ChangeState { state, .. } if state.is_final());
         }
-        if ended || records.is_empty() && store.change(id).await?.state.is_final() {
+        let change = store.change(id).await?;
+        let ended = records.iter().any(|r| ends(r, &change));
+        if ended || records.is_empty() && change.state.is_final() && quiet {
             return outcome(store.change(id).await?);
+        }
+        if !told && change.owner.is_none() && !cancelled && !any_live_lease(store).await? {
+            eprintln!(
+                "change {id} waits in the queue, but no worker serves this store (no live lease): start one on a \
+                 host with Docker, `runner worker` with the same --database (or RUNNER_DATABASE_URL), or a \
+                 `runner serve` there; Ctrl-C cancels the change"
+            );
+            told = true;
         }
         tokio::select! {
             signal = &mut signals, if !cancelled => {
@@ -375,9 +389,34 @@ async fn follow_in_store(orchestrator: &Orchestrator, id: &str, out: Output) -> 
                 orchestrator.cancel_change(id).await?;
                 cancelled = true;
             }
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            woke = stored.wait_at_most(end_wait(&change, &stored)) => quiet = woke == Woke::Fallback,
         }
     }
+}
+
+/// Whether `record` is the end of `change`'s current attempt (an earlier attempt's end was retried).
+fn ends(record: &EventRecord, change: &crate::store::Change) -> bool {
+    matches!(record.event, Event::ChangeState { state, .. } if state.is_final())
+        && record.attempt >= change.attempt
+}
+
+/// How long a follower waits for news: its fallback, but once the change has ended only briefly. A change's final
+/// state is stored before the last events (its runner's recorder stores them after), so a follower that sees
+/// the state waits for them, until its final event comes or the store stays quiet that long (a runner that died
+/// in between never stores it).
+fn end_wait(change: &crate::store::Change, stored: &Signal) -> Duration {
+    if change.state.is_final() {
+        stored.fallback().min(Duration::from_secs(2))
+    } else {
+        stored.fallback()
+    }
+}
+
+/// Whether some runner process holds an unexpired lease on the store (by the store's clock): one that may take
+/// queued changes.
+async fn any_live_lease(store: &crate::store::Store) -> Result<bool> {
+    let now = store.clock_ms().await?;
+    Ok(store.leases().await?.iter().any(|l| l.expires_at > now))
 }
 
 /// Success only if the change succeeded; otherwise its state and a one-line reason (details, e.g. a conflict
@@ -425,6 +464,9 @@ async fn show_logs(
     app.store.change(id).await?;
     let mut after = 0;
     let mut first = true;
+    // Taken before the first read: whatever a worker on any host stores after it wakes this follower.
+    let mut stored = app.store.change_signal(id).await;
+    let (mut ended, mut quiet) = (false, false);
     loop {
         let records: Vec<EventRecord> = app.store.events_after(id, after).await?;
         if let Some(last) = records.last() {
@@ -441,13 +483,32 @@ async fn show_logs(
             printer.show(record);
         }
         printer.flush();
-        if printer.closed()
-            || !follow
-            || app.store.change(id).await?.state.is_final() && records.is_empty()
-        {
+        if printer.closed() || !follow {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let change = app.store.change(id).await?;
+        // The current attempt's end (an earlier attempt's end was retried).
+        ended |= records.iter().any(|r| ends(r, &change));
+        if ended || change.state.is_final() && records.is_empty() && quiet {
+            return Ok(());
+        }
+        quiet = stored.wait_at_most(end_wait(&change, &stored)).await == Woke::Fallback;
+    }
+}
+
+/// What `change …` cannot mean with --server, refused before the server is contacted. `--enqueue` is refused
+/// rather than ignored: the server runs the changes created through it (its own worker), and a queue a user can
+/// reach only through the store is the store's, so the user is told where it is.
+pub fn refuse_with_server(cmd: &ChangeCommand) -> Result<()> {
+    match cmd {
+        ChangeCommand::Create { enqueue: true, .. } => Err(Error::Refused {
+            message: "--enqueue does not apply with --server: the server runs the changes created through it. To \
+                      leave a change in the queue of a fleet's PostgreSQL store, create it against the store \
+                      instead: `runner change create --database postgres://…` without --server (against \
+                      PostgreSQL it queues the change and follows it)"
+                .into(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -461,6 +522,7 @@ pub async fn change_remote(remote: Remote, cmd: ChangeCommand, out: Output) -> R
             git_rev,
             action,
             background,
+            // Refused before the server is contacted (`refuse_with_server`).
             enqueue: _,
         } => {
             let request = pb::CreateChangeRequest {

@@ -61,6 +61,11 @@ pub struct Cli {
     /// Output format of read commands.
     #[arg(long, global = true, env = "RUNNER_OUTPUT", value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// How long a follower (change create/show-logs --follow, WatchChange, the web's live pages) waits for a
+    /// wake-up before it looks at the store anyway (e.g. 500ms, 2s): on PostgreSQL notifications wake it and
+    /// this is a safety net (default 2s); on SQLite it is how soon other processes' writes show (default 200ms).
+    #[arg(long, global = true, env = "RUNNER_FOLLOW_FALLBACK", value_parser = crate::store::parse_fallback)]
+    follow_fallback: Option<std::time::Duration>,
     #[command(subcommand)]
     command: Command,
 }
@@ -425,6 +430,9 @@ fn init_tracing(json: bool) {
 async fn run(cli: Cli) -> Result<()> {
     let home = cli.home.clone().unwrap_or_else(default_home);
     let out = cli.output;
+    if let Some(fallback) = cli.follow_fallback {
+        crate::store::set_default_fallback(fallback);
+    }
     match cli.command {
         Command::Dev(DevCommand::CreateDockerfile { force }) => {
             let cwd = std::env::current_dir().map_err(|source| Error::ReadFile {
@@ -476,7 +484,10 @@ async fn run(cli: Cli) -> Result<()> {
         }),
         Command::Logs(cmd) => logs::logs(&open_app(&home, cli.policy.as_deref(), cli.database.as_deref()).await?, cmd, out).await,
         Command::Change(cmd) => match &cli.server {
-            Some(url) => change::change_remote(remote::Remote::connect(url, cli.token.clone(), cli.tls_ca.as_deref()).await?, cmd, out).await,
+            Some(url) => {
+                change::refuse_with_server(&cmd)?;
+                change::change_remote(remote::Remote::connect(url, cli.token.clone(), cli.tls_ca.as_deref()).await?, cmd, out).await
+            }
             None => change::change(open_app(&home, cli.policy.as_deref(), cli.database.as_deref()).await?, cmd, out).await,
         },
         Command::Step(cmd) => match &cli.server {

@@ -2,7 +2,6 @@
 
 use futures::Stream;
 use std::pin::Pin;
-use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -13,7 +12,7 @@ use super::{convert, idempotency, list_filter, pb};
 use crate::error::Error;
 use crate::events::{Event, EventRecord};
 use crate::orchestrator::{CreateChange, Orchestrator};
-use crate::store::{Change, ChangeQuery, Keyset};
+use crate::store::{Change, ChangeQuery, Keyset, Woke};
 
 pub struct Changes {
     pub orchestrator: Orchestrator,
@@ -89,6 +88,9 @@ fn require_attempt(attempt: i64) -> Result<(), Status> {
     }
     Ok(())
 }
+
+/// How long a watch of an ended change waits for its final event before it gives up on it.
+const END_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn is_final(record: &EventRecord) -> bool {
     matches!(record.event, Event::ChangeState { state, .. } if state.is_final())
@@ -321,7 +323,10 @@ impl pb::change_service_server::ChangeService for Changes {
         let store = self.orchestrator.app().store.clone();
         store.change(&r.id).await.map_err(Error::from)?;
         // Subscribe before reading the history, so nothing falls between the two; sequence numbers drop repeats.
+        // `live` carries what this process stores; `stored` says another process (a worker on any host) stored
+        // something (see store::wakeups).
         let mut live = self.orchestrator.subscribe();
+        let mut stored = store.change_signal(&r.id).await;
         let end = store.last_seq(&r.id).await.map_err(Error::from)?;
         if r.after_seq > end {
             return Err(with_reason(
@@ -362,7 +367,7 @@ impl pb::change_service_server::ChangeService for Changes {
                 }
             };
             let send = |record: &EventRecord| tx.send(Ok(convert::change_event(record)));
-            let mut done = false;
+            let (mut done, mut quiet) = (false, false);
             crate::orchestrator::crash_point::reached("serve-watching").await;
             while !done {
                 // Read the state first: if it was final, everything it stored is in what is read next.
@@ -387,9 +392,25 @@ impl pb::change_service_server::ChangeService for Changes {
                     last = record.seq;
                     done |= is_final(record) && record.attempt >= attempt;
                 }
-                if r.history_only || ended {
+                if ended && !done && records.is_empty() && last > 0 {
+                    // A watcher resuming after the end: the event it has last is the end.
+                    done = matches!(
+                        store.events_between(&r.id, last - 1, Some(last)).await.as_deref(),
+                        Ok([end]) if is_final(end) && end.attempt >= attempt
+                    );
+                }
+                if r.history_only || done || ended && quiet && records.is_empty() {
                     return;
                 }
+                // A change's final state is stored before the events that go with it (its runner's recorder
+                // stores them after): once it has ended, the watch waits for its final event, or until the store
+                // stayed quiet for a while (a runner that died in between never stores it).
+                let wait = if ended {
+                    stored.fallback().min(END_GRACE)
+                } else {
+                    stored.fallback()
+                };
+                let mut woke = Woke::Notified;
                 while !done {
                     tokio::select! {
                         _ = stop.cancelled() => {
@@ -413,10 +434,14 @@ impl pb::change_service_server::ChangeService for Changes {
                                 return;
                             }
                         },
-                        // Events stored by another process are not broadcast here.
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => break,
+                        // Events stored by another process are not broadcast here: read them from the store.
+                        w = stored.wait_at_most(wait) => {
+                            woke = w;
+                            break;
+                        }
                     }
                 }
+                quiet = woke == Woke::Fallback;
             }
         });
         Ok(Response::new(Box::pin(

@@ -6,7 +6,7 @@ use futures::Stream;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -298,6 +298,8 @@ impl StepRunner {
         let run = self.run(id).await?;
         let store = self.orchestrator.app().store.clone();
         let mut live = self.live.subscribe();
+        // Another process serving the same store may run it: its events come with the store's wake-ups.
+        let mut stored = store.step_run_signal(id).await;
         let end = store.step_run_last_seq(id).await.map_err(Error::from)?;
         if after_seq > end {
             return Err(with_reason(
@@ -388,7 +390,7 @@ impl StepRunner {
                         return;
                     }
                     _ = live.recv() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stored.wait() => {}
                 }
             }
         });

@@ -253,7 +253,6 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
-        self.changed(id);
         self.work_changed();
         Ok(())
     }

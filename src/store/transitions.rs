@@ -217,7 +217,6 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
-        self.changed(id);
         self.work_changed();
         Ok(Transition::of(done))
     }

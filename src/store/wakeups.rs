@@ -2,7 +2,8 @@
 //! waiting for work learns that the store moved on, whichever process or host wrote it.
 //!
 //! - PostgreSQL: the database announces its own writes. Triggers (migration 0060) `NOTIFY` on `runner_change`
-//!   (payload: the change id) when an event or log chunk of a change is inserted or the change's row moves,
+//!   (payload: the change id) when an event or log chunk of a change is inserted (not when its row moves: a
+//!   follower woken by a final state before the events that go with it are stored would stop short),
 //!   `runner_step_run` (the run id) for step runs, and `runner_work` when there may be something for a worker
 //!   to do (a change created, released, claimed, ended or asked to cancel; a step made ready). One `LISTEN`ing
 //!   connection per store handle, started on first use, fans the notifications out in this process; it
@@ -72,6 +73,8 @@ pub fn parse_fallback(text: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Key {
     Change(String),
+    /// Any of these changes (a page of them).
+    Changes(Vec<String>),
     StepRun(String),
     Work,
 }
@@ -93,6 +96,7 @@ impl Topic {
             (Topic::Change(id), Key::Change(k)) | (Topic::StepRun(id), Key::StepRun(k)) => {
                 **id == **k
             }
+            (Topic::Change(id), Key::Changes(ks)) => ks.iter().any(|k| **id == **k),
             _ => false,
         }
     }
@@ -219,10 +223,15 @@ impl Hub {
 }
 
 impl Store {
-    /// A signal that resolves when the change `change_id` may have moved on: an event or log line stored, its
-    /// state changed, a cancel asked for.
+    /// A signal that resolves when the change `change_id` may have moved on: an event or log line of it stored
+    /// (every state it takes is one).
     pub async fn change_signal(&self, change_id: &str) -> Signal {
         self.signal(Key::Change(change_id.to_owned())).await
+    }
+
+    /// [`change_signal`](Self::change_signal) for any of several changes (a page of them).
+    pub async fn changes_signal(&self, change_ids: &[String]) -> Signal {
+        self.signal(Key::Changes(change_ids.to_vec())).await
     }
 
     /// A signal that resolves when the step run `run_id` may have moved on.
@@ -337,9 +346,11 @@ async fn run_listener(
             _ = stop.cancelled() => return,
             connected = connected => connected,
         };
-        if let Some(ready) = ready.take() {
-            let _ = ready.send(());
-        }
+        // The first signal waits for this first attempt: its caller reads the store only after it listens.
+        let first = match ready.take() {
+            Some(ready) => ready.send(()).is_ok() && listener.is_ok(),
+            None => false,
+        };
         let mut listener = match listener {
             Ok(listener) => listener,
             Err(error) => {
@@ -353,8 +364,10 @@ async fn run_listener(
             }
         };
         backoff = Duration::from_millis(100);
-        // Whatever was announced while nobody listened: everyone reads the store again.
-        let _ = tx.send(Topic::All);
+        if !first {
+            // Whatever was announced while nobody listened: everyone reads the store again.
+            let _ = tx.send(Topic::All);
+        }
         loop {
             let received = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -401,6 +414,10 @@ mod tests {
         assert!(Topic::Work.wakes(&Key::Work));
         assert!(!Topic::Change("c1".into()).wakes(&Key::Work));
         assert!(Topic::StepRun("r".into()).wakes(&Key::StepRun("r".into())));
+        let page = Key::Changes(vec!["c1".into(), "c2".into()]);
+        assert!(Topic::Change("c2".into()).wakes(&page));
+        assert!(!Topic::Change("c3".into()).wakes(&page));
+        assert!(!Topic::Work.wakes(&page));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Live updates as Server-Sent Events. Every stream reads the store (so changes run by another process show up
-//! too) and wakes when this process's orchestrator stores an event, or at the latest every [`POLL`]; it ends
-//! with an `end` event once what it follows is over, and at shutdown.
+//! too) and wakes when this process's orchestrator stores an event, when the store says what it follows moved
+//! (a PostgreSQL notification from whichever worker wrote it, see `store::wakeups`), or at the latest every
+//! [`POLL`] (or the store's fallback, if longer); it ends with an `end` event once what it follows is over, and
+//! at shutdown.
 
 use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -17,9 +19,9 @@ use super::error::PageError;
 use super::pages::step::stream_class;
 use super::AppState;
 use crate::events::{ChangeState, Event, EventRecord};
-use crate::store::Store;
+use crate::store::{Signal, Store};
 
-/// The longest a stream waits before looking at the store again.
+/// The longest a stream waits before looking at the store again, unless the store's fallback is longer.
 const POLL: Duration = Duration::from_millis(500);
 /// Ids one badges stream follows at most (a page shows 50).
 const MAX_IDS: usize = 100;
@@ -27,10 +29,11 @@ const MAX_IDS: usize = 100;
 type Events =
     Sse<axum::response::sse::KeepAliveStream<ReceiverStream<Result<SseEvent, Infallible>>>>;
 
-/// Waits for a reason to look at the store again: this process stored an event, [`POLL`] passed, or shutdown.
-/// Returns false at shutdown.
+/// Waits for a reason to look at the store again: this process stored an event, the store signalled, [`POLL`]
+/// passed, or shutdown. Returns false at shutdown.
 struct Wake {
     live: broadcast::Receiver<EventRecord>,
+    stored: Signal,
     stop: CancellationToken,
 }
 
@@ -44,12 +47,13 @@ impl Wake {
                 while self.live.try_recv().is_ok() {}
                 true
             }
-            _ = tokio::time::sleep(POLL) => true,
+            _ = self.stored.wait_at_most(POLL.max(self.stored.fallback())) => true,
         }
     }
 }
 
-fn spawn_stream<F, Fut>(state: &AppState, body: F) -> Events
+/// Starts a stream's `body`; `stored` is the store's signal for what it follows, taken before `body` first reads.
+fn spawn_stream<F, Fut>(state: &AppState, stored: Signal, body: F) -> Events
 where
     F: FnOnce(Store, mpsc::Sender<Result<SseEvent, Infallible>>, Wake) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -57,6 +61,7 @@ where
     let (tx, rx) = mpsc::channel(256);
     let wake = Wake {
         live: state.orchestrator.subscribe(),
+        stored,
         stop: state.stop.clone(),
     };
     tokio::spawn(body(state.store().clone(), tx, wake));
@@ -79,8 +84,10 @@ pub async fn change(
 ) -> Result<Events, PageError> {
     let after = state.store().last_seq(&id).await?;
     state.store().change(&id).await?;
+    let stored = state.store().change_signal(&id).await;
     Ok(spawn_stream(
         &state,
+        stored,
         move |store, tx, mut wake| async move {
             let mut last = after;
             // Whatever happened between the page's render and this stream is news too.
@@ -131,8 +138,10 @@ pub async fn step(
 ) -> Result<Events, PageError> {
     let step = state.store().step(&id).await?;
     let masker = super::pages::masker(state.orchestrator.app())?;
+    let stored = state.store().change_signal(&step.change_id).await;
     Ok(spawn_stream(
         &state,
+        stored,
         move |store, tx, mut wake| async move {
             let mut last = q.after.unwrap_or(0).max(0);
             loop {
@@ -226,8 +235,10 @@ pub async fn badges(
             ids.len()
         )));
     }
+    let stored = state.store().changes_signal(&ids).await;
     Ok(spawn_stream(
         &state,
+        stored,
         move |store, tx, mut wake| async move {
             let mut known: HashMap<String, Option<ChangeState>> =
                 ids.into_iter().map(|id| (id, None)).collect();
