@@ -5,9 +5,9 @@
 //! (`Store::projects_after`, `Store::environments_after`) fetches the page, one entry more than it holds to tell
 //! whether another page follows.
 
-use base64::Engine;
 use tonic::Status;
 
+use super::page_tokens;
 use super::status::bad_field;
 
 const DEFAULT_SIZE: i32 = 50;
@@ -17,11 +17,6 @@ pub struct Page {
     query: String,
     size: usize,
     after: Option<String>,
-}
-
-fn query_hash(query: &str) -> String {
-    use sha2::Digest;
-    hex::encode(&sha2::Sha256::digest(query.as_bytes())[..8])
 }
 
 impl Page {
@@ -38,31 +33,9 @@ impl Page {
                 ))
             }
         } as usize;
-        let after = if token.is_empty() {
-            None
-        } else {
-            let invalid = |why: &str| {
-                bad_field(
-                    "INVALID_PAGE_TOKEN",
-                    "page_token",
-                    format!("page_token {why}: pass next_page_token of the previous page, with the same request"),
-                )
-            };
-            let json: serde_json::Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(token)
-                .ok()
-                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-                .ok_or_else(|| invalid("is not one this server issued"))?;
-            if json["q"].as_str() != Some(&query_hash(query)) {
-                return Err(invalid("belongs to another query"));
-            }
-            Some(
-                json["after"]
-                    .as_str()
-                    .ok_or_else(|| invalid("is not one this server issued"))?
-                    .to_owned(),
-            )
-        };
+        let after = page_tokens::redeem(token, query, "the same request", |json| {
+            json["after"].as_str().map(str::to_owned)
+        })?;
         Ok(Page {
             query: query.to_owned(),
             size,
@@ -85,11 +58,8 @@ impl Page {
     pub fn cut<T>(&self, mut fetched: Vec<T>, code: impl Fn(&T) -> &String) -> (Vec<T>, String) {
         let next = if fetched.len() > self.size {
             fetched.truncate(self.size);
-            let json = serde_json::json!({
-                "q": query_hash(&self.query),
-                "after": fetched.last().map(&code),
-            });
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+            let after = fetched.last().map(&code);
+            page_tokens::issue(&self.query, [("after", serde_json::json!(after))])
         } else {
             String::new()
         };

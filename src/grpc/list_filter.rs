@@ -1,9 +1,9 @@
 //! `ListChanges`' `filter` and `order_by` (an AIP-160 subset), and page tokens bound to them: a token says where
 //! the previous page ended and which query it belongs to, so it cannot be replayed against another filter.
 
-use base64::Engine;
 use tonic::Status;
 
+use super::page_tokens;
 use super::status::bad_field;
 use crate::events::ChangeState;
 use crate::store::{ChangeQuery, Keyset};
@@ -133,43 +133,28 @@ pub fn parse_order_by(order_by: &str, query: &mut ChangeQuery) -> Result<(), Sta
     Ok(())
 }
 
-fn query_hash(query: &ChangeQuery) -> String {
-    use sha2::Digest;
-    let text = format!("{query:?}");
-    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
-}
-
 /// The token of the page after `last`.
 pub fn page_token(query: &ChangeQuery, last: &Keyset) -> String {
-    let json = serde_json::json!({"q": query_hash(query), "at": last.created_at, "id": last.id});
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+    page_tokens::issue(
+        &format!("{query:?}"),
+        [
+            ("at", last.created_at.clone().into()),
+            ("id", last.id.clone().into()),
+        ],
+    )
 }
 
 /// Where the page of `token` starts, if it belongs to `query`.
 pub fn parse_page_token(token: &str, query: &ChangeQuery) -> Result<Option<Keyset>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let invalid = |why: &str| {
-        bad_field(
-            "INVALID_PAGE_TOKEN",
-            "page_token",
-            format!("page_token {why}: pass next_page_token of the previous page, with the same project, environment, filter and order_by"),
-        )
-    };
-    let json: serde_json::Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .ok_or_else(|| invalid("is not one this server issued"))?;
-    if json["q"].as_str() != Some(&query_hash(query)) {
-        return Err(invalid("belongs to another query"));
-    }
-    match (json["at"].as_str(), json["id"].as_str()) {
-        (Some(at), Some(id)) => Ok(Some(Keyset {
-            created_at: at.to_owned(),
-            id: id.to_owned(),
-        })),
-        _ => Err(invalid("is not one this server issued")),
-    }
+    page_tokens::redeem(
+        token,
+        &format!("{query:?}"),
+        "the same project, environment, filter and order_by",
+        |json| {
+            Some(Keyset {
+                created_at: json["at"].as_str()?.to_owned(),
+                id: json["id"].as_str()?.to_owned(),
+            })
+        },
+    )
 }

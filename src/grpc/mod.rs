@@ -8,6 +8,7 @@ mod code_pages;
 pub mod convert;
 mod idempotency;
 mod list_filter;
+mod page_tokens;
 mod projects;
 pub mod redact;
 pub mod status;
