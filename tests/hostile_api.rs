@@ -551,23 +551,6 @@ async fn a_step_patch_writing_runner_secrets_fails_the_step_and_applies_nothing(
 }
 
 #[tokio::test]
-async fn a_step_patch_writing_build_secrets_of_the_project_applies_nothing() {
-    let evil = patch_result(
-        json!([{"op": "add", "path": "/opschain", "value": {"env:build_secrets": ["db"]}}]),
-        json!([{"op": "add", "path": "/fine", "value": 1}]),
-    );
-    let s = start("", vec![("a", evil)]).await;
-    let before = s.versions().await;
-    let change = s.create("a").await.unwrap();
-    let detail = s.finished(&change.id).await;
-    assert!(detail.steps[0]
-        .reason
-        .contains("changes `opschain.env:build_secrets` of the project"));
-    assert_eq!(s.versions().await, before);
-    s.stop().await;
-}
-
-#[tokio::test]
 async fn a_step_patch_removing_the_admins_secret_list_applies_nothing() {
     let evil = patch_result(json!([]), json!([{"op": "remove", "path": "/opschain"}]));
     let s = start(
@@ -590,18 +573,39 @@ async fn a_step_patch_removing_the_admins_secret_list_applies_nothing() {
     s.stop().await;
 }
 
+/// Step patches a step may not make: each fails its step, says why, and applies neither document.
 #[tokio::test]
-async fn a_step_turning_properties_into_a_list_or_null_fails_and_applies_nothing() {
-    for (project, environment) in [
+async fn step_patches_a_step_may_not_make_fail_it_and_apply_nothing() {
+    // (case, the step's project patch, its environment patch, what the step's reason says)
+    let cases = [
         (
+            "build secrets of the project",
+            json!([{"op": "add", "path": "/opschain", "value": {"env:build_secrets": ["db"]}}]),
+            json!([{"op": "add", "path": "/fine", "value": 1}]),
+            "changes `opschain.env:build_secrets` of the project",
+        ),
+        (
+            "project properties turned into a list",
             json!([{"op": "replace", "path": "", "value": [1, 2]}]),
             json!([]),
+            "properties must be a JSON object",
         ),
         (
+            "environment properties turned into null",
             json!([]),
             json!([{"op": "replace", "path": "", "value": null}]),
+            "properties must be a JSON object",
         ),
-    ] {
+        (
+            "an invalid opschain section",
+            json!([{"op": "add", "path": "/ok", "value": 1}]),
+            json!([{"op": "add", "path": "/opschain", "value": {"env": {"PORT": 8080}}}]),
+            "`opschain.env.PORT` must be a string",
+        ),
+    ];
+    let cases =
+        cases.map(|(case, project, environment, reason)| (case, (project, environment, reason)));
+    support::each_case_async(cases, |(project, environment, expected)| async move {
         let s = start("", vec![("a", patch_result(project, environment))]).await;
         let before = s.versions().await;
         let change = s.create("a").await.unwrap();
@@ -610,34 +614,15 @@ async fn a_step_turning_properties_into_a_list_or_null_fails_and_applies_nothing
             detail.change.as_ref().unwrap().state(),
             pb::ChangeState::Error
         );
+        let reason = &detail.steps[0].reason;
         assert!(
-            detail.steps[0]
-                .reason
-                .contains("properties must be a JSON object")
-                && detail.steps[0].reason.contains("nothing was applied"),
-            "{}",
-            detail.steps[0].reason
+            reason.contains(expected) && reason.contains("nothing was applied"),
+            "{reason}"
         );
-        assert_eq!(s.versions().await, before);
+        assert_eq!(s.versions().await, before, "neither document changed");
         s.stop().await;
-    }
-}
-
-#[tokio::test]
-async fn a_step_patch_with_an_invalid_opschain_section_applies_nothing() {
-    let evil = patch_result(
-        json!([{"op": "add", "path": "/ok", "value": 1}]),
-        json!([{"op": "add", "path": "/opschain", "value": {"env": {"PORT": 8080}}}]),
-    );
-    let s = start("", vec![("a", evil)]).await;
-    let before = s.versions().await;
-    let change = s.create("a").await.unwrap();
-    let detail = s.finished(&change.id).await;
-    assert!(detail.steps[0]
-        .reason
-        .contains("`opschain.env.PORT` must be a string"));
-    assert_eq!(s.versions().await, before);
-    s.stop().await;
+    })
+    .await;
 }
 
 // ---- Properties writes from token holders ------------------------------------------------------------------

@@ -45,6 +45,20 @@ fn stores() -> Vec<(&'static str, Option<String>)> {
 }
 
 impl Server {
+    /// Projects named (and coded) `codes`, without a remote.
+    async fn add_projects(&self, codes: &[&str]) {
+        for code in codes {
+            self.projects()
+                .create_project(pb::CreateProjectRequest {
+                    code: code.to_string(),
+                    name: code.to_string(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+
     async fn create(&self, request: pb::CreateChangeRequest) -> Result<pb::Change, Status> {
         self.changes()
             .create_change(request)
@@ -69,6 +83,18 @@ impl Server {
         .unwrap()
         .changes
     }
+    /// A watch of change `id` from its first event.
+    async fn watch(&self, id: &str) -> tonic::Streaming<pb::ChangeEvent> {
+        self.changes()
+            .watch_change(pb::WatchChangeRequest {
+                id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// Every event of a watch that must end by itself (within 10 s), and how it ended.
     async fn watch_to_end(
         &self,
@@ -588,15 +614,7 @@ async fn shutdown_ends_watchers_with_unavailable() {
     )])
     .await;
     let change = server.create(create_request("slow", "")).await.unwrap();
-    let mut stream = server
-        .changes()
-        .watch_change(pb::WatchChangeRequest {
-            id: change.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = server.watch(&change.id).await;
     stream.message().await.unwrap().expect("the first event");
     let stopping = tokio::spawn(server.stop());
     let end = loop {
@@ -1503,15 +1521,7 @@ async fn cancel_answers_the_change_as_it_will_end() {
     .await;
     let change = server.create(create_request("slow", "")).await.unwrap();
     // Wait until it runs.
-    let mut stream = server
-        .changes()
-        .watch_change(pb::WatchChangeRequest {
-            id: change.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = server.watch(&change.id).await;
     while let Some(event) = stream.message().await.unwrap() {
         if matches!(&event.event, Some(pb::change_event::Event::StepState(s)) if s.state() == pb::StepState::Running)
         {
@@ -1781,16 +1791,7 @@ async fn states_are_enums_and_times_are_timestamps_that_round_trip() {
 async fn projects_and_environments_page_by_keyset_bound_to_their_request() {
     let server = start(vec![]).await;
     let mut projects = server.projects();
-    for code in ["a1", "c1"] {
-        projects
-            .create_project(pb::CreateProjectRequest {
-                code: code.into(),
-                name: code.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
+    server.add_projects(&["a1", "c1"]).await;
     let list = |page_token: String| pb::ListProjectsRequest {
         page_size: 2,
         page_token,
@@ -1804,16 +1805,7 @@ async fn projects_and_environments_page_by_keyset_bound_to_their_request() {
     assert_eq!(codes(&first.projects), ["a1", "c1"]);
     assert!(!first.next_page_token.is_empty());
     // Created between pages: one before the cursor (not shown again), one after it (shown once).
-    for code in ["b1", "z1"] {
-        projects
-            .create_project(pb::CreateProjectRequest {
-                code: code.into(),
-                name: code.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
+    server.add_projects(&["b1", "z1"]).await;
     let second = projects
         .list_projects(list(first.next_page_token.clone()))
         .await
@@ -1897,16 +1889,7 @@ async fn keyset_pages_of_projects_and_environments_end_at_their_last_entry_and_s
         .start()
         .await;
         let mut projects = server.projects();
-        for code in ["b", "c"] {
-            projects
-                .create_project(pb::CreateProjectRequest {
-                    code: code.into(),
-                    name: code.into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-        }
+        server.add_projects(&["b", "c"]).await;
         let list = |page_size: i32, page_token: &str| pb::ListProjectsRequest {
             page_size,
             page_token: page_token.into(),

@@ -288,12 +288,32 @@ pub fn each_case<N: std::fmt::Display, C>(
     for (name, case) in cases {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(case)));
         if let Err(panic) = outcome {
-            let message = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("(a panic without a message)");
-            panic!("case {name}: {message}");
+            fail_case(name, panic);
         }
     }
+}
+
+/// [`each_case`] for a `check` that awaits.
+pub async fn each_case_async<N: std::fmt::Display, C, F: std::future::Future<Output = ()>>(
+    cases: impl IntoIterator<Item = (N, C)>,
+    mut check: impl FnMut(C) -> F,
+) {
+    use futures::FutureExt;
+    for (name, case) in cases {
+        let outcome = std::panic::AssertUnwindSafe(check(case))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = outcome {
+            fail_case(name, panic);
+        }
+    }
+}
+
+fn fail_case(name: impl std::fmt::Display, panic: Box<dyn std::any::Any + Send>) -> ! {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(a panic without a message)");
+    panic!("case {name}: {message}");
 }
