@@ -334,3 +334,38 @@ fn a_bad_follow_fallback_is_refused_with_what_to_write() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn bench_wakeups_prints_each_wake_up_beside_the_poll_yardstick() {
+    if !support::postgres::postgres_available() {
+        return;
+    }
+    let url = support::postgres::shared().database();
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["bench", "wakeups", "--trials", "3", "--postgres", &url])
+        .env("RUNNER_HOME", home.path())
+        .env_remove("RUNNER_DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "SQLite, in-process signal",
+        "SQLite, poll every 200 ms",
+        "PostgreSQL, NOTIFY from another connection pool",
+        "PostgreSQL, poll every 200 ms",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no {row:?} row: {stdout}"));
+        // Every wake-up came: none lost (the last column).
+        assert!(line.ends_with(" 0"), "{line}");
+    }
+    assert!(stdout.contains("sooner than the 200 ms poll"), "{stdout}");
+}

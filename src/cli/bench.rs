@@ -86,6 +86,16 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 30)]
         runs: usize,
     },
+    /// How soon a follower learns of a stored event: woken by the store (SQLite's in-process signal, PostgreSQL's
+    /// NOTIFY from another connection pool) beside polling every 200 ms, in the same run.
+    Wakeups {
+        /// Events timed per way of waking.
+        #[arg(long, default_value_t = 50)]
+        trials: usize,
+        /// A scratch PostgreSQL database to measure (a project named bench-wake-… is added to it).
+        #[arg(long)]
+        postgres: Option<String>,
+    },
     /// A fleet end to end: one-step changes per second run by 1, 2 and 3 `runner worker` processes (each its own
     /// data directory) sharing a PostgreSQL store, beside one worker on SQLite, measured in the same run.
     Fleet {
@@ -193,6 +203,9 @@ pub async fn run(home: &Path, cmd: BenchCommand) -> Result<()> {
                 postgres.as_deref(),
             )
             .await
+        }
+        BenchCommand::Wakeups { trials, postgres } => {
+            super::bench_wakeups::run(&scratch, trials.max(1), postgres.as_deref()).await
         }
         BenchCommand::Web { changes, runs } => {
             super::bench_web::run(&scratch, changes.max(1), runs.max(1)).await

@@ -9,6 +9,7 @@ mod bench_crash;
 mod bench_fleet;
 mod bench_logs;
 mod bench_store;
+mod bench_wakeups;
 mod bench_web;
 mod change;
 mod logs;
