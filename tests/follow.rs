@@ -237,6 +237,100 @@ async fn change_create_on_postgres_queues_and_both_followers_are_woken_by_the_wo
     drop(worker);
 }
 
+/// A `runner serve` that runs nothing itself: its WatchChange follows what a worker in another process stores.
+struct Server {
+    _home: tempfile::TempDir,
+    child: Child,
+    address: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(url: &str) -> Server {
+        let home = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = runner(
+            home.path(),
+            url,
+            &["serve", "--no-worker", "--listen", &listen],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        Server {
+            _home: home,
+            child,
+            address: format!("http://{listen}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_change_on_a_server_is_woken_by_the_worker_of_another_process() {
+    if !support::docker_available() || !support::postgres::postgres_available() {
+        return;
+    }
+    support::base_image();
+    let url = support::postgres::shared().database();
+    let admin = project(&url);
+    let mut args = CREATE.to_vec();
+    args.push("--background");
+    let id = ok(admin.path(), &url, &args).trim().to_owned();
+    // The server polls once an hour (RUNNER_FOLLOW_FALLBACK): only a notification can move its watch along.
+    let server = Server::start(&url);
+    let deadline = Instant::now() + HUNG;
+    let remote = |args: &[&str]| {
+        let mut all = vec!["--server", server.address.as_str()];
+        all.extend(args);
+        runner(admin.path(), &url, &all)
+    };
+    while !remote(&["change", "show", &id])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the server never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let watch = remote(&["change", "show-logs", &id, "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The server's watch listens (and has read the store once) before anything runs.
+    while listeners(&url).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the server's watch never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let worker = Worker::start(&url);
+    let watched = finish(watch, "WatchChange (show-logs --follow --server)");
+    let stdout = String::from_utf8_lossy(&watched.stdout);
+    assert!(
+        watched.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    assert!(stdout.contains("hello from the fleet"), "{stdout}");
+    drop(worker);
+    drop(server);
+}
+
 #[test]
 fn a_queued_change_no_worker_can_take_is_said_once_and_a_signal_cancels_it() {
     if !support::postgres::postgres_available() {
