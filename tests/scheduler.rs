@@ -906,6 +906,21 @@ async fn errors_carry_codes_and_reasons_a_scheduler_can_act_on() {
             Code::AlreadyExists,
             "PROJECT_ALREADY_EXISTS",
         ),
+        (
+            "CreateEnvironment of a code in use in its project",
+            projects
+                .clone()
+                .create_environment(pb::CreateEnvironmentRequest {
+                    project: "demo".into(),
+                    code: "dev".into(),
+                    name: "again".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Code::AlreadyExists,
+            "ENVIRONMENT_ALREADY_EXISTS",
+        ),
     ];
     let cases = cases
         .into_iter()

@@ -48,6 +48,14 @@ fn environment_row(row: &Row) -> Environment {
     }
 }
 
+/// What a failed insert of `what` `code` is: AlreadyExists when the code is taken.
+fn taken_as(what: &'static str, code: String) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| match is_unique_violation(&e) {
+        true => StoreError::AlreadyExists { what, code },
+        false => e.into(),
+    }
+}
+
 const ENVIRONMENT_SELECT: &str =
     "SELECT e.id, p.code AS project_code, e.code, e.name, e.created_at \
      FROM environments e JOIN projects p ON p.id = e.project_id";
@@ -71,13 +79,7 @@ impl Store {
         .bind(&created_at)
         .fetch_one(&mut tx)
         .await
-        .map_err(|e| match is_unique_violation(&e) {
-            true => StoreError::AlreadyExists {
-                what: "project",
-                code: code.to_owned(),
-            },
-            false => e.into(),
-        })?
+        .map_err(taken_as("project", code.to_owned()))?
         .get(0);
         super::properties::insert_initial(&mut tx, "project", id).await?;
         tx.commit().await?;
@@ -167,13 +169,7 @@ impl Store {
         .bind(&created_at)
         .fetch_one(&mut tx)
         .await
-        .map_err(|e| match is_unique_violation(&e) {
-            true => StoreError::AlreadyExists {
-                what: "environment",
-                code: format!("{project_code}/{code}"),
-            },
-            false => e.into(),
-        })?
+        .map_err(taken_as("environment", format!("{project_code}/{code}")))?
         .get(0);
         super::properties::insert_initial(&mut tx, "environment", id).await?;
         tx.commit().await?;
