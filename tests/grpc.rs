@@ -37,20 +37,6 @@ async fn start_with_grace(scripts: Vec<(&str, Script)>, grace: Duration) -> Serv
 }
 
 impl Server {
-    async fn create(&self, action: &str) -> pb::Change {
-        let request = pb::CreateChangeRequest {
-            project: "demo".into(),
-            environment: "dev".into(),
-            git_rev: "main".into(),
-            action: action.into(),
-            ..Default::default()
-        };
-        self.changes()
-            .create_change(self.authed(request))
-            .await
-            .unwrap()
-            .into_inner()
-    }
     async fn watch(&self, id: &str) -> Vec<pb::ChangeEvent> {
         let mut stream = self
             .changes()
@@ -94,7 +80,7 @@ async fn create_watch_success_in_order_and_late_watchers_get_the_history() {
         },
     )])
     .await;
-    let change = server.create("deploy").await;
+    let change = server.create_change("deploy").await.unwrap();
     assert_eq!(change.git_sha, "sha-main");
     let events = server.watch(&change.id).await;
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
@@ -159,15 +145,8 @@ async fn create_watch_success_in_order_and_late_watchers_get_the_history() {
 
 #[tokio::test]
 async fn cancel_over_grpc_stops_a_running_change() {
-    let server = start(vec![(
-        "slow",
-        Script {
-            delay: Duration::from_secs(30),
-            ..Default::default()
-        },
-    )])
-    .await;
-    let change = server.create("slow").await;
+    let server = start(vec![("slow", Script::sleeping(Duration::from_secs(30)))]).await;
+    let change = server.create_change("slow").await.unwrap();
     let watcher = {
         let mut client = server.changes();
         let request = server.authed(pb::WatchChangeRequest {
@@ -485,12 +464,9 @@ async fn a_bad_tls_identity_is_refused_at_start() {
 
 #[tokio::test]
 async fn shutdown_lets_running_changes_finish_within_the_grace_period() {
-    let slow = Script {
-        delay: Duration::from_millis(500),
-        ..Default::default()
-    };
+    let slow = Script::sleeping(Duration::from_millis(500));
     let server = start(vec![("slow", slow)]).await;
-    let change = server.create("slow").await;
+    let change = server.create_change("slow").await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
     let home = server.stop().await;
     let app = App::open(home.path()).await.unwrap();
@@ -502,12 +478,9 @@ async fn shutdown_lets_running_changes_finish_within_the_grace_period() {
 
 #[tokio::test]
 async fn shutdown_cancels_what_outlives_the_grace_period() {
-    let endless = Script {
-        delay: Duration::from_secs(60),
-        ..Default::default()
-    };
+    let endless = Script::sleeping(Duration::from_secs(60));
     let server = start_with_grace(vec![("slow", endless)], Duration::from_millis(200)).await;
-    let change = server.create("slow").await;
+    let change = server.create_change("slow").await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
     let home = tokio::time::timeout(Duration::from_secs(10), server.stop())
         .await
@@ -537,7 +510,7 @@ async fn a_ten_megabyte_line_reaches_a_watcher_whole_in_pieces_under_the_message
         },
     )])
     .await;
-    let change = server.create("a").await;
+    let change = server.create_change("a").await.unwrap();
     // Default tonic clients refuse any message over 4 MiB: receiving at all proves every piece fits.
     let events = server.watch(&change.id).await;
     let pieces: Vec<&str> = events

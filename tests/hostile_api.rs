@@ -60,20 +60,6 @@ fn project_scope() -> Option<Scope> {
 }
 
 impl Server {
-    async fn create(&self, action: &str) -> Result<pb::Change, Status> {
-        let request = pb::CreateChangeRequest {
-            project: "demo".into(),
-            environment: "dev".into(),
-            git_rev: "main".into(),
-            action: action.into(),
-            ..Default::default()
-        };
-        self.changes()
-            .create_change(self.authed(request))
-            .await
-            .map(|r| r.into_inner())
-    }
-
     async fn changes_stored(&self) -> usize {
         self.app
             .store
@@ -395,7 +381,7 @@ async fn run_step_with_a_malformed_step_context_is_invalid_argument() {
 #[tokio::test]
 async fn a_docker_dind_change_is_refused_at_creation_naming_the_setting() {
     let s = start("", vec![]).await;
-    let status = s.create("dind").await.unwrap_err();
+    let status = s.create_change("dind").await.unwrap_err();
     denied(
         &status,
         "docker: dind is not allowed for project demo environment dev",
@@ -416,7 +402,7 @@ async fn a_docker_socket_change_is_refused_at_creation_naming_the_setting() {
         vec![],
     )
     .await;
-    let status = s.create("socket").await.unwrap_err();
+    let status = s.create_change("socket").await.unwrap_err();
     denied(&status, "add `docker_socket = true` to a [[grant]]");
     assert_eq!(s.changes_stored().await, 0);
     s.stop().await;
@@ -425,7 +411,7 @@ async fn a_docker_socket_change_is_refused_at_creation_naming_the_setting() {
 #[tokio::test]
 async fn a_privileged_service_is_refused_at_creation_naming_the_service() {
     let s = start("", vec![]).await;
-    let status = s.create("privileged").await.unwrap_err();
+    let status = s.create_change("privileged").await.unwrap_err();
     denied(&status, "a privileged service (\"vpn\") is not allowed");
     assert!(status.message().contains("`privileged_services = true`"));
     assert_eq!(s.changes_stored().await, 0);
@@ -439,7 +425,7 @@ async fn a_granted_privileged_feature_runs() {
         vec![("dind", Script::default())],
     )
     .await;
-    let change = s.create("dind").await.unwrap();
+    let change = s.create_change("dind").await.unwrap();
     let detail = s.finished(&change.id).await;
     assert_eq!(detail.change.unwrap().state(), pb::ChangeState::Success);
     assert_eq!(s.ran(), 1);
@@ -452,7 +438,7 @@ async fn an_environment_naming_an_ungranted_secret_gets_no_change() {
     s.set_env_properties(json!({"opschain": {"env:runner_secrets": ["db"]}}))
         .await
         .unwrap();
-    let status = s.create("a").await.unwrap_err();
+    let status = s.create_change("a").await.unwrap_err();
     denied(
         &status,
         "secret \"db\" (named in opschain.env:runner_secrets) is not granted to project demo environment dev",
@@ -475,7 +461,7 @@ async fn a_secret_granted_to_another_environment_is_refused() {
     s.set_env_properties(json!({"opschain": {"env:build_secrets": ["db"]}}))
         .await
         .unwrap();
-    let status = s.create("a").await.unwrap_err();
+    let status = s.create_change("a").await.unwrap_err();
     denied(
         &status,
         "secret \"db\" (named in opschain.env:build_secrets)",
@@ -488,19 +474,13 @@ async fn a_secret_granted_to_another_environment_is_refused() {
 async fn a_secret_named_after_creation_fails_the_step_before_it_runs() {
     let s = start(
         "",
-        vec![(
-            "a",
-            Script {
-                delay: Duration::from_millis(500),
-                ..Default::default()
-            },
-        )],
+        vec![("a", Script::sleeping(Duration::from_millis(500)))],
     )
     .await;
     // Created while nothing ungranted is named, then an admin names one before the step starts: the change is
     // queued behind a slow one so the write lands first.
-    let blocker = s.create("a").await.unwrap();
-    let change = s.create("b").await.unwrap();
+    let blocker = s.create_change("a").await.unwrap();
+    let change = s.create_change("b").await.unwrap();
     s.set_env_properties(json!({"opschain": {"env:runner_secrets": ["db"]}}))
         .await
         .unwrap();
@@ -526,7 +506,7 @@ async fn a_step_patch_writing_runner_secrets_fails_the_step_and_applies_nothing(
     );
     let s = start("", vec![("a", evil), ("b", Script::default())]).await;
     let before = s.versions().await;
-    let change = s.create("deploy").await.unwrap();
+    let change = s.create_change("deploy").await.unwrap();
     let detail = s.finished(&change.id).await;
     assert_eq!(
         detail.change.as_ref().unwrap().state(),
@@ -562,7 +542,7 @@ async fn a_step_patch_removing_the_admins_secret_list_applies_nothing() {
         .await
         .unwrap();
     let before = s.versions().await;
-    let change = s.create("a").await.unwrap();
+    let change = s.create_change("a").await.unwrap();
     let detail = s.finished(&change.id).await;
     assert!(
         detail.steps[0].reason.contains("env:runner_secrets"),
@@ -608,7 +588,7 @@ async fn step_patches_a_step_may_not_make_fail_it_and_apply_nothing() {
     support::each_case_async(cases, |(project, environment, expected)| async move {
         let s = start("", vec![("a", patch_result(project, environment))]).await;
         let before = s.versions().await;
-        let change = s.create("a").await.unwrap();
+        let change = s.create_change("a").await.unwrap();
         let detail = s.finished(&change.id).await;
         assert_eq!(
             detail.change.as_ref().unwrap().state(),

@@ -6,7 +6,7 @@
 mod grpc_server;
 mod support;
 
-use grpc_server::{channel_to, Options, Server};
+use grpc_server::{change_request, channel_to, Options, Server};
 use runner::app::App;
 use runner::grpc::pb::change_service_client::ChangeServiceClient;
 use runner::grpc::pb::{self, Scope};
@@ -139,12 +139,8 @@ impl Server {
 
 fn create_request(action: &str, request_id: &str) -> pb::CreateChangeRequest {
     pb::CreateChangeRequest {
-        project: "demo".into(),
-        environment: "dev".into(),
-        git_rev: "main".into(),
-        action: action.into(),
         request_id: request_id.into(),
-        ..Default::default()
+        ..change_request(action)
     }
 }
 
@@ -605,14 +601,7 @@ async fn watch_rejects_bad_cursors_and_unknown_changes() {
 
 #[tokio::test]
 async fn shutdown_ends_watchers_with_unavailable() {
-    let server = start(vec![(
-        "slow",
-        Script {
-            delay: Duration::from_secs(1),
-            ..Default::default()
-        },
-    )])
-    .await;
+    let server = start(vec![("slow", Script::sleeping(Duration::from_secs(1)))]).await;
     let change = server.create(create_request("slow", "")).await.unwrap();
     let mut stream = server.watch(&change.id).await;
     stream.message().await.unwrap().expect("the first event");
@@ -1177,14 +1166,7 @@ async fn cancel_on_disconnect_ties_a_run_to_its_call() {
 
 #[tokio::test]
 async fn cancel_of_a_step_run_stops_it_and_reports_cancelled() {
-    let server = start(vec![(
-        "slow",
-        Script {
-            delay: Duration::from_secs(30),
-            ..Default::default()
-        },
-    )])
-    .await;
+    let server = start(vec![("slow", Script::sleeping(Duration::from_secs(30)))]).await;
     let mut steps = steps_at(&server.channel);
     let started = steps
         .start_step_run(step_request("slow", ""))
@@ -1253,13 +1235,7 @@ async fn a_timed_out_or_failing_step_run_says_so() {
                 ..Default::default()
             },
         ),
-        (
-            "hang",
-            Script {
-                delay: Duration::from_secs(30),
-                ..Default::default()
-            },
-        ),
+        ("hang", Script::sleeping(Duration::from_secs(30))),
     ])
     .await;
     let mut steps = steps_at(&server.channel);
@@ -1285,14 +1261,7 @@ async fn a_timed_out_or_failing_step_run_says_so() {
 
 #[tokio::test]
 async fn starting_a_step_run_again_with_its_id_or_request_id_attaches_to_it() {
-    let server = start(vec![(
-        "slow",
-        Script {
-            delay: Duration::from_millis(300),
-            ..Default::default()
-        },
-    )])
-    .await;
+    let server = start(vec![("slow", Script::sleeping(Duration::from_millis(300)))]).await;
     let mut steps = steps_at(&server.channel);
     let first = steps
         .start_step_run(step_request("slow", "mine"))
@@ -1526,14 +1495,7 @@ async fn a_container_step_run_survives_its_callers_disconnect() {
 
 #[tokio::test]
 async fn cancel_answers_the_change_as_it_will_end() {
-    let server = start(vec![(
-        "slow",
-        Script {
-            delay: Duration::from_secs(30),
-            ..Default::default()
-        },
-    )])
-    .await;
+    let server = start(vec![("slow", Script::sleeping(Duration::from_secs(30)))]).await;
     let change = server.create(create_request("slow", "")).await.unwrap();
     // Wait until it runs.
     let mut stream = server.watch(&change.id).await;

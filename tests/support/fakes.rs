@@ -122,6 +122,16 @@ pub struct Script {
     pub delay: Duration,
 }
 
+impl Script {
+    /// Prints nothing and exits 0 after `delay` (unless cancelled or timed out first).
+    pub fn sleeping(delay: Duration) -> Script {
+        Script {
+            delay,
+            ..Default::default()
+        }
+    }
+}
+
 /// Runs no container: looks the step's action up (`step_context.context.step.action`) in its scripts.
 #[derive(Debug, Default)]
 pub struct FakeExecutor {

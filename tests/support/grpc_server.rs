@@ -7,6 +7,7 @@
 
 use super::support::fakes::{FakeExecutor, FakeImages, FakeSources, Script};
 use runner::app::App;
+use runner::grpc::pb;
 use runner::grpc::pb::change_service_client::ChangeServiceClient;
 use runner::grpc::pb::project_service_client::ProjectServiceClient;
 use runner::grpc::pb::step_runner_service_client::StepRunnerServiceClient;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-use tonic::Request;
+use tonic::{Request, Status};
 
 /// An orchestrator over `app` whose repository serves `manifest` (no repository properties), with fake images.
 pub fn fake_orchestrator(app: App, manifest: Value, executor: Arc<FakeExecutor>) -> Orchestrator {
@@ -44,6 +45,17 @@ pub fn channel_to(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy()
+}
+
+/// A CreateChange of `action` in `demo`/`dev` at `main`.
+pub fn change_request(action: &str) -> pb::CreateChangeRequest {
+    pb::CreateChangeRequest {
+        project: "demo".into(),
+        environment: "dev".into(),
+        git_rev: "main".into(),
+        action: action.into(),
+        ..Default::default()
+    }
 }
 
 /// How to set a server up: `Options::new(manifest)`, then what differs, then `.start().await`.
@@ -206,6 +218,14 @@ impl Server {
 
     pub fn steps(&self) -> StepRunnerServiceClient<Channel> {
         StepRunnerServiceClient::new(self.channel.clone())
+    }
+
+    /// CreateChange of `action` in `demo`/`dev` at `main`, with the server's token.
+    pub async fn create_change(&self, action: &str) -> Result<pb::Change, Status> {
+        self.changes()
+            .create_change(self.authed(change_request(action)))
+            .await
+            .map(|r| r.into_inner())
     }
 
     /// Stops the server and waits for it to end cleanly; returns its data directory for a look afterwards.
