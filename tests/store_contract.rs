@@ -1727,3 +1727,258 @@ mod wakeups {
         store.close().await;
     }
 }
+
+// ---- Writers on two handles (two processes' pools) of one store: row locks, not a store-wide lock, keep them
+// ---- correct on PostgreSQL.
+
+/// Runs `case` with two handles of one fresh store of each backend, as two processes would have them, and raw
+/// access to its database.
+macro_rules! contract_pair {
+    ($name:ident, $case:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let home = tempfile::tempdir().unwrap();
+                let a = Store::connect(home.path(), None).await.unwrap();
+                let b = Store::connect(home.path(), None).await.unwrap();
+                let raw = Raw::Sqlite(home.path().join("runner.db"));
+                ($case)(a.clone(), b.clone(), raw).await;
+                a.close().await;
+                b.close().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if !support::postgres::postgres_available() {
+                    return;
+                }
+                let url = support::postgres::shared().database();
+                let home = tempfile::tempdir().unwrap();
+                let a = Store::connect(home.path(), Some(&url)).await.unwrap();
+                let b = Store::connect(home.path(), Some(&url)).await.unwrap();
+                ($case)(a.clone(), b.clone(), Raw::Postgres(url)).await;
+                a.close().await;
+                b.close().await;
+            }
+        }
+    };
+}
+
+/// Adds one to `counter` in the owners' documents, read-modify-write with retries on version conflicts.
+async fn increment(store: &Store, owners: &[&PropertiesOwner]) {
+    loop {
+        let mut current = vec![];
+        for owner in owners {
+            current.push(store.properties(owner, None).await.unwrap());
+        }
+        let docs: Vec<serde_json::Value> = current
+            .iter()
+            .map(|c| json!({ "counter": c.document["counter"].as_i64().unwrap_or(0) + 1 }))
+            .collect();
+        let writes: Vec<PropertiesWrite> = owners
+            .iter()
+            .zip(&current)
+            .zip(&docs)
+            .map(|((owner, c), doc)| PropertiesWrite {
+                owner,
+                expected_version: c.version,
+                document: doc,
+            })
+            .collect();
+        match store.write_properties(&writes, &WrittenBy::Cli).await {
+            Ok(_) => return,
+            Err(StoreError::VersionConflict { .. }) => continue,
+            Err(e) => panic!("a property write failed otherwise than by a version conflict: {e:?}"),
+        }
+    }
+}
+
+contract_pair!(
+    property_writers_on_two_handles_lose_no_update,
+    |a: Store, b: Store, _raw: Raw| async move {
+        let (p, e) = project_env(&a).await;
+        let (p, e) = (PropertiesOwner::from(&p), PropertiesOwner::from(&e));
+        // Racing on one version: one wins, the other is told the version moved on.
+        let (doc_a, doc_b) = (
+            json!({ "counter": 0, "by": "a" }),
+            json!({ "counter": 0, "by": "b" }),
+        );
+        let write_a = [PropertiesWrite {
+            owner: &p,
+            expected_version: 1,
+            document: &doc_a,
+        }];
+        let write_b = [PropertiesWrite {
+            owner: &p,
+            expected_version: 1,
+            document: &doc_b,
+        }];
+        let (x, y) = tokio::join!(
+            a.write_properties(&write_a, &WrittenBy::Cli),
+            b.write_properties(&write_b, &WrittenBy::Cli),
+        );
+        let lost = match (x, y) {
+            (Ok(_), Err(lost)) | (Err(lost), Ok(_)) => lost,
+            other => panic!("exactly one of two writers on version 1 must win: {other:?}"),
+        };
+        assert!(
+            matches!(
+                lost,
+                StoreError::VersionConflict {
+                    expected: 1,
+                    current: 2,
+                    ..
+                }
+            ),
+            "{lost:?}"
+        );
+        // Read-modify-write loops on both handles, over one owner and over both owners named in opposite
+        // orders (a lock order that followed the caller's would deadlock): every increment lands once.
+        const ROUNDS: i64 = 15;
+        let run = |store: Store, p: PropertiesOwner, e: PropertiesOwner, flip: bool| async move {
+            for _ in 0..ROUNDS {
+                increment(&store, &[&p]).await;
+                if flip {
+                    increment(&store, &[&e, &p]).await;
+                } else {
+                    increment(&store, &[&p, &e]).await;
+                }
+            }
+        };
+        tokio::join!(
+            run(a.clone(), p.clone(), e.clone(), false),
+            run(b.clone(), p.clone(), e.clone(), true)
+        );
+        let project = a.properties(&p, None).await.unwrap();
+        assert_eq!(project.document["counter"], json!(4 * ROUNDS));
+        assert_eq!(project.version, 2 + 4 * ROUNDS);
+        let environment = b.properties(&e, None).await.unwrap();
+        assert_eq!(environment.document["counter"], json!(2 * ROUNDS));
+        assert_eq!(environment.version, 1 + 2 * ROUNDS);
+        let versions: Vec<i64> = a
+            .properties_history(&p)
+            .await
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(versions, (1..=2 + 4 * ROUNDS).collect::<Vec<_>>());
+    }
+);
+
+contract_pair!(
+    batches_from_two_handles_number_one_change_without_gaps,
+    |a: Store, b: Store, _raw: Raw| async move {
+        project_env(&a).await;
+        new_change(&a, "c1", "o1").await;
+        let batch = |who: &str, n: usize| {
+            let lines: Vec<ChunkLine> = (0..3)
+                .map(|l| ChunkLine {
+                    step_id: "c1-root".into(),
+                    stream: Stream::Stdout,
+                    at_ms: 1,
+                    line: format!("{who} {n} line {l}"),
+                })
+                .collect();
+            let phase = |what: &str| BatchEntry::Event {
+                event: Event::Log {
+                    step_id: "c1-root".into(),
+                    stream: Stream::Stderr,
+                    line: format!("{who} {n} {what}"),
+                },
+                at: "2026-01-01T00:00:00.000Z".into(),
+            };
+            vec![
+                phase("first"),
+                BatchEntry::Lines {
+                    count: 3,
+                    first_at: 1,
+                    last_at: 1,
+                    text_bytes: 30,
+                    chunk: chunk::encode(&lines),
+                },
+                phase("second"),
+                phase("third"),
+            ]
+        };
+        const BATCHES: usize = 12;
+        let run = |store: Store, who: &'static str| async move {
+            let mut firsts = vec![];
+            for n in 0..BATCHES {
+                firsts.push(store.append_batch("c1", &batch(who, n)).await.unwrap());
+            }
+            firsts
+        };
+        let (fa, fb) = tokio::join!(run(a.clone(), "a"), run(b.clone(), "b"));
+        let records = a.events_after("c1", 0).await.unwrap();
+        let total = 2 * BATCHES * 6;
+        assert_eq!(
+            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (1..=total as i64).collect::<Vec<_>>(),
+            "every number used once, none skipped"
+        );
+        assert_eq!(b.last_seq("c1").await.unwrap(), total as i64);
+        // Each batch's entries are consecutive and in the order given, whichever handle stored it.
+        for (who, firsts) in [("a", fa), ("b", fb)] {
+            for (n, first) in firsts.into_iter().enumerate() {
+                let got: Vec<String> = records[first as usize - 1..first as usize + 5]
+                    .iter()
+                    .map(|r| match &r.event {
+                        Event::Log { line, .. } => line.clone(),
+                        other => panic!("{other:?}"),
+                    })
+                    .collect();
+                let want: Vec<String> = ["first", "line 0", "line 1", "line 2", "second", "third"]
+                    .iter()
+                    .map(|w| format!("{who} {n} {w}"))
+                    .collect();
+                assert_eq!(got, want);
+            }
+        }
+    }
+);
+
+contract_pair!(
+    an_abandoned_request_id_is_taken_over_once,
+    |a: Store, b: Store, raw: Raw| async move {
+        // Its call died with its server long ago: a repeat may take it over, but of several repeats at once only
+        // one. Tried on several ids, so that the repeats really overlap on some.
+        let long_ago = (chrono::Utc::now() - chrono::Duration::minutes(30))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        for n in 0..12 {
+            let id = format!("r{n}");
+            assert_eq!(
+                a.claim_request(&id, "CreateChange", "f1").await.unwrap(),
+                runner::store::RequestClaim::New
+            );
+            raw.execute(&format!(
+                "UPDATE api_requests SET created_at = '{long_ago}' WHERE request_id = '{id}'"
+            ))
+            .await
+            .unwrap();
+            let repeats: Vec<_> = [&a, &b, &a, &b]
+                .into_iter()
+                .map(|store| {
+                    let (store, id) = (store.clone(), id.clone());
+                    tokio::spawn(async move {
+                        store
+                            .claim_request(&id, "CreateChange", "f1")
+                            .await
+                            .unwrap()
+                    })
+                })
+                .collect();
+            let mut new = 0;
+            for repeat in repeats {
+                match repeat.await.unwrap() {
+                    runner::store::RequestClaim::New => new += 1,
+                    runner::store::RequestClaim::InProgress => {}
+                    other => panic!("a repeat of an abandoned request got {other:?}"),
+                }
+            }
+            assert_eq!(new, 1, "request {id}: exactly one repeat takes it over");
+        }
+    }
+);

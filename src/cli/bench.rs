@@ -56,11 +56,18 @@ pub enum BenchCommand {
         fixture: PathBuf,
     },
     /// What the store costs a step: SQLite in one process beside a shared PostgreSQL with 1, 2 and 3 concurrent
-    /// writers (steps/s and ms of store work per step; goal on PostgreSQL: at most 10 ms).
+    /// workers (ms of store work per step, statements and transactions per step; goal on PostgreSQL: at most
+    /// 10 ms).
     Store {
         /// Steps per configuration.
         #[arg(long, default_value_t = 300)]
         steps: usize,
+        /// Steps of each change (sequential): the change-level work is spread over them.
+        #[arg(long, default_value_t = 10)]
+        change_steps: usize,
+        /// Rounds per configuration (the median is shown).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// A scratch PostgreSQL database to measure (a project named bench-… is added to it).
         #[arg(long)]
         postgres: Option<String>,
@@ -185,8 +192,20 @@ pub async fn run(home: &Path, cmd: BenchCommand) -> Result<()> {
             duration,
             fixture,
         } => grpc(&scratch, &fixture, watchers, rate.max(1), duration).await,
-        BenchCommand::Store { steps, postgres } => {
-            super::bench_store::run(&scratch, steps.max(1), postgres.as_deref()).await
+        BenchCommand::Store {
+            steps,
+            change_steps,
+            rounds,
+            postgres,
+        } => {
+            super::bench_store::run(
+                &scratch,
+                steps.max(1),
+                change_steps.max(1),
+                rounds.max(1),
+                postgres.as_deref(),
+            )
+            .await
         }
         BenchCommand::Crash { trials, points } => {
             super::bench_crash::run(&scratch, trials.max(1), &points).await

@@ -8,6 +8,7 @@
 //! Differences the SQL cannot hide live here and nowhere else: how a write transaction takes the writer's lock.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
@@ -38,6 +39,53 @@ pub(crate) enum Tx {
 /// transaction (the per-environment rule, event numbers, property versions) sees no concurrent writer.
 const PG_WRITER_LOCK: i64 = 0x7275_6e6e_6572; // "runner"
 
+/// Statements and transactions this process has sent to its stores (all of them, either backend): what a bench
+/// divides by the steps it ran to say how many round trips and commits a step costs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Statements executed (each one round trip; `BEGIN` and `COMMIT` not included).
+    pub statements: u64,
+    /// Transactions committed (each `BEGIN` + `COMMIT`, two more round trips, and one durable flush).
+    pub commits: u64,
+    /// Writes run outside a transaction (each its own commit and durable flush, in one round trip).
+    pub autocommits: u64,
+}
+
+static STATEMENTS: AtomicU64 = AtomicU64::new(0);
+static COMMITS: AtomicU64 = AtomicU64::new(0);
+static AUTOCOMMITS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a statement sent to a pool (outside a transaction) that writes: it commits on its own.
+fn count_autocommit(sql: &str) {
+    let verb = sql.trim_start().get(..6).unwrap_or("");
+    if ["INSERT", "UPDATE", "DELETE"]
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case(verb))
+    {
+        AUTOCOMMITS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The traffic so far (see [`Traffic`]).
+pub fn traffic() -> Traffic {
+    Traffic {
+        statements: STATEMENTS.load(Ordering::Relaxed),
+        commits: COMMITS.load(Ordering::Relaxed),
+        autocommits: AUTOCOMMITS.load(Ordering::Relaxed),
+    }
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, earlier: Traffic) -> Traffic {
+        Traffic {
+            statements: self.statements.saturating_sub(earlier.statements),
+            commits: self.commits.saturating_sub(earlier.commits),
+            autocommits: self.autocommits.saturating_sub(earlier.autocommits),
+        }
+    }
+}
+
 impl Backend {
     /// The database's clock, in Unix milliseconds, as an SQL expression: leases are judged by one clock, the
     /// store's, whatever the clocks of the hosts that hold them say.
@@ -64,6 +112,7 @@ impl Pool {
             Pool::Sqlite(pool) => Ok(Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?)),
             Pool::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
+                STATEMENTS.fetch_add(1, Ordering::Relaxed);
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(PG_WRITER_LOCK)
                     .execute(&mut *tx)
@@ -91,12 +140,51 @@ impl Pool {
 }
 
 impl Tx {
+    /// Locks the row of `table` whose `id` is `id` until this transaction ends, so that writers which read
+    /// something the row owns (its properties' latest version) and write on what they read queue one behind the
+    /// other. PostgreSQL: `FOR NO KEY UPDATE` (it does not block rows that merely reference this one, such as a
+    /// new change of an environment); SQLite: nothing, a write transaction already holds its only lock. False if
+    /// there is no such row (PostgreSQL only; SQLite answers true).
+    pub(crate) async fn lock_row(
+        &mut self,
+        table: LockedTable,
+        id: i64,
+    ) -> Result<bool, sqlx::Error> {
+        match self {
+            Tx::Sqlite(_) => Ok(true),
+            Tx::Postgres(tx) => {
+                STATEMENTS.fetch_add(1, Ordering::Relaxed);
+                let sql = match table {
+                    LockedTable::Projects => {
+                        "SELECT 1 FROM projects WHERE id = $1 FOR NO KEY UPDATE"
+                    }
+                    LockedTable::Environments => {
+                        "SELECT 1 FROM environments WHERE id = $1 FOR NO KEY UPDATE"
+                    }
+                };
+                Ok(sqlx::query(sql)
+                    .bind(id)
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .is_some())
+            }
+        }
+    }
+
     pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        COMMITS.fetch_add(1, Ordering::Relaxed);
         match self {
             Tx::Sqlite(tx) => tx.commit().await,
             Tx::Postgres(tx) => tx.commit().await,
         }
     }
+}
+
+/// The tables whose rows [`Tx::lock_row`] locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum LockedTable {
+    Projects,
+    Environments,
 }
 
 /// A bound value.
@@ -208,8 +296,10 @@ macro_rules! bind_all {
 macro_rules! run_on {
     ($self:ident, $target:expr, $method:ident, |$r:ident| $map:expr) => {{
         let Query { sql, args } = $self;
+        STATEMENTS.fetch_add(1, Ordering::Relaxed);
         match $target.target() {
             Target::SqlitePool(p) => {
+                count_autocommit(&sql);
                 let $r = bind_all!(sqlx::query::<Sqlite>(&sql), args)
                     .$method(p)
                     .await?;
@@ -222,6 +312,7 @@ macro_rules! run_on {
                 $map
             }
             Target::PgPool(p) => {
+                count_autocommit(&sql);
                 let sql = numbered(&sql);
                 let $r = bind_all!(sqlx::query::<Postgres>(&sql), args)
                     .$method(p)

@@ -35,6 +35,15 @@ pub struct Pruned {
     pub store_bytes_after: u64,
 }
 
+/// Rows one multi-row `INSERT` of a batch carries at most (few statement shapes for the statement caches).
+const ROWS_PER_INSERT: usize = 16;
+
+/// `prefix` followed by `rows` groups of `columns` placeholders: `(?, ?), (?, ?)`.
+fn values(prefix: &str, columns: usize, rows: usize) -> String {
+    let group = format!("({})", vec!["?"; columns].join(", "));
+    format!("{prefix}{}", vec![group; rows].join(", "))
+}
+
 /// Unix milliseconds → RFC 3339 (UTC, milliseconds), the form every stored time takes.
 pub fn rfc3339_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
@@ -93,17 +102,15 @@ impl Store {
         // Only this change's row is locked: log writers of different changes never wait for one another.
         let mut tx = self.pool.row_tx().await?;
         let (first, attempt) = reserve_seqs(&mut tx, change_id, count).await?;
+        // Numbered in order, then stored a few rows per statement: a flush costs a handful of round trips, not
+        // one per entry.
+        let mut events = Vec::new();
+        let mut chunks = Vec::new();
         let mut seq = first;
         for entry in entries {
             match entry {
                 BatchEntry::Event { event, at } => {
-                    query("INSERT INTO events (change_id, seq, at, event) VALUES (?, ?, ?, ?)")
-                        .bind(change_id)
-                        .bind(seq)
-                        .bind(at)
-                        .bind(serde_json::to_string(event).expect("events serialise"))
-                        .execute(&mut tx)
-                        .await?;
+                    events.push((seq, at, event));
                     seq += 1;
                 }
                 BatchEntry::Lines {
@@ -113,24 +120,46 @@ impl Store {
                     text_bytes,
                     chunk,
                 } => {
-                    query(
-                        "INSERT INTO log_chunks (change_id, first_seq, last_seq, first_at, last_at, text_bytes, \
-                         encoding, raw_len, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(change_id)
-                    .bind(seq)
-                    .bind(seq + count - 1)
-                    .bind(first_at)
-                    .bind(last_at)
-                    .bind(text_bytes)
-                    .bind(chunk.encoding)
-                    .bind(chunk.raw_len as i64)
-                    .bind(&chunk.data)
-                    .execute(&mut tx)
-                    .await?;
+                    chunks.push((seq, *count, *first_at, *last_at, *text_bytes, chunk));
                     seq += count;
                 }
             }
+        }
+        for rows in events.chunks(ROWS_PER_INSERT) {
+            let mut insert = query(values(
+                "INSERT INTO events (change_id, seq, at, event) VALUES ",
+                4,
+                rows.len(),
+            ));
+            for (seq, at, event) in rows {
+                insert = insert
+                    .bind(change_id)
+                    .bind(*seq)
+                    .bind(*at)
+                    .bind(serde_json::to_string(event).expect("events serialise"));
+            }
+            insert.execute(&mut tx).await?;
+        }
+        for rows in chunks.chunks(ROWS_PER_INSERT) {
+            let mut insert = query(values(
+                "INSERT INTO log_chunks (change_id, first_seq, last_seq, first_at, last_at, text_bytes, \
+                 encoding, raw_len, data) VALUES ",
+                9,
+                rows.len(),
+            ));
+            for (seq, count, first_at, last_at, text_bytes, chunk) in rows {
+                insert = insert
+                    .bind(change_id)
+                    .bind(*seq)
+                    .bind(seq + count - 1)
+                    .bind(*first_at)
+                    .bind(*last_at)
+                    .bind(*text_bytes)
+                    .bind(chunk.encoding)
+                    .bind(chunk.raw_len as i64)
+                    .bind(&chunk.data);
+            }
+            insert.execute(&mut tx).await?;
         }
         tx.commit().await?;
         self.changed(change_id);

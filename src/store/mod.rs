@@ -26,7 +26,7 @@ mod web;
 pub use base_images::{BaseImageSetting, BaseImageSource};
 pub use change_query::{ChangeQuery, Keyset};
 pub use changes::{Change, ChangeFilter, NewChange, NewStep, Step, StepFinish};
-pub use db::Backend;
+pub use db::{traffic, Backend, Traffic};
 pub use labels::Labels;
 pub use logs::{rfc3339_ms, BatchEntry, Pruned};
 pub use projects::{Environment, Project};
@@ -45,6 +45,9 @@ use sqlx::sqlite::{
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// A pooled PostgreSQL connection idle this long is checked before it is used again.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(5);
 
 /// Store failures. `NotFound`, `AlreadyExists` and `VersionConflict` are the caller's to act on.
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +178,20 @@ impl Store {
         }
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            // A worker's next statement finds a connection open (and its prepared statements) rather than
+            // opening one.
+            .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
+            // A connection in steady use is known to be alive: it is checked (one more round trip) only when it
+            // sat idle long enough for the server to have gone away (a restart, a proxy's idle timeout); one that
+            // fails the check is dropped and another taken.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    use sqlx::Connection;
+                    Ok(meta.idle_for < CHECK_IDLE_AFTER || conn.ping().await.is_ok())
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Connect {

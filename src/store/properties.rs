@@ -1,6 +1,6 @@
 //! Versioned properties: every write is a new version row; writes name the version they are based on.
 
-use super::db::{query, Row, Tx};
+use super::db::{query, LockedTable, Row, Tx};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -30,6 +30,13 @@ impl PropertiesOwner {
     pub(crate) fn id(&self) -> i64 {
         match self {
             PropertiesOwner::Project { id, .. } | PropertiesOwner::Environment { id, .. } => *id,
+        }
+    }
+    /// The row whose lock orders the writers of these properties.
+    fn row(&self) -> (LockedTable, i64) {
+        match self {
+            PropertiesOwner::Project { id, .. } => (LockedTable::Projects, *id),
+            PropertiesOwner::Environment { id, .. } => (LockedTable::Environments, *id),
         }
     }
 }
@@ -180,7 +187,8 @@ impl Store {
         writes: &[PropertiesWrite<'_>],
         by: &WrittenBy,
     ) -> Result<Vec<PropertiesVersion>, StoreError> {
-        let mut tx = self.write_tx().await?;
+        // The owners' rows order concurrent writers (see `write_in`): no store-wide lock.
+        let mut tx = self.pool.row_tx().await?;
         let out = write_in(&mut tx, writes, by).await?;
         tx.commit().await?;
         Ok(out)
@@ -188,6 +196,11 @@ impl Store {
 }
 
 /// [`Store::write_properties`] inside a transaction the caller commits (e.g. with a step's end).
+///
+/// Writers of one owner's properties queue on the owner's row (project or environment; locked in one order,
+/// projects first, so two transactions writing the same owners never deadlock), then each write is one statement
+/// that inserts version `expected + 1` only if the latest version is still `expected`. The primary key on
+/// (owner, version) is the last word should two writers ever get past that.
 pub(super) async fn write_in(
     tx: &mut Tx,
     writes: &[PropertiesWrite<'_>],
@@ -203,6 +216,12 @@ pub(super) async fn write_in(
             });
         }
     }
+    let mut rows: Vec<(LockedTable, i64)> = writes.iter().map(|w| w.owner.row()).collect();
+    rows.sort();
+    rows.dedup();
+    for (table, id) in rows {
+        tx.lock_row(table, id).await?;
+    }
     let written_at = now();
     let (written_by, change_id, step_id) = match by {
         WrittenBy::Cli => ("cli", None, None),
@@ -211,26 +230,12 @@ pub(super) async fn write_in(
     };
     let mut out = Vec::with_capacity(writes.len());
     for (write, text) in writes.iter().zip(texts) {
-        let current: i64 = query(
-            "SELECT COALESCE(MAX(version), 0) FROM property_versions WHERE owner_kind = ? AND owner_id = ?",
-        )
-        .bind(write.owner.kind())
-        .bind(write.owner.id())
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
-        if current != write.expected_version {
-            return Err(StoreError::VersionConflict {
-                owner: write.owner.to_string(),
-                expected: write.expected_version,
-                current,
-            });
-        }
-        let version = current + 1;
-        query(
+        let version = write.expected_version + 1;
+        let inserted = query(
             "INSERT INTO property_versions \
              (owner_kind, owner_id, version, document, written_at, written_by, change_id, step_id) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE (SELECT COALESCE(MAX(version), 0) \
+             FROM property_versions WHERE owner_kind = ?1 AND owner_id = ?2) = ?9",
         )
         .bind(write.owner.kind())
         .bind(write.owner.id())
@@ -240,8 +245,31 @@ pub(super) async fn write_in(
         .bind(written_by)
         .bind(change_id)
         .bind(step_id)
+        .bind(write.expected_version)
         .execute(&mut *tx)
-        .await?;
+        .await;
+        let conflict = |current| StoreError::VersionConflict {
+            owner: write.owner.to_string(),
+            expected: write.expected_version,
+            current,
+        };
+        match inserted {
+            Ok(done) if done.rows_affected() == 1 => {}
+            Ok(_) => {
+                let current: i64 = query(
+                    "SELECT COALESCE(MAX(version), 0) FROM property_versions WHERE owner_kind = ? AND owner_id = ?",
+                )
+                .bind(write.owner.kind())
+                .bind(write.owner.id())
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+                return Err(conflict(current));
+            }
+            // Another writer took `version` (the transaction is spoilt, so the latest is not read again).
+            Err(e) if super::is_unique_violation(&e) => return Err(conflict(version)),
+            Err(e) => return Err(e.into()),
+        }
         out.push(PropertiesVersion {
             version,
             document: write.document.clone(),

@@ -39,7 +39,9 @@ impl Store {
         method: &str,
         fingerprint: &str,
     ) -> Result<RequestClaim, StoreError> {
-        let mut tx = self.write_tx().await?;
+        // The request id's row orders concurrent claims of one id (the insert waits for an uncommitted insert of
+        // the same id; a takeover is a compare-and-set): no store-wide lock.
+        let mut tx = self.pool.row_tx().await?;
         query("DELETE FROM api_requests WHERE created_at < $1")
             .bind(ago(REQUEST_ID_WINDOW))
             .execute(&mut tx)
@@ -74,12 +76,22 @@ impl Store {
             } else if let Some(response) = response {
                 RequestClaim::Done(response)
             } else if created_at < ago(ABANDONED_AFTER) {
-                query("UPDATE api_requests SET created_at = $1 WHERE request_id = $2")
-                    .bind(super::now())
-                    .bind(request_id)
-                    .execute(&mut tx)
-                    .await?;
-                RequestClaim::New
+                // Of two repeats taking over the same abandoned claim, one wins; the other sees it in progress.
+                let taken = query(
+                    "UPDATE api_requests SET created_at = $1 \
+                     WHERE request_id = $2 AND created_at = $3 AND response IS NULL",
+                )
+                .bind(super::now())
+                .bind(request_id)
+                .bind(&created_at)
+                .execute(&mut tx)
+                .await?
+                .rows_affected();
+                if taken == 1 {
+                    RequestClaim::New
+                } else {
+                    RequestClaim::InProgress
+                }
             } else {
                 RequestClaim::InProgress
             }
