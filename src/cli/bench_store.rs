@@ -20,8 +20,8 @@ use crate::events::{ChangeState, Event, Phase, StepState};
 use crate::executor::Stream;
 use crate::logs::chunk::{self, ChunkLine};
 use crate::store::{
-    BatchEntry, Claim, NewChange, PropertiesOwner, PropertiesWrite, StepFinish, StepSettle, Store,
-    Traffic, WrittenBy,
+    BatchEntry, Claim, NewChange, NewStep, PropertiesOwner, PropertiesWrite, StepFinish,
+    StepSettle, Store, Traffic, WrittenBy,
 };
 
 /// The goal of issue 16: store overhead per step on PostgreSQL, at most.
@@ -283,8 +283,13 @@ async fn worker(
             )
             .await?;
         // The root's own work records its children, run one after the other.
-        let children: Vec<(String, String)> = (0..change_steps)
-            .map(|n| (uuid::Uuid::new_v4().to_string(), format!("part{n}")))
+        let children: Vec<NewStep> = (0..change_steps)
+            .map(|n| NewStep {
+                id: uuid::Uuid::new_v4().to_string(),
+                action: format!("part{n}"),
+                ignore_failure: false,
+                retry_on_worker_loss: false,
+            })
             .collect();
         let pv = store.properties(&project_owner, None).await?.version;
         let ev = store.properties(&env_owner, None).await?.version;
@@ -302,7 +307,13 @@ async fn worker(
             step_id: root.clone(),
         };
         store.settle_step(&settle, &[], &by).await?;
-        for (n, (step, action)) in children.iter().enumerate() {
+        for (
+            n,
+            NewStep {
+                id: step, action, ..
+            },
+        ) in children.iter().enumerate()
+        {
             // The step starts from the property versions it reads.
             let pv = store.properties(&project_owner, None).await?.version;
             let ev = store.properties(&env_owner, None).await?.version;
