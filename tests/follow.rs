@@ -251,24 +251,29 @@ impl Drop for Server {
     }
 }
 
+fn free_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 impl Server {
-    fn start(url: &str) -> Server {
+    /// gRPC on `address`, and the web view on `web` if given.
+    fn start(url: &str, web: Option<&str>) -> Server {
         let home = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let listen = format!("127.0.0.1:{port}");
-        let child = runner(
-            home.path(),
-            url,
-            &["serve", "--no-worker", "--listen", &listen],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        let listen = free_address();
+        let mut args = vec!["serve", "--no-worker", "--listen", &listen];
+        if let Some(web) = web {
+            args.extend(["--http", web]);
+        }
+        let child = runner(home.path(), url, &args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         Server {
             _home: home,
             child,
@@ -289,7 +294,7 @@ async fn watch_change_on_a_server_is_woken_by_the_worker_of_another_process() {
     args.push("--background");
     let id = ok(admin.path(), &url, &args).trim().to_owned();
     // The server polls once an hour (RUNNER_FOLLOW_FALLBACK): only a notification can move its watch along.
-    let server = Server::start(&url);
+    let server = Server::start(&url, None);
     let deadline = Instant::now() + HUNG;
     let remote = |args: &[&str]| {
         let mut all = vec!["--server", server.address.as_str()];
@@ -327,6 +332,72 @@ async fn watch_change_on_a_server_is_woken_by_the_worker_of_another_process() {
         String::from_utf8_lossy(&watched.stderr)
     );
     assert!(stdout.contains("hello from the fleet"), "{stdout}");
+    drop(worker);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_views_live_stream_is_woken_by_the_worker_of_another_process() {
+    if !support::docker_available() || !support::postgres::postgres_available() {
+        return;
+    }
+    support::base_image();
+    let url = support::postgres::shared().database();
+    let admin = project(&url);
+    let mut args = CREATE.to_vec();
+    args.push("--background");
+    let id = ok(admin.path(), &url, &args).trim().to_owned();
+    let web = free_address();
+    // The server polls once an hour (RUNNER_FOLLOW_FALLBACK): only a notification can move its stream along.
+    let server = Server::start(&url, Some(&web));
+    let deadline = Instant::now() + HUNG;
+    let mut stream = loop {
+        if let Ok(stream) = std::net::TcpStream::connect(&web) {
+            break stream;
+        }
+        assert!(Instant::now() < deadline, "the web view never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    std::io::Write::write_all(
+        &mut stream,
+        format!(
+            "GET /changes/{id}/events HTTP/1.1\r\nHost: {web}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    // Reads the stream until its `end` event (or until it closes).
+    let (read_tx, read_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            seen += &line;
+            seen.push('\n');
+            if line == "event: end" {
+                break;
+            }
+        }
+        let _ = read_tx.send(seen);
+    });
+    while listeners(&url).await < 1 {
+        assert!(Instant::now() < deadline, "the live stream never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let worker = Worker::start(&url);
+    let seen = read_rx.recv_timeout(HUNG).unwrap_or_else(|_| {
+        panic!("the live stream never saw the change end (its fallback poll is {NEVER}: no notification woke it)")
+    });
+    assert!(seen.contains("event: end"), "{seen}");
+    // Updates came as the worker stored the change's steps, before the end.
+    assert!(seen.matches("event: update").count() >= 2, "{seen}");
+    let shown: serde_json::Value = serde_json::from_str(&ok(
+        admin.path(),
+        &url,
+        &["change", "show", &id, "--output", "json"],
+    ))
+    .unwrap();
+    assert_eq!(shown["change"]["state"], "success", "{shown}");
     drop(worker);
     drop(server);
 }
