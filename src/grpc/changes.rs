@@ -437,6 +437,13 @@ impl pb::change_service_server::ChangeService for Changes {
                         // Events stored by another process are not broadcast here: read them from the store.
                         w = stored.wait_at_most(wait) => {
                             woke = w;
+                            // What this process stored `live` has delivered already: nothing to read then.
+                            if w == Woke::Notified
+                                && !ended
+                                && matches!(store.last_seq(&r.id).await, Ok(seq) if seq <= last)
+                            {
+                                continue;
+                            }
                             break;
                         }
                     }
