@@ -1937,6 +1937,29 @@ contract_pair!(
                 assert_eq!(got, want);
             }
         }
+        // A batch too big for one statement is stored the other way, numbered alike.
+        let big: Vec<BatchEntry> = (0..3).flat_map(|n| batch("big", n)).collect();
+        assert_eq!(big.len(), 12);
+        let big: Vec<BatchEntry> = big
+            .into_iter()
+            .chain((0..2).flat_map(|n| batch("more", n)))
+            .collect();
+        let first = b.append_batch("c1", &big).await.unwrap();
+        assert_eq!(first, total as i64 + 1);
+        assert_eq!(a.last_seq("c1").await.unwrap(), total as i64 + 5 * 6);
+        let records = a.events_after("c1", total as i64).await.unwrap();
+        assert_eq!(
+            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (total as i64 + 1..=total as i64 + 30).collect::<Vec<_>>()
+        );
+        // A batch for a change that does not exist stores nothing and says so, small or big.
+        for entries in [&batch("x", 0)[..], &big[..]] {
+            let err = a.append_batch("nope", entries).await.unwrap_err();
+            assert!(
+                matches!(err, StoreError::NotFound { what: "change", .. }),
+                "{err:?}"
+            );
+        }
     }
 );
 

@@ -57,11 +57,17 @@ static AUTOCOMMITS: AtomicU64 = AtomicU64::new(0);
 
 /// Counts a statement sent to a pool (outside a transaction) that writes: it commits on its own.
 fn count_autocommit(sql: &str) {
-    let verb = sql.trim_start().get(..6).unwrap_or("");
-    if ["INSERT", "UPDATE", "DELETE"]
-        .iter()
-        .any(|v| v.eq_ignore_ascii_case(verb))
-    {
+    let sql = sql.trim_start();
+    let starts = |verb: &str| {
+        sql.get(..verb.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(verb))
+    };
+    let writes = ["INSERT", "UPDATE", "DELETE"].iter().any(|v| starts(v))
+        || (starts("WITH")
+            && ["(UPDATE ", "(INSERT ", "(DELETE "]
+                .iter()
+                .any(|w| sql.contains(w)));
+    if writes {
         AUTOCOMMITS.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -99,19 +99,16 @@ impl Store {
                 BatchEntry::Lines { count, .. } => *count,
             })
             .sum();
-        // Only this change's row is locked: log writers of different changes never wait for one another.
-        let mut tx = self.pool.row_tx().await?;
-        let (first, attempt) = reserve_seqs(&mut tx, change_id, count).await?;
-        // Numbered in order, then stored a few rows per statement: a flush costs a handful of round trips, not
-        // one per entry.
+        // Entries numbered from 1 within the batch, in order.
         let mut events = Vec::new();
         let mut chunks = Vec::new();
-        let mut seq = first;
+        let mut offset = 1;
         for entry in entries {
             match entry {
                 BatchEntry::Event { event, at } => {
-                    events.push((seq, at, event));
-                    seq += 1;
+                    let text = serde_json::to_string(event).expect("events serialise");
+                    events.push((offset, at, text));
+                    offset += 1;
                 }
                 BatchEntry::Lines {
                     count,
@@ -120,23 +117,33 @@ impl Store {
                     text_bytes,
                     chunk,
                 } => {
-                    chunks.push((seq, *count, *first_at, *last_at, *text_bytes, chunk));
-                    seq += count;
+                    chunks.push((offset, *count, *first_at, *last_at, *text_bytes, chunk));
+                    offset += count;
                 }
             }
         }
+        if self.backend() == super::Backend::Postgres
+            && (1..=ROWS_PER_INSERT).contains(&(events.len() + chunks.len()))
+        {
+            return append_in_one_statement(self, change_id, count, &events, &chunks).await;
+        }
+        // Only this change's row is locked: log writers of different changes never wait for one another.
+        let mut tx = self.pool.row_tx().await?;
+        let (first, attempt) = reserve_seqs(&mut tx, change_id, count).await?;
+        // Stored a few rows per statement: a flush costs a handful of round trips, not one per entry.
+        let base = first - 1;
         for rows in events.chunks(ROWS_PER_INSERT) {
             let mut insert = query(values(
                 "INSERT INTO events (change_id, seq, at, event) VALUES ",
                 4,
                 rows.len(),
             ));
-            for (seq, at, event) in rows {
+            for (offset, at, event) in rows {
                 insert = insert
                     .bind(change_id)
-                    .bind(*seq)
+                    .bind(base + offset)
                     .bind(*at)
-                    .bind(serde_json::to_string(event).expect("events serialise"));
+                    .bind(event);
             }
             insert.execute(&mut tx).await?;
         }
@@ -147,11 +154,11 @@ impl Store {
                 9,
                 rows.len(),
             ));
-            for (seq, count, first_at, last_at, text_bytes, chunk) in rows {
+            for (offset, count, first_at, last_at, text_bytes, chunk) in rows {
                 insert = insert
                     .bind(change_id)
-                    .bind(*seq)
-                    .bind(seq + count - 1)
+                    .bind(base + offset)
+                    .bind(base + offset + count - 1)
                     .bind(*first_at)
                     .bind(*last_at)
                     .bind(*text_bytes)
@@ -328,6 +335,71 @@ impl Store {
             .map(|m| m.len())
             .sum()
     }
+}
+
+/// An event of a batch: its number within the batch (from 1), time and JSON.
+type EventRow<'a> = (i64, &'a String, String);
+/// A chunk of a batch: its first number within the batch (from 1), lines, first and last time, text bytes, data.
+type ChunkRow<'a> = (i64, i64, i64, i64, i64, &'a EncodedChunk);
+
+/// [`Store::append_batch`] on PostgreSQL as one statement, which commits on its own: the change's counter moves
+/// (locking its row, as [`reserve_seqs`] does) and the events and chunks are inserted numbered from it, in one
+/// round trip instead of a transaction's five.
+async fn append_in_one_statement(
+    store: &Store,
+    change_id: &str,
+    count: i64,
+    events: &[EventRow<'_>],
+    chunks: &[ChunkRow<'_>],
+) -> Result<(i64, i64), StoreError> {
+    let mut sql = String::from(
+        "WITH s AS (UPDATE changes SET last_seq = last_seq + ?2 WHERE id = ?1 \
+         RETURNING last_seq - ?2 AS base, attempt)",
+    );
+    if !events.is_empty() {
+        sql.push_str(&values(
+            ", e AS (INSERT INTO events (change_id, seq, at, event) SELECT ?1, s.base + v.o, v.a, v.e \
+             FROM s, (VALUES ",
+            3,
+            events.len(),
+        ));
+        sql.push_str(") AS v(o, a, e))");
+    }
+    if !chunks.is_empty() {
+        sql.push_str(&values(
+            ", c AS (INSERT INTO log_chunks (change_id, first_seq, last_seq, first_at, last_at, text_bytes, \
+             encoding, raw_len, data) SELECT ?1, s.base + v.o, s.base + v.o + v.n - 1, v.fa, v.la, v.tb, v.enc, \
+             v.rl, v.d FROM s, (VALUES ",
+            8,
+            chunks.len(),
+        ));
+        sql.push_str(") AS v(o, n, fa, la, tb, enc, rl, d))");
+    }
+    sql.push_str(" SELECT base + 1, attempt FROM s");
+    let mut statement = query(sql).bind(change_id).bind(count);
+    for (offset, at, event) in events {
+        statement = statement.bind(*offset).bind(*at).bind(event);
+    }
+    for (offset, lines, first_at, last_at, text_bytes, chunk) in chunks {
+        statement = statement
+            .bind(*offset)
+            .bind(*lines)
+            .bind(*first_at)
+            .bind(*last_at)
+            .bind(*text_bytes)
+            .bind(chunk.encoding)
+            .bind(chunk.raw_len as i64)
+            .bind(&chunk.data);
+    }
+    let row = statement
+        .fetch_optional(&store.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "change",
+            code: change_id.to_owned(),
+            hint: ": list changes with `runner change list`".into(),
+        })?;
+    Ok((row.get(0), row.get(1)))
 }
 
 fn line_record(change_id: &str, seq: i64, line: ChunkLine) -> EventRecord {
