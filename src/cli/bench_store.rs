@@ -73,24 +73,31 @@ pub async fn run(
             "no --postgres URL: only the SQLite yardstick is measured (give a scratch PostgreSQL database to compare)"
         );
     }
-    let mut commit_ms = None;
-    for (label, url, workers) in &configs {
-        let home = match url {
-            None => sqlite_home.clone(),
-            Some(_) => scratch.join(format!("pg{workers}")),
-        };
-        std::fs::create_dir_all(&home).map_err(|e| bench_error(format!("scratch: {e}")))?;
-        if url.is_some() && commit_ms.is_none() {
-            commit_ms = Some(commit_latency(&home, *url).await?);
-        }
-        // Each configuration several times, the median kept: a busy machine's hiccups do not make the figure.
-        let mut runs = vec![];
-        for _ in 0..rounds {
+    // Rounds go over every configuration in turn, and each figure is the median of its rounds: a busy machine's
+    // slow moments fall on all configurations alike instead of on whichever was measured then.
+    let mut runs: Vec<Vec<Row>> = configs.iter().map(|_| vec![]).collect();
+    let mut commits = vec![];
+    for _ in 0..rounds {
+        for ((label, url, workers), runs) in configs.iter().zip(&mut runs) {
+            let home = match url {
+                None => sqlite_home.clone(),
+                Some(_) => scratch.join(format!("pg{workers}")),
+            };
+            std::fs::create_dir_all(&home).map_err(|e| bench_error(format!("scratch: {e}")))?;
+            if url.is_some() && *workers == 1 {
+                commits.push(Duration::from_secs_f64(
+                    commit_latency(&home, *url).await? / 1000.0,
+                ));
+            }
             runs.push(measure(label, &home, *url, *workers, steps, change_steps).await?);
         }
+    }
+    for mut runs in runs {
         runs.sort_by(|a, b| a.ms_per_step().total_cmp(&b.ms_per_step()));
         rows.push(runs.swap_remove(runs.len() / 2));
     }
+    let commit_ms =
+        (!commits.is_empty()).then(|| super::bench::median(commits).as_secs_f64() * 1000.0);
     println!(
         "store work of a step in a {change_steps}-step sequential change (change-level work spread over its steps); \
          median of {rounds} round(s); {} build",
@@ -133,8 +140,8 @@ pub async fn run(
     );
     if let Some(ms) = commit_ms {
         println!(
-            "one durable commit on this PostgreSQL now (median of {PROBES}): {ms:.2} ms: most of a step's store \
-             time is its commits times this"
+            "one durable commit on this PostgreSQL now (median of {PROBES} per round): {ms:.2} ms: most of a \
+             step's store time is its commits times this"
         );
     }
     for row in rows.iter().filter(|r| r.postgres) {
