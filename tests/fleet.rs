@@ -1,7 +1,9 @@
-//! Workers of a fleet (separate data directories, separate processes) sharing one PostgreSQL store: they run the
-//! queue (`runner change create` against PostgreSQL only queues, see tests/follow.rs); one is killed with SIGKILL
-//! while its step runs; the others see the change end with the dead worker named and run the next changes on the
-//! same environment, and once the lost worker starts again nothing of the killed change is left in Docker.
+//! Workers of a fleet (separate data directories, separate processes), each on a "host" of its own (`unshare --uts
+//! --net`, its own host name, the store over its unix socket), sharing one PostgreSQL store: they run the queue
+//! (`runner change create` against PostgreSQL only queues, see tests/follow.rs) and the steps of one change spread
+//! over them; a worker killed mid-step loses its step by its lease's expiry on the store's clock (or has it run
+//! again elsewhere, where the action opts in), the others carry on, and once the lost worker starts again nothing
+//! of the killed change is left in Docker.
 
 mod support;
 
@@ -64,15 +66,33 @@ impl Drop for Worker {
 }
 
 impl Worker {
-    fn start(url: &str) -> Worker {
-        let home = tempfile::tempdir().unwrap();
-        Worker::start_in(home, url)
+    /// A worker on a "host" of its own: its own UTS and network namespaces (`unshare --uts --net`) and host name,
+    /// reaching PostgreSQL over its unix socket (`url` must be a socket URL) and Docker over its socket. Other
+    /// workers cannot check its pid, so only its lease's expiry on the store's clock says it is gone.
+    fn start_on_host(host: &str, url: &str) -> Worker {
+        Worker::start_in(tempfile::tempdir().unwrap(), url, Some(host))
     }
 
-    fn start_in(home: tempfile::TempDir, url: &str) -> Worker {
+    fn start_in(home: tempfile::TempDir, url: &str, host: Option<&str>) -> Worker {
         let log = home.path().join("worker.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_runner"))
-            .args(["worker", "--parallel", "4"])
+        let runner = env!("CARGO_BIN_EXE_runner");
+        let mut command = match host {
+            None => {
+                let mut c = Command::new(runner);
+                c.args(["worker", "--parallel", "4"]);
+                c
+            }
+            Some(host) => {
+                let mut c = Command::new("unshare");
+                c.args(["--uts", "--net", "sh", "-c"])
+                    .arg(format!(
+                        "hostname {host} && exec \"$0\" worker --parallel 4"
+                    ))
+                    .arg(runner);
+                c
+            }
+        };
+        let child = command
             .env("RUNNER_HOME", home.path())
             .env("RUNNER_DATABASE_URL", url)
             .env("RUNNER_STOP_GRACE", "2s")
@@ -89,6 +109,10 @@ impl Worker {
             {
                 break owner.to_owned();
             }
+            assert!(
+                !text.contains("unshare:"),
+                "unshare was refused (the fleet tests run as root to give each worker a host of its own): {text}"
+            );
             assert!(
                 Instant::now() < deadline,
                 "the worker did not start: {text}"
@@ -126,7 +150,9 @@ fn fleet_project(url: &str) -> tempfile::TempDir {
   "both": {"steps": ["noop", "noop"], "run_as": "parallel"},
   "sequential": {"steps": ["noop", "tick", "noop"]},
   "parallel": {"steps": ["tick", "both"], "run_as": "parallel"},
-  "sleep": {"run": "echo sleeping && sleep 60"}
+  "sleep": {"run": "echo sleeping && sleep 60"},
+  "slow": {"run": "echo slow && sleep 8", "retry_on_worker_loss": true},
+  "rerunnable": {"steps": ["noop", "slow", "noop"]}
 }}"#,
     )
     .unwrap();
@@ -232,9 +258,12 @@ fn three_workers_run_thirty_queued_changes_one_per_environment_at_a_time() {
         return;
     }
     support::base_image();
-    let url = support::postgres::shared().database();
+    let url = socket_database();
     let admin = fleet_project(&url);
-    let workers: Vec<Worker> = (0..3).map(|_| Worker::start(&url)).collect();
+    let workers: Vec<Worker> = ["w1", "w2", "w3"]
+        .iter()
+        .map(|h| Worker::start_on_host(h, &url))
+        .collect();
     let mut ids = Vec::new();
     for i in 0..30 {
         let action = if i % 2 == 0 { "sequential" } else { "parallel" };
@@ -249,12 +278,35 @@ fn three_workers_run_thirty_queued_changes_one_per_environment_at_a_time() {
     for change in &changes {
         assert_eq!(change["state"], "success", "{change}");
     }
-    // Every worker's changes are its own: more than one worker ran some.
-    let owners: std::collections::HashSet<&str> =
-        changes.iter().filter_map(|c| c["owner"].as_str()).collect();
+    // Steps spread over the workers: every step ran on a worker of this test, and the steps of some change ran
+    // on more than one of them (read from the store: each step records its worker).
     let known: std::collections::HashSet<&str> = workers.iter().map(|w| w.owner.as_str()).collect();
-    assert!(owners.is_subset(&known), "{owners:?} vs {known:?}");
-    assert!(owners.len() > 1, "one worker ran everything: {owners:?}");
+    let mut spread = 0;
+    for change in &changes {
+        assert!(
+            change["owner"].is_null(),
+            "a fleet change stays unowned: {change}"
+        );
+        let shown = json(
+            admin.path(),
+            &url,
+            &["change", "show", change["id"].as_str().unwrap()],
+        );
+        let ran: std::collections::HashSet<&str> = shown["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["worker"].as_str())
+            .collect();
+        assert!(ran.is_subset(&known), "{ran:?} vs {known:?}");
+        if ran.len() > 1 {
+            spread += 1;
+        }
+    }
+    assert!(
+        spread > 0,
+        "no change had its steps run on more than one worker"
+    );
     // Never two running changes on one environment: by the store's history, each change of an environment
     // started after the one before it ended, in creation order.
     for e in 0..10 {
@@ -291,55 +343,115 @@ fn three_workers_run_thirty_queued_changes_one_per_environment_at_a_time() {
     assert_eq!(ids.len(), 30);
 }
 
+/// A database of the shared cluster, by its socket URL (for workers on hosts of their own).
+fn socket_database() -> String {
+    let cluster = support::postgres::shared();
+    let tcp = cluster.database();
+    let name = tcp.rsplit('/').next().unwrap().to_owned();
+    cluster.socket_url(&name)
+}
+
+/// Waits until a step of `action` of `change` runs (its container up); returns that step as shown.
+async fn running_step(
+    admin: &std::path::Path,
+    url: &str,
+    change: &str,
+    action: &str,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let shown = json(admin, url, &["change", "show", change]);
+        let step = shown["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["action"] == action && s["state"] == "running")
+            .cloned();
+        if let Some(step) = step {
+            if containers_of(change).await > 0 {
+                return step;
+            }
+        }
+        assert!(Instant::now() < deadline, "the step never ran: {shown}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The host in a lost-worker reason (`worker W on host H was lost …`) and the reaping worker's (`… (seen by
+/// worker W on host H)`).
+fn hosts_in(reason: &str) -> (String, String) {
+    let lost = reason
+        .split(" was lost")
+        .next()
+        .and_then(|head| head.rsplit("on host ").next())
+        .unwrap_or_default();
+    let seen = reason
+        .rsplit("(seen by worker ")
+        .next()
+        .and_then(|tail| tail.split(" on host ").nth(1))
+        .and_then(|host| host.split(')').next())
+        .unwrap_or_default();
+    (lost.to_owned(), seen.to_owned())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_step_loses_its_change_and_the_others_carry_on() {
+async fn a_worker_killed_mid_step_loses_its_step_and_the_others_carry_on() {
     if !support::docker_available() || !support::postgres::postgres_available() {
         return;
     }
     support::base_image();
-    let url = support::postgres::shared().database();
+    let url = socket_database();
     let admin = fleet_project(&url);
-    let workers: Vec<Worker> = (0..2).map(|_| Worker::start(&url)).collect();
+    let workers: Vec<Worker> = ["w1", "w2"]
+        .iter()
+        .map(|h| Worker::start_on_host(h, &url))
+        .collect();
     let change = enqueue(admin.path(), &url, "env0", "sleep");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let owner = loop {
-        let shown = json(admin.path(), &url, &["change", "show", &change]);
-        let running = shown["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["state"] == "running");
-        if running && containers_of(&change).await > 0 {
-            break shown["change"]["owner"].as_str().unwrap().to_owned();
-        }
-        assert!(Instant::now() < deadline, "the step never ran: {shown}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let step = running_step(admin.path(), &url, &change, "sleep").await;
+    let worker = step["worker"].as_str().unwrap().to_owned();
     let (mut lost, others): (Vec<Worker>, Vec<Worker>) =
-        workers.into_iter().partition(|w| w.owner == owner);
+        workers.into_iter().partition(|w| w.owner == worker);
     let mut lost = lost.pop().expect("a worker of this test ran it");
     let killed_at = Instant::now();
     lost.child.kill().unwrap();
     lost.child.wait().unwrap();
 
-    // The change ends, the lost worker named, within the lease's expiry.
+    // On another host nobody can check the lost worker's pid: its lease's expiry (the store's clock) tells. The
+    // step fails naming the lost worker, and the change ends as its tree says.
+    let expiry = runner::orchestrator::lease::LEASE_TTL + Duration::from_secs(15);
     let shown = loop {
         let shown = json(admin.path(), &url, &["change", "show", &change]);
         if shown["change"]["state"] != "running" {
             break shown;
         }
         assert!(
-            killed_at.elapsed() < runner::orchestrator::lease::LEASE_TTL,
-            "the lost worker's change still runs: {shown}"
+            killed_at.elapsed() < expiry,
+            "the lost worker's step still runs after its lease expired: {shown}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert_eq!(shown["change"]["state"], "error", "{shown}");
-    let reason = shown["change"]["reason"].as_str().unwrap_or_default();
+    let sleep = shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["action"] == "sleep")
+        .unwrap()
+        .clone();
+    assert_eq!(sleep["state"], "error", "{sleep}");
+    let reason = sleep["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains(&owner) && reason.contains("died"),
+        reason.contains(&worker) && reason.contains("was lost"),
         "{reason}"
     );
+    let (lost_host, reaper_host) = hosts_in(reason);
+    assert!(["w1", "w2"].contains(&lost_host.as_str()), "{reason}");
+    assert!(["w1", "w2"].contains(&reaper_host.as_str()), "{reason}");
+    assert_ne!(
+        lost_host, reaper_host,
+        "the step was reaped from another host: {reason}"
+    );
+    assert_eq!(shown["change"]["reason"].as_str(), Some(reason));
 
     // The others carry on: the environment is free for the next change.
     let next = enqueue(admin.path(), &url, "env0", "sequential");
@@ -348,11 +460,10 @@ async fn a_worker_killed_mid_step_loses_its_change_and_the_others_carry_on() {
     for id in [&next, &other] {
         let c = changes.iter().find(|c| c["id"] == id.as_str()).unwrap();
         assert_eq!(c["state"], "success", "{c}");
-        assert_ne!(c["owner"], owner.as_str());
     }
 
-    // The lost worker comes back: nothing of its change is left in Docker.
-    let back = Worker::start_in(lost.home.take().unwrap(), &url);
+    // The lost worker comes back (on its host): nothing of its step is left in Docker, nothing left running.
+    let back = Worker::start_in(lost.home.take().unwrap(), &url, Some(&lost_host));
     let deadline = Instant::now() + Duration::from_secs(30);
     while containers_of(&change).await > 0 {
         assert!(
@@ -361,7 +472,70 @@ async fn a_worker_killed_mid_step_loses_its_change_and_the_others_carry_on() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    for c in wait_all_ended(admin.path(), &url, 3) {
+        let shown = json(
+            admin.path(),
+            &url,
+            &["change", "show", c["id"].as_str().unwrap()],
+        );
+        for s in shown["steps"].as_array().unwrap() {
+            assert!(
+                !matches!(s["state"].as_str(), Some("running" | "ready")),
+                "left running: {s}"
+            );
+        }
+    }
     back.stop();
+    for worker in others {
+        worker.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_opts_in_runs_again_on_another_worker_when_its_worker_is_lost() {
+    if !support::docker_available() || !support::postgres::postgres_available() {
+        return;
+    }
+    support::base_image();
+    let url = socket_database();
+    let admin = fleet_project(&url);
+    let workers: Vec<Worker> = ["w1", "w2"]
+        .iter()
+        .map(|h| Worker::start_on_host(h, &url))
+        .collect();
+    let change = enqueue(admin.path(), &url, "env0", "rerunnable");
+    let step = running_step(admin.path(), &url, &change, "slow").await;
+    let worker = step["worker"].as_str().unwrap().to_owned();
+    let (mut lost, others): (Vec<Worker>, Vec<Worker>) =
+        workers.into_iter().partition(|w| w.owner == worker);
+    let mut lost = lost.pop().expect("a worker of this test ran it");
+    lost.child.kill().unwrap();
+    lost.child.wait().unwrap();
+
+    let changes = wait_all_ended(admin.path(), &url, 1);
+    assert_eq!(changes[0]["state"], "success", "{}", changes[0]);
+    let shown = json(admin.path(), &url, &["change", "show", &change]);
+    let slow = shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["action"] == "slow")
+        .unwrap()
+        .clone();
+    assert_eq!(slow["state"], "success", "{slow}");
+    assert_eq!(
+        slow["worker"].as_str(),
+        Some(others[0].owner.as_str()),
+        "it ran again on the other worker"
+    );
+    // The re-queue is on the record, naming the lost worker.
+    let logs = on_host(admin.path(), &url, &["change", "show-logs", &change]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        text.contains(&worker) && text.contains("runs again"),
+        "{text}"
+    );
+    drop(lost);
     for worker in others {
         worker.stop();
     }

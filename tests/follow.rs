@@ -233,7 +233,16 @@ async fn change_create_on_postgres_queues_and_both_followers_are_woken_by_the_wo
     ))
     .unwrap();
     assert_eq!(shown["change"]["state"], "success", "{shown}");
-    assert!(shown["change"]["owner"].is_string(), "{shown}");
+    // A fleet change stays unowned; its steps record the worker that ran them.
+    assert!(shown["change"]["owner"].is_null(), "{shown}");
+    assert!(
+        shown["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["worker"].is_string()),
+        "{shown}"
+    );
     drop(worker);
 }
 

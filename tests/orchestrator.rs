@@ -5,7 +5,7 @@ mod support;
 use runner::app::App;
 use runner::events::{ChangeState, Event, StepState};
 use runner::orchestrator::{CreateChange, Orchestrator, Settings};
-use runner::store::{Claim, PropertiesOwner, Step, StepSettle, Transition, WrittenBy};
+use runner::store::{Claim, ClaimScope, PropertiesOwner, Step, StepSettle, Transition, WrittenBy};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -798,6 +798,12 @@ async fn a_requested_cancel_survives_the_runners_death() {
     let id = w.create_as("dies", "dev", "seq").await;
     store.queue_change(&id, "dies").await.unwrap();
     store.claim_environment(&id, "dies").await.unwrap();
+    // The runner was running its first step when it died.
+    store
+        .claim_step("dies", ClaimScope::Change(&id))
+        .await
+        .unwrap()
+        .expect("the root is ready");
     store.request_cancel(&id).await.unwrap();
     // `change cancel` from another process, after the runner died: the change ends cancelled, not error.
     let change = w.orchestrator.cancel_change(&id).await.unwrap();
@@ -879,11 +885,12 @@ async fn a_step_whose_change_was_reaped_lands_nothing() {
     let id = w.create_as("dies", "dev", "a").await;
     store.queue_change(&id, "dies").await.unwrap();
     store.claim_environment(&id, "dies").await.unwrap();
-    let step = store.steps(&id).await.unwrap().remove(0);
-    assert_eq!(
-        store.start_step(&step.id, "dies", 1, 1).await.unwrap(),
-        Transition::Done
-    );
+    let claimed = store
+        .claim_step("dies", ClaimScope::Change(&id))
+        .await
+        .unwrap()
+        .expect("the root is ready once the change runs");
+    let step = claimed.step;
     runner::orchestrator::reap_changes(store, None)
         .await
         .unwrap();
@@ -899,7 +906,7 @@ async fn a_step_whose_change_was_reaped_lands_nothing() {
     let settle = StepSettle {
         change_id: &id,
         step_id: &step.id,
-        owner: "dies",
+        claim: &claimed.claim,
         exit_code: Some(0),
         properties: None,
         children: None,
@@ -917,7 +924,7 @@ async fn a_step_whose_change_was_reaped_lands_nothing() {
     )
     .await
     .unwrap();
-    assert_eq!(landed, Transition::Refused);
+    assert_eq!(landed.transition, Transition::Refused);
     assert_eq!(store.properties(&owner, None).await.unwrap().version, 1);
     assert_eq!(store.step(&step.id).await.unwrap().state, StepState::Error);
 }

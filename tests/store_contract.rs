@@ -11,8 +11,9 @@ use runner::events::{ChangeState, Event, StepState};
 use runner::executor::Stream;
 use runner::logs::chunk::{self, ChunkLine};
 use runner::store::{
-    BaseImageSource, BatchEntry, ChangeFilter, Claim, NewChange, NewStep, PropertiesOwner,
-    PropertiesWrite, StepFinish, StepSettle, Store, StoreError, Transition, Verdict, WrittenBy,
+    BaseImageSource, BatchEntry, ChangeFilter, Claim, ClaimScope, ClaimedStep, NewChange, NewStep,
+    PropertiesOwner, PropertiesWrite, StepEnd, StepFinish, StepSettle, Store, StoreError,
+    Transition, Verdict, WrittenBy,
 };
 use serde_json::json;
 
@@ -117,6 +118,14 @@ async fn project_env(store: &Store) -> (runner::store::Project, runner::store::E
         .await
         .unwrap();
     (p, e)
+}
+
+/// The next ready step of `change` that `worker` may claim.
+async fn claim(store: &Store, worker: &str, change: &str) -> Option<ClaimedStep> {
+    store
+        .claim_step(worker, ClaimScope::Change(change))
+        .await
+        .unwrap()
 }
 
 /// Children to record: (id, action), flags off.
@@ -626,20 +635,19 @@ contract!(
         new_change(&store, "c1", "me").await;
         store.queue_change("c1", "me").await.unwrap();
         store.claim_environment("c1", "me").await.unwrap();
-        assert_eq!(
-            store.start_step("c1-root", "other", 1, 1).await.unwrap(),
-            Transition::Refused
+        assert!(
+            claim(&store, "other", "c1").await.is_none(),
+            "only the change's owner claims a local change's steps"
         );
-        assert_eq!(
-            store.start_step("c1-root", "me", 1, 1).await.unwrap(),
-            Transition::Done
-        );
+        let root = claim(&store, "me", "c1").await.expect("the root is ready");
+        assert_eq!(root.step.id, "c1-root");
+        assert_eq!(root.step.worker.as_deref(), Some("me"));
         let children = kids(&[("c1-a", "build"), ("c1-b", "release")]);
         let doc = json!({"deployed": true});
         let settle = StepSettle {
             change_id: "c1",
             step_id: "c1-root",
-            owner: "me",
+            claim: &root.claim,
             exit_code: Some(0),
             properties: Some(json!({"seen": 1})),
             children: Some(("sequential", &children)),
@@ -679,19 +687,24 @@ contract!(
             store
                 .settle_step(
                     &StepSettle {
-                        owner: "other",
+                        claim: "a stale claim",
                         ..settle.clone()
                     },
                     &writes,
                     &by
                 )
                 .await
-                .unwrap(),
+                .unwrap()
+                .transition,
             Transition::Refused
         );
         assert_eq!(store.properties(&env_owner, None).await.unwrap().version, 1);
         assert_eq!(
-            store.settle_step(&settle, &writes, &by).await.unwrap(),
+            store
+                .settle_step(&settle, &writes, &by)
+                .await
+                .unwrap()
+                .transition,
             Transition::Done
         );
         assert_eq!(
@@ -717,22 +730,30 @@ contract!(
         assert_eq!(steps[1].parent_id.as_deref(), Some("c1-root"));
 
         // A leaf settles to success; settling it twice is refused (no patch applied twice).
-        store.start_step("c1-a", "me", 1, 2).await.unwrap();
+        let a = claim(&store, "me", "c1")
+            .await
+            .expect("the first child is ready");
+        assert_eq!(
+            (a.step.id.as_str(), a.environment_version),
+            ("c1-a", 2),
+            "a claim reads the property versions the step starts from"
+        );
         let leaf = StepSettle {
             change_id: "c1",
             step_id: "c1-a",
-            owner: "me",
+            claim: &a.claim,
             exit_code: Some(0),
             properties: None,
             children: None,
         };
         assert_eq!(
-            store.settle_step(&leaf, &[], &by).await.unwrap(),
+            store.settle_step(&leaf, &[], &by).await.unwrap().transition,
             Transition::Done
         );
         assert_eq!(store.step("c1-a").await.unwrap().state, StepState::Success);
+        assert_eq!(store.step("c1-b").await.unwrap().state, StepState::Ready);
         assert_eq!(
-            store.settle_step(&leaf, &[], &by).await.unwrap(),
+            store.settle_step(&leaf, &[], &by).await.unwrap().transition,
             Transition::Refused
         );
     }
@@ -747,9 +768,9 @@ contract!(
         let run = |store: Store| async move {
             store.queue_change("c1", "me").await.unwrap();
             store.claim_environment("c1", "me").await.unwrap();
-            store.start_step("c1-root", "me", 1, 1).await.unwrap();
+            claim(&store, "me", "c1").await.expect("a step is ready")
         };
-        run(store.clone()).await;
+        let root = run(store.clone()).await;
         let children = kids(&[("c1-a", "build")]);
         let by = WrittenBy::Change {
             change_id: "c1".into(),
@@ -758,13 +779,13 @@ contract!(
         let settle = StepSettle {
             change_id: "c1",
             step_id: "c1-root",
-            owner: "me",
+            claim: &root.claim,
             exit_code: Some(0),
             properties: None,
             children: Some(("sequential", &children)),
         };
         store.settle_step(&settle, &[], &by).await.unwrap();
-        store.start_step("c1-a", "me", 1, 1).await.unwrap();
+        claim(&store, "me", "c1").await.expect("c1-a is ready");
         let failed = |reason: &str| StepFinish {
             exit_code: Some(3),
             reason: Some(reason.into()),
@@ -802,8 +823,9 @@ contract!(
             (2, ChangeState::Pending, None)
         );
 
-        run(store.clone()).await;
-        store.start_step("c1-a", "me", 1, 1).await.unwrap();
+        // The retry resumes below the root, whose own work succeeded: c1-a runs again.
+        let again = run(store.clone()).await;
+        assert_eq!(again.step.id, "c1-a");
         assert_eq!(store.step("c1-a").await.unwrap().attempt, 2);
         store
             .finish_step("c1-a", StepState::Error, &failed("second failure"))
@@ -819,7 +841,9 @@ contract!(
             )
             .await
             .unwrap();
-        assert_eq!((e2.seq, e2.attempt), (e1.seq + 1, 2));
+        // Between them, only the claim's `running` event.
+        assert_eq!(again.events[0].seq, e1.seq + 1);
+        assert_eq!((e2.seq, e2.attempt), (e1.seq + 2, 2));
 
         let first = store.steps_in_attempt("c1", 1).await.unwrap();
         assert_eq!(
@@ -859,12 +883,13 @@ contract!(
             }
         ));
         let events = store.events_after("c1", 0).await.unwrap();
+        // Attempt 1: the root's and c1-a's claims, its end; attempt 2: c1-a's claim, its end.
         assert_eq!(
             events
                 .iter()
                 .map(|e| (e.seq, e.attempt))
                 .collect::<Vec<_>>(),
-            [(e1.seq, 1), (e2.seq, 2)]
+            [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2)]
         );
     }
 );
@@ -1038,7 +1063,9 @@ contract!(leases_and_reaping, |store: Store| async move {
     new_change(&store, "c2", "alive").await;
     store.queue_change("c1", "dead").await.unwrap();
     store.claim_environment("c1", "dead").await.unwrap();
-    store.start_step("c1-root", "dead", 1, 1).await.unwrap();
+    claim(&store, "dead", "c1")
+        .await
+        .expect("the root is ready");
     let reaped = store
         .reap_changes(|change, steps, leases| {
             let owner = change.owner.as_deref()?;
@@ -1058,9 +1085,10 @@ contract!(leases_and_reaping, |store: Store| async move {
     assert_eq!(reaped.len(), 1);
     assert_eq!(reaped[0].id, "c1");
     assert_eq!(reaped[0].events.len(), 2);
+    // After the claim's `running` event (1).
     assert_eq!(
         reaped[0].events.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        [1, 2]
+        [2, 3]
     );
     let c1 = store.change("c1").await.unwrap();
     assert_eq!(
@@ -1124,7 +1152,7 @@ contract!(web_reads, |store: Store| async move {
     }
     store.queue_change("c1", "me").await.unwrap();
     store.claim_environment("c1", "me").await.unwrap();
-    store.start_step("c1-root", "me", 1, 1).await.unwrap();
+    let root = claim(&store, "me", "c1").await.expect("the root is ready");
     assert_eq!(store.running_containers().await.unwrap(), 1);
     let running = store
         .web_changes(&WebChangeFilter {
@@ -1159,7 +1187,7 @@ contract!(web_reads, |store: Store| async move {
     let settle = StepSettle {
         change_id: "c1",
         step_id: "c1-root",
-        owner: "me",
+        claim: &root.claim,
         exit_code: Some(0),
         properties: None,
         children: None,
@@ -1508,56 +1536,339 @@ contract!(project_admin, |store: Store| async move {
 });
 
 contract!(
-    queued_changes_are_adopted_once_in_their_environments_turn,
+    fleet_changes_start_once_in_their_environments_turn,
     |store: Store| async move {
         project_env(&store).await;
         // Created with no owner: the fleet's queue.
         new_change(&store, "c1", "").await;
         new_change(&store, "c2", "").await;
         assert_eq!(store.change("c1").await.unwrap().owner, None);
-        // Two workers at once: one adopts c1, the other finds nothing (c2 waits for c1).
-        let (a, b) = tokio::join!(store.adopt_change("w1"), store.adopt_change("w9"));
-        let (a, b) = (a.unwrap(), b.unwrap());
-        assert_eq!(
-            [a.clone(), b.clone()]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>(),
-            ["c1"]
-        );
-        let winner = if a.is_some() { "w1" } else { "w9" };
-        assert_eq!(
-            store.change("c1").await.unwrap().owner.as_deref(),
-            Some(winner)
-        );
-        // c2 waits for c1, whoever holds it: no worker takes it yet.
-        assert_eq!(store.adopt_change("w2").await.unwrap(), None);
-        assert_eq!(
-            store.queue_change("c1", winner).await.unwrap(),
-            Transition::Done
-        );
-        assert_eq!(
-            store.claim_environment("c1", winner).await.unwrap(),
-            Claim::Claimed
-        );
-        assert_eq!(store.adopt_change("w2").await.unwrap(), None);
-        store
-            .finish_change("c1", winner, ChangeState::Success, None)
+        // Two workers at once: one starts c1, the other finds nothing (c2 waits for c1).
+        let (a, b) = tokio::join!(store.start_fleet_change(), store.start_fleet_change());
+        let started: Vec<String> = [a.unwrap(), b.unwrap()]
+            .into_iter()
+            .flatten()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(started, ["c1"]);
+        let c1 = store.change("c1").await.unwrap();
+        assert_eq!((c1.state, c1.owner), (ChangeState::Running, None));
+        assert_eq!(store.step("c1-root").await.unwrap().state, StepState::Ready);
+        // c2 waits for c1: no worker starts it yet.
+        assert!(store.start_fleet_change().await.unwrap().is_none());
+        // Any worker claims the fleet change's step; a local claim of it is refused.
+        assert!(claim(&store, "w1", "c1").await.is_none());
+        let root = store
+            .claim_step("w2", ClaimScope::Any)
+            .await
+            .unwrap()
+            .expect("c1's root is ready for any worker");
+        assert_eq!(root.step.worker.as_deref(), Some("w2"));
+        let by = WrittenBy::Change {
+            change_id: "c1".into(),
+            step_id: "c1-root".into(),
+        };
+        let landed = store
+            .settle_step(
+                &StepSettle {
+                    change_id: "c1",
+                    step_id: "c1-root",
+                    claim: &root.claim,
+                    exit_code: Some(0),
+                    properties: None,
+                    children: None,
+                },
+                &[],
+                &by,
+            )
             .await
             .unwrap();
+        // The root's end is the change's end, in the same transaction: the environment is free for c2.
+        assert!(landed.events.iter().any(|r| matches!(
+            r.event,
+            Event::ChangeState {
+                state: ChangeState::Success,
+                ..
+            }
+        )));
         assert_eq!(
-            store.adopt_change("w2").await.unwrap().as_deref(),
+            store.change("c1").await.unwrap().state,
+            ChangeState::Success
+        );
+        assert_eq!(
+            store
+                .start_fleet_change()
+                .await
+                .unwrap()
+                .map(|s| s.id)
+                .as_deref(),
             Some("c2")
         );
-        assert_eq!(store.adopt_change("w3").await.unwrap(), None);
         // A cancelled queued change is nobody's to run.
-        store
-            .finish_change("c2", "w2", ChangeState::Success, None)
-            .await
-            .unwrap();
         new_change(&store, "c3", "").await;
         store.request_cancel("c3").await.unwrap();
-        assert_eq!(store.adopt_change("w1").await.unwrap(), None);
+        store.request_cancel("c2").await.unwrap();
+        assert!(store.start_fleet_change().await.unwrap().is_none());
+        // c2's cancel ended its ready root, and with it the change.
+        assert_eq!(
+            store.change("c2").await.unwrap().state,
+            ChangeState::Cancelled
+        );
+    }
+);
+
+/// A fleet change `id` whose root recorded `children` (`strategy`), the children ready.
+async fn fleet_tree(store: &Store, id: &str, strategy: &str, children: &[(&str, &str)]) {
+    new_change(store, id, "").await;
+    assert_eq!(
+        store
+            .start_fleet_change()
+            .await
+            .unwrap()
+            .map(|s| s.id)
+            .as_deref(),
+        Some(id)
+    );
+    let root = store
+        .claim_step("w0", ClaimScope::Any)
+        .await
+        .unwrap()
+        .unwrap();
+    let kids = kids(children);
+    let landed = store
+        .settle_step(
+            &StepSettle {
+                change_id: id,
+                step_id: &root.step.id,
+                claim: &root.claim,
+                exit_code: Some(0),
+                properties: None,
+                children: Some((strategy, &kids)),
+            },
+            &[],
+            &WrittenBy::Change {
+                change_id: id.into(),
+                step_id: root.step.id.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(landed.transition, Transition::Done);
+}
+
+contract!(
+    two_claimers_never_get_the_same_step,
+    |store: Store| async move {
+        project_env(&store).await;
+        let children: Vec<(String, String)> = (0..12)
+            .map(|i| (format!("k{i}"), "build".to_owned()))
+            .collect();
+        let spec: Vec<(&str, &str)> = children
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        fleet_tree(&store, "c1", "parallel", &spec).await;
+        let claimers = (0..4).map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(c) = store
+                    .claim_step(&format!("w{w}"), ClaimScope::Any)
+                    .await
+                    .unwrap()
+                {
+                    got.push(c.step.id);
+                }
+                got
+            })
+        });
+        let mut all: Vec<String> = Vec::new();
+        for claimer in claimers.collect::<Vec<_>>() {
+            all.extend(claimer.await.unwrap());
+        }
+        all.sort();
+        let mut expected: Vec<String> = children.iter().map(|(id, _)| id.clone()).collect();
+        expected.sort();
+        assert_eq!(all, expected, "each ready step claimed exactly once");
+    }
+);
+
+contract!(a_stale_claim_token_is_refused, |store: Store| async move {
+    project_env(&store).await;
+    fleet_tree(
+        &store,
+        "c1",
+        "sequential",
+        &[("a", "build"), ("b", "build")],
+    )
+    .await;
+    let a = store
+        .claim_step("w1", ClaimScope::Any)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.step.id, "a");
+    // w1's lease ran out: the reaper re-queues nothing here (no opt-in) and fails the step naming w1.
+    let events = store
+        .reap_lost_steps(|step, _| {
+            (step.worker.as_deref() == Some("w1")).then(|| "worker w1 was lost".to_owned())
+        })
+        .await
+        .unwrap();
+    assert!(!events.is_empty());
+    let step = store.step("a").await.unwrap();
+    assert_eq!(
+        (step.state, step.reason.as_deref()),
+        (StepState::Error, Some("worker w1 was lost"))
+    );
+    // The lost worker comes back and tries to land its step: refused, nothing written.
+    let end = store
+        .end_step(&StepEnd {
+            change_id: "c1",
+            step_id: "a",
+            claim: &a.claim,
+            state: StepState::Cancelled,
+            reason: Some("stopped".into()),
+            exit_code: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(end.transition, Transition::Refused);
+    assert_eq!(store.step("a").await.unwrap().state, StepState::Error);
+    // The tree moved on as a failure says: b aborted, the change ended in error.
+    assert_eq!(store.step("b").await.unwrap().state, StepState::Aborted);
+    let change = store.change("c1").await.unwrap();
+    assert_eq!(
+        (change.state, change.reason.as_deref()),
+        (ChangeState::Error, Some("worker w1 was lost"))
+    );
+});
+
+contract!(
+    a_lost_step_that_opts_in_runs_again,
+    |store: Store| async move {
+        project_env(&store).await;
+        new_change(&store, "c1", "").await;
+        store.start_fleet_change().await.unwrap().unwrap();
+        let kids = vec![NewStep {
+            id: "a".into(),
+            action: "build".into(),
+            ignore_failure: false,
+            retry_on_worker_loss: true,
+        }];
+        let root = store
+            .claim_step("w0", ClaimScope::Any)
+            .await
+            .unwrap()
+            .unwrap();
+        let by = WrittenBy::Change {
+            change_id: "c1".into(),
+            step_id: "c1-root".into(),
+        };
+        store
+            .settle_step(
+                &StepSettle {
+                    change_id: "c1",
+                    step_id: "c1-root",
+                    claim: &root.claim,
+                    exit_code: Some(0),
+                    properties: None,
+                    children: Some(("sequential", &kids)),
+                },
+                &[],
+                &by,
+            )
+            .await
+            .unwrap();
+        let mut claims = Vec::new();
+        for round in 0..4 {
+            let a = store
+                .claim_step(&format!("w{round}"), ClaimScope::Any)
+                .await
+                .unwrap()
+                .expect("the lost step is ready again");
+            assert_eq!(a.step.id, "a");
+            claims.push(a.claim);
+            store
+                .reap_lost_steps(|step, _| step.worker.is_some().then(|| "lost".to_owned()))
+                .await
+                .unwrap();
+        }
+        // Three re-runs, then the fourth loss fails it.
+        let a = store.step("a").await.unwrap();
+        assert_eq!(a.state, StepState::Error);
+        assert!(a.reason.unwrap().contains("already run again 3 times"));
+        let unique: std::collections::HashSet<_> = claims.iter().collect();
+        assert_eq!(unique.len(), 4, "every claim has a fresh token");
+    }
+);
+
+contract!(
+    parallel_siblings_settled_concurrently_end_the_parent_once,
+    |store: Store| async move {
+        project_env(&store).await;
+        let spec: Vec<(String, String)> = (0..6)
+            .map(|i| (format!("p{i}"), "build".to_owned()))
+            .collect();
+        let spec: Vec<(&str, &str)> = spec.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        fleet_tree(&store, "c1", "parallel", &spec).await;
+        let mut claimed = Vec::new();
+        while let Some(c) = store.claim_step("w1", ClaimScope::Any).await.unwrap() {
+            claimed.push(c);
+        }
+        assert_eq!(claimed.len(), 6);
+        let settles = claimed.into_iter().map(|c| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .settle_step(
+                        &StepSettle {
+                            change_id: "c1",
+                            step_id: &c.step.id,
+                            claim: &c.claim,
+                            exit_code: Some(0),
+                            properties: None,
+                            children: None,
+                        },
+                        &[],
+                        &WrittenBy::Change {
+                            change_id: "c1".into(),
+                            step_id: c.step.id.clone(),
+                        },
+                    )
+                    .await
+                    .unwrap()
+            })
+        });
+        let mut ends = 0;
+        for settle in settles.collect::<Vec<_>>() {
+            let landed = settle.await.unwrap();
+            assert_eq!(landed.transition, Transition::Done);
+            ends += landed
+                .events
+                .iter()
+                .filter(|r| matches!(&r.event, Event::StepState { step_id, state: StepState::Success, .. } if step_id == "c1-root"))
+                .count();
+        }
+        assert_eq!(ends, 1, "the parent ended exactly once");
+        assert_eq!(
+            store.change("c1").await.unwrap().state,
+            ChangeState::Success
+        );
+        let events = store.events_after("c1", 0).await.unwrap();
+        let changes = events
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.event,
+                    Event::ChangeState {
+                        state: ChangeState::Success,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(changes, 1, "the change ended exactly once");
     }
 );
 

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use super::bench::bench_error;
 use crate::error::Result;
-use crate::events::{ChangeState, Event, Phase, StepState};
+use crate::events::{ChangeState, Event, Phase};
 use crate::executor::Stream;
 use crate::logs::chunk::{self, ChunkLine};
 use crate::store::{
-    BatchEntry, Claim, NewChange, NewStep, PropertiesOwner, PropertiesWrite, StepFinish,
-    StepSettle, Store, Traffic, WrittenBy,
+    BatchEntry, Claim, NewChange, NewStep, PropertiesOwner, PropertiesWrite, StepSettle, Store,
+    Traffic, WrittenBy,
 };
 
 /// The goal of issue 16: store overhead per step on PostgreSQL, at most.
@@ -246,6 +246,14 @@ async fn measure(
 
 /// Runs `changes` changes of `change_steps` sequential steps on `environment`, doing the store work the
 /// orchestrator does for them.
+/// Claims the next ready step of the bench's own change.
+async fn claim(store: &Store, owner: &str, id: &str) -> Result<crate::store::ClaimedStep> {
+    store
+        .claim_step(owner, crate::store::ClaimScope::Change(id))
+        .await?
+        .ok_or_else(|| bench_error(format!("change {id} had no ready step")))
+}
+
 async fn worker(
     store: &Store,
     project: &str,
@@ -255,7 +263,6 @@ async fn worker(
 ) -> Result<()> {
     let p = store.project(project).await?;
     let e = store.environment(project, environment).await?;
-    let project_owner = PropertiesOwner::from(&p);
     let env_owner = PropertiesOwner::from(&e);
     let owner = format!("bench-{environment}-{}", std::process::id());
     for c in 0..changes {
@@ -298,13 +305,12 @@ async fn worker(
                 retry_on_worker_loss: false,
             })
             .collect();
-        let pv = store.properties(&project_owner, None).await?.version;
-        let ev = store.properties(&env_owner, None).await?.version;
-        store.start_step(&root, &owner, pv, ev).await?;
+        // A claim reads the property versions the step starts from and records its running state.
+        let claimed = claim(store, &owner, &id).await?;
         let settle = StepSettle {
             change_id: &id,
             step_id: &root,
-            owner: &owner,
+            claim: &claimed.claim,
             exit_code: Some(0),
             properties: None,
             children: Some(("sequential", &children)),
@@ -321,18 +327,15 @@ async fn worker(
             },
         ) in children.iter().enumerate()
         {
-            // The step starts from the property versions it reads.
-            let pv = store.properties(&project_owner, None).await?.version;
-            let ev = store.properties(&env_owner, None).await?.version;
-            store.start_step(step, &owner, pv, ev).await?;
-            // One recorder flush: the step's running state, its phases and its output.
-            let mut batch = vec![event(Event::StepState {
-                step_id: step.clone(),
-                parent_id: Some(root.clone()),
-                action: action.clone(),
-                state: StepState::Running,
-                reason: None,
-            })];
+            // The claim takes the step (its running state, the property versions it starts from).
+            let claimed = claim(store, &owner, &id).await?;
+            if &claimed.step.id != step {
+                return Err(bench_error(format!(
+                    "step {action} of change {id} was not the next ready"
+                )));
+            }
+            // One recorder flush: the step's phases and its output.
+            let mut batch = Vec::new();
             batch.extend(
                 [Phase::BuildStarted, Phase::BuildFinished, Phase::RunStarted]
                     .into_iter()
@@ -352,7 +355,7 @@ async fn worker(
             let settle = StepSettle {
                 change_id: &id,
                 step_id: step,
-                owner: &owner,
+                claim: &claimed.claim,
                 exit_code: Some(0),
                 properties: None,
                 children: None,
@@ -366,44 +369,10 @@ async fn worker(
                 expected_version: current.version,
                 document: &doc,
             }];
+            // Its end lands with its patch and the tree's next step (after the last: the root's and the change's
+            // end), in one transaction.
             store.settle_step(&settle, &writes, &by).await?;
-            store
-                .append_batch(
-                    &id,
-                    &[event(Event::StepState {
-                        step_id: step.clone(),
-                        parent_id: Some(root.clone()),
-                        action: action.clone(),
-                        state: StepState::Success,
-                        reason: None,
-                    })],
-                )
-                .await?;
         }
-        store
-            .finish_step(&root, StepState::Success, &StepFinish::default())
-            .await?;
-        store
-            .append_batch(
-                &id,
-                &[
-                    event(Event::StepState {
-                        step_id: root.clone(),
-                        parent_id: None,
-                        action: "deploy".into(),
-                        state: StepState::Success,
-                        reason: None,
-                    }),
-                    event(Event::ChangeState {
-                        state: ChangeState::Success,
-                        reason: None,
-                    }),
-                ],
-            )
-            .await?;
-        store
-            .finish_change(&id, &owner, ChangeState::Success, None)
-            .await?;
     }
     Ok(())
 }

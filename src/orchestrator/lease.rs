@@ -69,28 +69,40 @@ impl Orchestrator {
             .await?)
     }
 
-    /// Takes this process's lease and keeps renewing it until `stop` is cancelled; then drops it.
+    /// Takes this process's lease and keeps renewing it until `stop` is cancelled; then drops it. Renewal is a
+    /// compare-and-set on a live lease: a lease that expired meanwhile (this process stalled, or lost the store
+    /// for longer than the lease lives) is not silently taken back — others may already have reaped what it
+    /// held — so [`lease_lost`](Self::lease_lost) fires and the process stops its work.
     pub async fn hold_lease(&self, stop: CancellationToken) -> Result<tokio::task::JoinHandle<()>> {
         let store = self.app.store.clone();
         let (owner, host, pid) = (self.owner.clone(), hostname(), std::process::id());
         // Expiry by the store's clock: every host judges leases by that one clock.
-        let renew = move |store: crate::store::Store, owner: String, host: String| async move {
-            store.renew_lease_for(&owner, &host, pid, LEASE_TTL).await
-        };
-        renew(store.clone(), owner.clone(), host.clone()).await?;
+        store.renew_lease_for(&owner, &host, pid, LEASE_TTL).await?;
+        let lost = self.lease_lost.clone();
         Ok(tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(LEASE_RENEW) => {
-                        if let Err(e) = renew(store.clone(), owner.clone(), host.clone()).await {
-                            tracing::warn!(error = %e, "failed to renew the runner lease");
+                        match store.renew_live_lease(&owner, LEASE_TTL).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                tracing::error!(owner = %owner, "this process's lease expired before it was renewed: others may have taken over its work; it stops and writes nothing more");
+                                lost.cancel();
+                                return;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "failed to renew the runner lease"),
                         }
                     }
                 }
             }
             let _ = store.drop_lease(&owner).await;
         }))
+    }
+
+    /// Cancelled once this process's lease was found expired (see [`hold_lease`](Self::hold_lease)).
+    pub fn lease_lost(&self) -> CancellationToken {
+        self.lease_lost.clone()
     }
 }
 

@@ -1,7 +1,8 @@
 //! Runs changes: queues them per environment, walks their step trees (sequential and parallel children, static
 //! and dynamic), builds each step's image, runs each step in one discarded container, applies its patches, and
 //! records every transition as an [`Event`](crate::events::Event). Each concern has its own file:
-//! [`seams`] (the ports), `queue` (a change's life), `tree` (the step-tree walk), `step` (one step's work),
+//! [`seams`] (the ports), `queue` (a change's life), `steps` (claiming and running ready steps; the store
+//! advances the tree), `step` (one step's work),
 //! `children` (validating dynamic children), `failure` (what a stopped step's outcome is), `recorder` (events),
 //! [`lease`] and `reaper` (process lifetime and crash recovery), [`crash_point`] (the crash drill's hook).
 
@@ -18,7 +19,7 @@ mod services;
 mod single;
 mod step;
 pub mod step_context;
-mod tree;
+mod steps;
 pub mod worker;
 
 pub use reaper::{reap_changes, verdict, Reaped};
@@ -80,10 +81,12 @@ pub struct Orchestrator {
     owner: String,
     settings: Settings,
     live: broadcast::Sender<EventRecord>,
+    /// Fires when this process's lease was found expired: it must stop and write nothing more.
+    lease_lost: CancellationToken,
 }
 
-/// Everything a change's steps share while it runs.
-struct Run {
+/// Everything a change's steps share while it runs, on whichever worker: read once per change and worker.
+struct ChangeRun {
     change: Change,
     project: Project,
     environment: Environment,
@@ -92,8 +95,21 @@ struct Run {
     repository_properties: Value,
     /// The base runner image set for the project or environment when the change started (`None`: the operator's).
     base_image: Option<String>,
+}
+
+/// One step's run: its change's context, where its events go, and what stops it.
+struct Run {
+    change_run: Arc<ChangeRun>,
     events: EventTx,
     cancel: CancellationToken,
+}
+
+impl std::ops::Deref for Run {
+    type Target = ChangeRun;
+
+    fn deref(&self) -> &ChangeRun {
+        &self.change_run
+    }
 }
 
 impl Orchestrator {
@@ -112,6 +128,7 @@ impl Orchestrator {
             owner: uuid::Uuid::new_v4().to_string(),
             settings,
             live: broadcast::channel(4096).0,
+            lease_lost: CancellationToken::new(),
         }
     }
 

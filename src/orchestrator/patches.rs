@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::properties::{self, Patch};
 use crate::store::{
-    PropertiesOwner, PropertiesWrite, StepSettle, Store, StoreError, Transition, WrittenBy,
+    Landed, PropertiesOwner, PropertiesWrite, StepSettle, Store, StoreError, Transition, WrittenBy,
 };
 
 /// The project and environment patches of a `step_result.json`.
@@ -100,7 +100,7 @@ pub async fn apply_step_patches(
     patches: &StepPatches,
     by: &WrittenBy,
     settle: Option<&StepSettle<'_>>,
-) -> Result<Transition, ApplyError> {
+) -> Result<Landed, ApplyError> {
     let scopes = [
         (project.0, project.1, &patches.project),
         (environment.0, environment.1, &patches.environment),
@@ -135,7 +135,7 @@ pub async fn apply_step_patches(
             documents.push((owner, current.version, document));
         }
         if documents.is_empty() && settle.is_none() {
-            return Ok(Transition::Done);
+            return Ok(done());
         }
         let writes: Vec<PropertiesWrite> = documents
             .iter()
@@ -147,13 +147,10 @@ pub async fn apply_step_patches(
             .collect();
         let written = match settle {
             Some(settle) => store.settle_step(settle, &writes, by).await,
-            None => store
-                .write_properties(&writes, by)
-                .await
-                .map(|_| Transition::Done),
+            None => store.write_properties(&writes, by).await.map(|_| done()),
         };
         match written {
-            Ok(transition) => return Ok(transition),
+            Ok(landed) => return Ok(landed),
             Err(StoreError::VersionConflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -164,6 +161,14 @@ pub async fn apply_step_patches(
         current: -1,
     }
     .into())
+}
+
+/// Written, with no events to tell.
+fn done() -> Landed {
+    Landed {
+        transition: Transition::Done,
+        events: vec![],
+    }
 }
 
 async fn check_conflict(

@@ -1,16 +1,15 @@
 //! A change's life in its environment's queue: created, queued until its environment is free (one change at a
 //! time, in creation order), driven to its end, cancelled or retried.
 
-use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{reaper, CreateChange, EventTx, Orchestrator, Run};
+use super::{reaper, CreateChange, Orchestrator};
 use crate::error::{Error, Result};
-use crate::events::{ChangeState, Event, StepState};
+use crate::events::{ChangeState, Event};
 use crate::policy::Subject;
 use crate::properties::SecretKind;
-use crate::store::{Change, Claim, Transition};
+use crate::store::{Change, Claim, ClaimScope, Transition};
 
 impl Orchestrator {
     /// Creates a change: resolves the revision to a SHA once (everything after uses that SHA, retries included)
@@ -30,7 +29,7 @@ impl Orchestrator {
     }
 
     /// Creates a change no runner process holds: it waits `pending` in the store until a worker of the fleet
-    /// (`runner worker`, or `runner serve`'s) adopts it when its environment is free. The same checks as
+    /// (`runner worker`, or `runner serve`'s) starts it when its environment is free. The same checks as
     /// [`create_change`](Self::create_change) run first, here.
     pub async fn enqueue_change(&self, request: &CreateChange) -> Result<Change> {
         self.create_owned_change(request, &Default::default(), "")
@@ -114,7 +113,9 @@ impl Orchestrator {
         if change.state.is_final() {
             return Ok(change);
         }
-        store.request_cancel(id).await?;
+        for record in store.request_cancel(id).await? {
+            let _ = self.live.send(record);
+        }
         for reaped in reaper::reap_changes(store, Some(&self.owner)).await? {
             for record in reaped.events {
                 let _ = self.live.send(record);
@@ -171,33 +172,43 @@ impl Orchestrator {
                 },
             });
         }
-        let (events, recorder) = self.recorder(id, self.masker()?);
-        let watch_cancel = self.watch_cancel(id, cancel.clone());
-        let outcome = self.drive(change, events.clone(), cancel.clone()).await;
-        watch_cancel.abort();
-        let (state, reason) = match &outcome {
-            Ok((state, reason)) => (*state, reason.clone()),
-            Err(e) => (ChangeState::Error, Some(crate::error::error_text(e))),
+        // Its steps ended it (the store ends a change with its root step); otherwise it ended before they ran.
+        let ended = match self.drive(change, cancel).await {
+            Ok(None) => None,
+            Ok(Some(end)) => Some(end),
+            Err(e) => Some((ChangeState::Error, Some(crate::error::error_text(&e)))),
         };
-        let reason = events.masker().mask_opt(reason);
-        match store
-            .finish_change(id, &self.owner, state, reason.as_deref())
-            .await?
-        {
-            Transition::Done => {
-                let _ = events.send(Event::ChangeState { state, reason });
-            }
-            Transition::Refused => {
-                tracing::warn!(change_id = %id, "the change was ended elsewhere (reaped?) before this runner ended it")
+        if let Some((state, reason)) = ended {
+            let reason = self.masker()?.mask_opt(reason);
+            match store
+                .finish_change(id, &self.owner, state, reason.as_deref())
+                .await?
+            {
+                Transition::Done => {
+                    self.record(id, Event::ChangeState { state, reason })
+                        .await?
+                }
+                Transition::Refused => {
+                    tracing::warn!(change_id = %id, "the change was ended elsewhere (reaped?) before this runner ended it")
+                }
             }
         }
-        drop(events);
-        let _ = recorder.await;
         Ok(store.change(id).await?)
     }
 
+    /// Stores a change's event (in order with what its steps' transitions record) and tells live watchers.
+    async fn record(&self, id: &str, event: Event) -> Result<()> {
+        let record = self.app.store.append_event(id, &event).await?;
+        let _ = self.live.send(record);
+        Ok(())
+    }
+
     /// Cancels `cancel` when the change's cancel flag is set in the store (by any process).
-    fn watch_cancel(&self, id: &str, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub(super) fn watch_cancel(
+        &self,
+        id: &str,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let (store, id, poll) = (self.app.store.clone(), id.to_owned(), self.settings.poll);
         tokio::spawn(async move {
             loop {
@@ -213,17 +224,18 @@ impl Orchestrator {
         })
     }
 
+    /// Queues the change, waits for its environment, then claims and runs its steps until it ends. `Some`: how
+    /// it ended before its steps ran (the caller records it); `None`: its steps ran and the store ended it.
     async fn drive(
         &self,
         change: Change,
-        events: EventTx,
         cancel: CancellationToken,
-    ) -> Result<(ChangeState, Option<String>)> {
+    ) -> Result<Option<(ChangeState, Option<String>)>> {
         let store = &self.app.store;
         let change_id = change.id.clone();
         let stopped = |what: &'static str| async move {
             let now = store.change(&change_id).await?;
-            Ok::<_, Error>(if now.cancel_requested {
+            Ok::<_, Error>(Some(if now.cancel_requested {
                 (ChangeState::Cancelled, Some(format!("cancelled {what}")))
             } else {
                 (
@@ -233,76 +245,84 @@ impl Orchestrator {
                         now.state
                     )),
                 )
-            })
+            }))
         };
         if store.queue_change(&change.id, &self.owner).await? == Transition::Refused {
             return stopped("before it started").await;
         }
-        let _ = events.send(Event::ChangeState {
-            state: ChangeState::Queued,
-            reason: None,
-        });
+        self.record(
+            &change.id,
+            Event::ChangeState {
+                state: ChangeState::Queued,
+                reason: None,
+            },
+        )
+        .await?;
         super::crash_point::reached("queued").await;
-        loop {
+        let watch = self.watch_cancel(&change.id, cancel.clone());
+        let claimed = loop {
             match store.claim_environment(&change.id, &self.owner).await? {
-                Claim::Claimed => break,
-                Claim::Lost => return stopped("while queued").await,
+                Claim::Claimed => break true,
+                Claim::Lost => break false,
                 Claim::Blocked => {}
             }
             tokio::select! {
-                _ = cancel.cancelled() => return Ok((ChangeState::Cancelled, Some("cancelled while queued".into()))),
+                _ = cancel.cancelled() => break false,
                 _ = tokio::time::sleep(self.settings.poll) => {}
             }
+        };
+        watch.abort();
+        if !claimed {
+            if cancel.is_cancelled() && !store.change(&change.id).await?.cancel_requested {
+                return Ok(Some((
+                    ChangeState::Cancelled,
+                    Some("cancelled while queued".into()),
+                )));
+            }
+            return stopped("while queued").await;
         }
-        let _ = events.send(Event::ChangeState {
-            state: ChangeState::Running,
-            reason: None,
-        });
-        let project = store.project(&change.project).await?;
-        let environment = store
-            .environment(&change.project, &change.environment)
-            .await?;
-        super::crash_point::reached("cloning").await;
-        self.sources.have_commit(&project, &change.git_sha).await?;
-        let (manifest, manifest_path) = self.manifest(&project, &change.git_sha).await?;
-        let repository_properties = self
-            .sources
-            .repository_properties(&project, &change.git_sha, &environment.code)
-            .await?;
-        let base_image = store
-            .base_image_for(&project.code, &environment.code)
-            .await?
-            .image;
-        if let Some(image) = &base_image {
-            // Project admins choose among the images the operator allows; the operator's default needs no grant.
-            self.app.policy.require(
-                &project.code,
-                &environment.code,
-                crate::policy::Feature::BaseImage(image.clone()),
-            )?;
+        self.record(
+            &change.id,
+            Event::ChangeState {
+                state: ChangeState::Running,
+                reason: None,
+            },
+        )
+        .await?;
+        let id = change.id.clone();
+        let context = self.context(self.change_run(change).await?, cancel.clone());
+        self.run_own_change(&id, context).await?;
+        Ok(None)
+    }
+
+    /// Claims and runs every ready step of the change this process runs, all at once, until the change ends. A
+    /// cancel of this process's run is a cancel of the change: its waiting steps end at once, running ones stop.
+    async fn run_own_change(&self, id: &str, context: super::steps::Context) -> Result<()> {
+        let store = self.app.store.clone();
+        let mut signal = store.work_signal().await;
+        let mut running = tokio::task::JoinSet::new();
+        let mut cancel_sent = false;
+        loop {
+            while let Some(claimed) = store
+                .claim_step(&self.owner, ClaimScope::Change(id))
+                .await?
+            {
+                let (me, run, cancel) = (self.clone(), context.run.clone(), context.cancel.clone());
+                running.spawn(async move { me.run_claimed(run, cancel, claimed).await });
+            }
+            if running.is_empty() && store.change(id).await?.state.is_final() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = context.cancel.cancelled(), if !cancel_sent => {
+                    cancel_sent = true;
+                    for record in store.request_cancel(id).await? {
+                        let _ = self.live.send(record);
+                    }
+                }
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                _ = signal.wait_at_most(self.settings.poll) => {}
+            }
         }
-        let root = store
-            .steps(&change.id)
-            .await?
-            .into_iter()
-            .find(|s| s.parent_id.is_none())
-            .expect("every change has a root step");
-        let run = Arc::new(Run {
-            change,
-            project,
-            environment,
-            manifest,
-            manifest_path,
-            repository_properties,
-            base_image,
-            events,
-            cancel,
-        });
-        let (state, reason) = self.run_tree(run.clone(), root).await?;
-        Ok(match state {
-            StepState::Success => (ChangeState::Success, None),
-            StepState::Cancelled => (ChangeState::Cancelled, Some("cancelled".into())),
-            _ => (ChangeState::Error, reason),
-        })
     }
 }

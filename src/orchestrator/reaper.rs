@@ -25,10 +25,11 @@ pub async fn reap_changes(store: &Store, this_owner: Option<&str>) -> Result<Vec
     let (host, now) = (lease::hostname(), store.clock_ms().await?);
     Ok(store
         .reap_changes(|change, steps, leases| {
-            // A change waiting for a worker has no owner to die; only a cancel ends it.
+            // A fleet change has no owner to die: waiting, only a cancel ends it; running, its steps' workers are
+            // judged one by one (see `reap_lost_steps`).
             if change.owner.is_none()
-                && change.state == ChangeState::Pending
-                && !change.cancel_requested
+                && (change.state == ChangeState::Running
+                    || (change.state == ChangeState::Pending && !change.cancel_requested))
             {
                 return None;
             }
@@ -131,6 +132,29 @@ impl Orchestrator {
     pub async fn reap(&self) -> Result<Reaped> {
         let store = &self.app.store;
         let mut reaped = Reaped::default();
+        // Steps of fleet changes whose worker was lost: judged by that worker's lease on the store's clock (or,
+        // on this host, by its pid).
+        let (host, now) = (lease::hostname(), store.clock_ms().await?);
+        let lost = store
+            .reap_lost_steps(|step, leases| {
+                let worker = step.worker.as_deref()?;
+                if worker == self.owner || !lease::owner_is_dead(worker, leases, &host, now) {
+                    return None;
+                }
+                let seen_by = format!("seen by worker {} on host {host}", self.owner);
+                Some(match leases.iter().find(|l| l.owner == worker) {
+                    Some(l) => format!(
+                        "worker {worker} on host {} was lost while running this step: its lease expired or its process is gone ({seen_by})",
+                        l.host
+                    ),
+                    None => format!("worker {worker} was lost while running this step: it holds no lease ({seen_by})"),
+                })
+            })
+            .await?;
+        for record in lost {
+            tracing::warn!(change_id = %record.change_id, event = ?record.event, "a step's worker was lost");
+            let _ = self.live.send(record);
+        }
         for change in reap_changes(store, Some(&self.owner)).await? {
             tracing::warn!(change_id = %change.id, state = %change.state, reason = %change.reason, "reaped a change whose runner died");
             for record in change.events {

@@ -3,9 +3,9 @@
 
 use super::{EventTx, Orchestrator};
 use crate::error::Result;
-use crate::events::{Event, Phase, StepState};
+use crate::events::{Event, Phase};
 use crate::mask::Masker;
-use crate::store::{Step, StepFinish};
+use crate::store::Step;
 
 impl Orchestrator {
     /// Starts a task that stores, then broadcasts, every event and output line sent to the returned sender,
@@ -31,26 +31,6 @@ impl Orchestrator {
             values.extend(self.app.secrets.get(&name)?.0.into_values());
         }
         Ok(Masker::new(values.iter().map(String::as_str)))
-    }
-
-    pub(super) async fn finish_step(
-        &self,
-        events: &EventTx,
-        step: &Step,
-        state: StepState,
-        mut finish: StepFinish,
-    ) -> Result<()> {
-        // Reasons quote errors and output: masked before they are stored.
-        finish.reason = events.masker().mask_opt(finish.reason);
-        self.app.store.finish_step(&step.id, state, &finish).await?;
-        let _ = events.send(Event::StepState {
-            step_id: step.id.clone(),
-            parent_id: step.parent_id.clone(),
-            action: step.action.clone(),
-            state,
-            reason: finish.reason,
-        });
-        Ok(())
     }
 
     pub(super) fn phase(events: &EventTx, step: &Step, phase: Phase, message: String) {

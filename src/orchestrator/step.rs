@@ -7,32 +7,26 @@ use tokio::sync::mpsc;
 use super::children::dynamic_children;
 use super::failure::{step_outcome, Stage, Stopped};
 use super::step_context::{self, StepIdentity};
-use super::{patches, ImageRequest, Orchestrator, Run};
+use super::{patches, ChangeRun, ImageRequest, Orchestrator, Run};
 use crate::actions::{Action, RunAs};
 use crate::error::{error_text, Error, Result};
-use crate::events::{Event, Phase, StepState};
+use crate::events::{Phase, StepState};
 use crate::executor::{Ended, LogLine, StepRun};
 use crate::policy::Subject;
 use crate::properties::{self, Layers, SecretKind};
 use crate::secrets::SecretValues;
 use crate::store::{
-    PropertiesOwner, PropertiesVersion, Step, StepFinish, StepSettle, Transition, WrittenBy,
+    Landed, NewStep, PropertiesOwner, PropertiesVersion, Step, StepSettle, WrittenBy,
 };
-
-/// What a step's own work came to.
-pub(super) enum Own {
-    Failed(StepState, String),
-    /// Its end (and patches) landed; these children (already recorded) run next, this way.
-    Succeeded(Vec<Step>, RunAs),
-}
+use tokio_util::sync::CancellationToken;
 
 /// Why a step's own work stopped short: its final state and reason.
-type Stop = (StepState, String);
+pub(super) type Stop = (StepState, String);
 
 /// A [`Stop`] and, when the step's command ran to a non-zero exit, its exit code (recorded with the step's end).
-struct StepStop {
-    stop: Stop,
-    exit_code: Option<i64>,
+pub(super) struct StepStop {
+    pub(super) stop: Stop,
+    pub(super) exit_code: Option<i64>,
 }
 
 impl From<Stop> for StepStop {
@@ -83,57 +77,36 @@ impl Orchestrator {
         Ok(self.app.policy.secrets_for(subject, kind, named)?)
     }
 
-    /// A step's own work: properties, image, container, then its patches, end and children in one transaction.
-    /// Whatever stops it ends the step (never left `running`), through [`step_outcome`].
-    pub(super) async fn run_own(&self, run: &Run, step: &Step, action: &Action) -> Result<Own> {
+    /// A step's own work: properties (at the versions its claim read), image, container; what it will land.
+    /// Whatever stops it is a [`StepStop`] (through [`step_outcome`]): the caller ends the step with it.
+    pub(super) async fn run_own(
+        &self,
+        run: &Run,
+        step: &Step,
+        action: &Action,
+        (project_version, environment_version): (i64, i64),
+    ) -> std::result::Result<Settled, StepStop> {
         let store = &self.app.store;
-        let project_props = store.properties(&(&run.project).into(), None).await?;
-        let environment_props = store.properties(&(&run.environment).into(), None).await?;
-        let started = store
-            .start_step(
-                &step.id,
-                &self.owner,
-                project_props.version,
-                environment_props.version,
-            )
-            .await?;
-        if started == Transition::Refused {
-            return Ok(Own::Failed(
-                StepState::Error,
-                format!(
-                    "change {} is no longer run by this runner process; step {} was not started",
-                    run.change.id, step.action
-                ),
-            ));
-        }
-        let _ = run.events.send(Event::StepState {
-            step_id: step.id.clone(),
-            parent_id: step.parent_id.clone(),
-            action: step.action.clone(),
-            state: StepState::Running,
-            reason: None,
-        });
-        let props = (project_props, environment_props);
-        match self.own_work(run, step, action, &props).await {
-            Ok(own) => Ok(own),
-            Err(StepStop {
-                stop: (state, reason),
-                exit_code,
-            }) => {
-                self.finish_step(
-                    &run.events,
-                    step,
-                    state,
-                    StepFinish {
-                        reason: Some(reason.clone()),
-                        exit_code,
-                        ..Default::default()
-                    },
-                )
+        let read = async {
+            let project = store
+                .properties(&(&run.project).into(), Some(project_version))
                 .await?;
-                Ok(Own::Failed(state, reason))
-            }
-        }
+            let environment = store
+                .properties(&(&run.environment).into(), Some(environment_version))
+                .await?;
+            Ok::<_, crate::store::StoreError>((project, environment))
+        };
+        let props = read.await.map_err(|e| {
+            StepStop::from(step_outcome(
+                &step.action,
+                Stopped::Error {
+                    stage: Stage::Prepare,
+                    error: &error_text(&e),
+                },
+                run.cancel.is_cancelled(),
+            ))
+        })?;
+        self.own_work(run, step, action, &props).await
     }
 
     async fn own_work(
@@ -142,7 +115,7 @@ impl Orchestrator {
         step: &Step,
         action: &Action,
         (project_props, environment_props): &(PropertiesVersion, PropertiesVersion),
-    ) -> std::result::Result<Own, StepStop> {
+    ) -> std::result::Result<Settled, StepStop> {
         let store = &self.app.store;
         let events = &run.events;
         let stop = |stage: Stage, error: &str| {
@@ -156,14 +129,13 @@ impl Orchestrator {
 
         if action.run.is_none() {
             // A pure grouping action: nothing to build or run; its state follows its static children.
-            let done = Settled {
+            return Ok(Settled {
                 children: action.steps.clone(),
                 strategy: action.run_as,
                 exit_code: None,
                 properties: None,
                 patches: None,
-            };
-            return Ok(self.settle(run, step, done).await?);
+            });
         }
 
         let view = properties::layered_view(&Layers {
@@ -336,32 +308,29 @@ impl Orchestrator {
         .map_err(|e| stop(Stage::Result, &e))?;
         let mut all = action.steps.clone();
         all.extend(children.actions);
-        self.settle(
-            run,
-            step,
-            Settled {
-                children: all,
-                strategy: children.strategy.unwrap_or(action.run_as),
-                exit_code: Some(outcome.exit_code),
-                properties: result.pointer("/step/properties").cloned(),
-                patches: Some((
-                    step_patches,
-                    project_props.version,
-                    environment_props.version,
-                )),
-            },
-        )
-        .await
-        .map_err(StepStop::from)
+        Ok(Settled {
+            children: all,
+            strategy: children.strategy.unwrap_or(action.run_as),
+            exit_code: Some(outcome.exit_code),
+            properties: result.pointer("/step/properties").cloned(),
+            patches: Some((
+                step_patches,
+                project_props.version,
+                environment_props.version,
+            )),
+        })
     }
 
-    /// Lands a step's end, its patches (if any) and its children in one transaction, then reads the children back.
-    async fn settle(
+    /// Lands a step's end, its patches (if any), its children and what follows in the tree in one transaction,
+    /// with the claim the step was claimed with.
+    pub(super) async fn land(
         &self,
-        run: &Run,
+        run: &ChangeRun,
+        cancel: &CancellationToken,
         step: &Step,
+        claim: &str,
         done: Settled,
-    ) -> std::result::Result<Own, Stop> {
+    ) -> std::result::Result<Landed, Stop> {
         let store = &self.app.store;
         let failed = |e: &dyn std::error::Error| {
             step_outcome(
@@ -370,18 +339,18 @@ impl Orchestrator {
                     stage: Stage::Patches,
                     error: &error_text(e),
                 },
-                run.cancel.is_cancelled(),
+                cancel.is_cancelled(),
             )
         };
-        let ids: Vec<crate::store::NewStep> = done
+        let ids: Vec<NewStep> = done
             .children
             .iter()
-            .map(|a| crate::store::NewStep::of(a, &run.manifest))
+            .map(|a| NewStep::of(a, &run.manifest))
             .collect();
         let settle = StepSettle {
             change_id: &run.change.id,
             step_id: &step.id,
-            owner: &self.owner,
+            claim,
             exit_code: done.exit_code,
             properties: done.properties,
             children: (!ids.is_empty()).then(|| (strategy_text(done.strategy), ids.as_slice())),
@@ -412,33 +381,7 @@ impl Orchestrator {
                 .await
                 .map_err(|e| failed(&e))?,
         };
-        if landed == Transition::Refused {
-            return Err((
-                StepState::Error,
-                format!(
-                    "step {} finished, but change {} is no longer run by this runner process; nothing of the step was applied",
-                    step.action, run.change.id
-                ),
-            ));
-        }
-        if ids.is_empty() {
-            let _ = run.events.send(Event::StepState {
-                step_id: step.id.clone(),
-                parent_id: step.parent_id.clone(),
-                action: step.action.clone(),
-                state: StepState::Success,
-                reason: None,
-            });
-            return Ok(Own::Succeeded(vec![], done.strategy));
-        }
-        let children = store
-            .steps(&run.change.id)
-            .await
-            .map_err(|e| failed(&e))?
-            .into_iter()
-            .filter(|s| s.parent_id.as_deref() == Some(&step.id))
-            .collect();
-        Ok(Own::Succeeded(children, done.strategy))
+        Ok(landed)
     }
 
     /// The actions above `step`, from the change's root down to its parent.
@@ -459,7 +402,7 @@ impl Orchestrator {
 }
 
 /// What a step whose own work succeeded lands.
-struct Settled {
+pub(super) struct Settled {
     children: Vec<String>,
     strategy: RunAs,
     exit_code: Option<i64>,

@@ -248,13 +248,26 @@ impl Store {
         Ok(rows.iter().map(change_row).collect())
     }
 
-    pub async fn request_cancel(&self, id: &str) -> Result<(), StoreError> {
-        query("UPDATE changes SET cancel_requested = 1 WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        self.work_changed();
-        Ok(())
+    /// Asks a change to stop. In the same transaction, its steps that wait for a worker (ready) end `cancelled`
+    /// and the tree moves on from them, so a change none of whose steps runs ends at once; running steps are
+    /// stopped by their workers. Returns the events recorded.
+    pub async fn request_cancel(&self, id: &str) -> Result<Vec<EventRecord>, StoreError> {
+        let mut tx = self.pool.row_tx().await?;
+        // The update locks the change's row: cancels and step ends of one change go one at a time.
+        let state: Option<String> =
+            query("UPDATE changes SET cancel_requested = 1 WHERE id = ? RETURNING state")
+                .bind(id)
+                .fetch_optional(&mut tx)
+                .await?
+                .map(|row| row.get(0));
+        let events = if state.as_deref() == Some("running") {
+            super::claims::cancel_in(&mut tx, id).await?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await?;
+        self.moved(id);
+        Ok(events)
     }
 
     pub async fn steps(&self, change_id: &str) -> Result<Vec<Step>, StoreError> {
@@ -387,6 +400,25 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Renews `owner`'s lease for `ttl` from now (the database's clock) only if it is still live: false when it
+    /// expired or is gone, in which case the owner has been (or may be) judged dead and must write nothing more.
+    pub async fn renew_live_lease(
+        &self,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let now = self.backend().now_ms_sql();
+        let renewed = query(format!(
+            "UPDATE leases SET expires_at = {now} + ? WHERE owner = ? AND expires_at >= {now}"
+        ))
+        .bind(ttl.as_millis() as i64)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(renewed == 1)
     }
 
     /// The database's clock in Unix milliseconds: what lease expiries are compared with, so hosts whose clocks

@@ -10,6 +10,7 @@ mod attempts;
 mod base_images;
 mod change_query;
 mod changes;
+mod claims;
 mod db;
 mod fleet;
 mod labels;
@@ -26,14 +27,16 @@ mod web;
 pub use base_images::{BaseImageSetting, BaseImageSource};
 pub use change_query::{ChangeQuery, Keyset};
 pub use changes::{Change, ChangeFilter, NewChange, NewStep, Step, StepFinish};
+pub use claims::{ClaimScope, ClaimedStep, Landed, StepEnd, StepSettle};
 pub use db::{traffic, Backend, Traffic};
+pub use fleet::StartedChange;
 pub use labels::Labels;
 pub use logs::{rfc3339_ms, BatchEntry, Pruned};
 pub use projects::{Environment, Project};
 pub use properties::{PropertiesOwner, PropertiesVersion, PropertiesWrite, WrittenBy};
 pub use requests::{RequestClaim, ABANDONED_AFTER, REQUEST_ID_WINDOW};
 pub use step_runs::{NewStepRun, StepRunEnd, StepRunEvent, StepRunOutcome, StepRunRecord};
-pub use transitions::{Claim, ReapedChange, StepSettle, Transition, Verdict};
+pub use transitions::{Claim, ReapedChange, Transition, Verdict};
 pub use wakeups::{
     parse_fallback, set_default_fallback, Signal, Woke, POSTGRES_FALLBACK, SQLITE_FALLBACK,
 };

@@ -6,34 +6,45 @@
 //! # States as persisted
 //!
 //! ```text
-//! change:  pending ──queue──▶ queued ──claim_environment──▶ running ──finish_change──▶ success | error | cancelled
-//!             ▲                  │ (cancel requested, or        │ (owner's lease ran out: reap_changes)
-//!             │                  ▼  owner dead: reaped)          ▼
+//! change:  pending ──queue──▶ queued ──claim_environment──▶ running ──(its root step ends)──▶ success | error | cancelled
+//!  (local)    ▲                  │ (cancel requested, or        │ (owner's lease ran out: reap_changes;
+//!             │                  ▼  owner dead: reaped)          ▼  sources/manifest failed: finish_change)
 //!             └──reset_change── error | cancelled ◀──────────────┘
+//! change:  pending ──start_fleet_change (owner stays NULL)──▶ running ──(its root step ends)──▶ …
+//!  (fleet)    └── request_cancel while pending: reaped `cancelled`
 //!
-//! step:    pending ──start_step──▶ running ──settle_step (leaf)──▶ success
-//!                                     │ └──settle_step (children recorded; runs until they end)
-//!                                     └──finish_step / reaper──▶ error | cancelled | aborted
+//! step:    pending ──(its turn: advance / resume)──▶ ready ──claim_step (worker, claim token)──▶ running
+//!            running ──settle_step (leaf, with the token)──▶ success
+//!            running ──settle_step (children recorded)──▶ running, no claim, until its children end (advance)
+//!            running ──end_step (with the token) / lost worker──▶ error | cancelled
+//!            running ──lost worker, retry_on_worker_loss (≤ 3 times)──▶ ready
+//!            ready   ──request_cancel──▶ cancelled;   pending ──(an earlier sibling failed)──▶ aborted | cancelled
 //! ```
+//!
+//! The tree moves on inside the transaction that records a step's end ([`advance`](super::advance), a pure
+//! function of the stored tree): the next steps become `ready`, parents end, and the root's end is the change's,
+//! freeing its environment. No process walks the tree; any worker may claim any ready step of a fleet change, and
+//! a local run (`change create` without `--enqueue`) claims only its own change's steps.
 //!
 //! The rules the database itself holds, whichever process or host writes: at most one `running` change per
 //! environment (a partial unique index; claims are also made in creation order, under the environment row's lock);
-//! every write to a change or its steps names the owner that must hold it (`owner = ?` in the same statement), so
-//! a runner whose change was reaped — its lease expired by the database's clock — writes nothing more; each
-//! change numbers its own events and log lines (`changes.last_seq`).
+//! a step's end lands only with the claim token it was claimed with (a worker whose step was reaped or re-queued
+//! writes nothing of it), and a change's own transitions name the owner that must hold it (`owner = ?`), so a
+//! runner or worker whose lease expired by the database's clock writes nothing more — its lease is not renewed
+//! once expired; change-scoped transactions lock the change's row, so parallel siblings' ends serialise per change;
+//! each change numbers its own events and log lines (`changes.last_seq`).
 //!
-//! What comes next fits as more states and more owners, not a redesign: a change or step that waits for a person
-//! (approval, a wait step's manual continue) or a time (a scheduled change) is one more non-final state between
-//! `queued`/`pending` and `running` that no owner holds, left by a compare-and-set like the others; a step taken
-//! by a worker of a fleet rather than by the change's own process is the same `start_step` guarded by the
-//! worker's lease instead of the change owner's; and the executor that runs a step's container (Docker today,
-//! Kubernetes later) is behind the orchestrator's `Executor` seam, so none of these transitions knows which one ran
-//! it.
+//! What comes next fits as more states, not a redesign: a change or step that waits for a person (an approval, a
+//! wait step's manual continue) or a time (a scheduled change) is one more non-final state that nobody holds —
+//! like `pending` and `ready` — left by a compare-and-set like the others (an approval moves a waiting step to
+//! `ready`; a scheduler moves a scheduled change to `pending` at its time); and the executor that runs a step's
+//! container (Docker today, Kubernetes later) stands behind the orchestrator's `Executor` seam of the worker that
+//! claims the step, so none of these transitions knows which one ran it.
 
 use super::db::{query, Tx};
 
 use super::changes::{change_row, step_row, CHANGE_SELECT};
-use super::{now, Change, PropertiesWrite, Step, Store, StoreError, WrittenBy};
+use super::{now, Change, Step, Store, StoreError};
 use crate::events::{ChangeState, Event, EventRecord, StepState};
 use crate::orchestrator::lease::Lease;
 
@@ -47,7 +58,7 @@ pub enum Transition {
 
 impl Transition {
     /// A compare-and-set `UPDATE` of one row: done if it matched that row.
-    fn of(rows_affected: u64) -> Transition {
+    pub(super) fn of(rows_affected: u64) -> Transition {
         if rows_affected == 1 {
             Transition::Done
         } else {
@@ -65,19 +76,6 @@ pub enum Claim {
     Blocked,
     /// The change is no longer queued by this owner (cancelled, reaped, or taken over): do not run it.
     Lost,
-}
-
-/// How a step whose own work succeeded is settled: together with its patches, in one transaction.
-#[derive(Debug, Clone)]
-pub struct StepSettle<'a> {
-    pub change_id: &'a str,
-    pub step_id: &'a str,
-    /// The runner process that runs the change; nothing lands if it no longer owns it.
-    pub owner: &'a str,
-    pub exit_code: Option<i64>,
-    pub properties: Option<serde_json::Value>,
-    /// `sequential` or `parallel`, and the children (new step id, action) to record; none for a leaf.
-    pub children: Option<(&'a str, &'a [super::NewStep])>,
 }
 
 /// The reaper's decision for one change whose runner died.
@@ -192,7 +190,10 @@ impl Store {
             Err(e) if super::is_unique_violation(&e) => return Ok(Claim::Blocked),
             other => other?,
         };
+        // The change's first steps (its root, or on a retry whatever did not succeed) are ready at once.
+        super::claims::resume_in(&mut tx, change_id).await?;
         tx.commit().await?;
+        self.moved(change_id);
         Ok(Claim::Claimed)
     }
 
@@ -205,6 +206,8 @@ impl Store {
         state: ChangeState,
         reason: Option<&str>,
     ) -> Result<Transition, StoreError> {
+        let mut tx = self.pool.row_tx().await?;
+        super::claims::lock_change(&mut tx, self.backend(), id).await?;
         let done = query(
             "UPDATE changes SET state = ?, reason = ?, finished_at = ? \
              WHERE id = ? AND owner = ? AND state IN ('pending', 'queued', 'running')",
@@ -214,10 +217,18 @@ impl Store {
         .bind(now())
         .bind(id)
         .bind(owner)
-        .execute(&self.pool)
+        .execute(&mut tx)
         .await?
         .rows_affected();
-        self.work_changed();
+        if done == 1 {
+            // A change ended before its steps ran (its sources or manifest failed): their turn never came.
+            query("UPDATE steps SET state = 'pending' WHERE change_id = ? AND state = 'ready'")
+                .bind(id)
+                .execute(&mut tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.moved(id);
         Ok(Transition::of(done))
     }
 
@@ -246,84 +257,6 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(Ok(()))
-    }
-
-    /// Marks a step running with the property versions it starts from, if its change is still `running` for
-    /// `owner`.
-    pub async fn start_step(
-        &self,
-        id: &str,
-        owner: &str,
-        project_version: i64,
-        environment_version: i64,
-    ) -> Result<Transition, StoreError> {
-        let done = query(
-            "UPDATE steps SET state = 'running', started_at = ?, project_version = ?, environment_version = ?, \
-             reason = NULL, exit_code = NULL, finished_at = NULL, \
-             attempt = (SELECT c.attempt FROM changes c WHERE c.id = steps.change_id) \
-             WHERE id = ? AND state != 'success' AND EXISTS \
-             (SELECT 1 FROM changes c WHERE c.id = steps.change_id AND c.owner = ? AND c.state = 'running')",
-        )
-        .bind(now())
-        .bind(project_version)
-        .bind(environment_version)
-        .bind(id)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(Transition::of(done))
-    }
-
-    /// Settles a step whose own work succeeded: its property writes, its end (success) and its children land in
-    /// one transaction, or nothing does. Refused (nothing written) if the step is no longer running under a change
-    /// `owner` runs, so a reaped step's patch is never applied and a retry never applies a patch twice.
-    /// A write whose base version moved on fails with [`StoreError::VersionConflict`].
-    pub async fn settle_step(
-        &self,
-        settle: &StepSettle<'_>,
-        writes: &[PropertiesWrite<'_>],
-        by: &WrittenBy,
-    ) -> Result<Transition, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let live: i64 = query(
-            "SELECT COUNT(*) FROM steps s JOIN changes c ON c.id = s.change_id \
-             WHERE s.id = ? AND s.state = 'running' AND c.id = ? AND c.owner = ? AND c.state = 'running'",
-        )
-        .bind(settle.step_id)
-        .bind(settle.change_id)
-        .bind(settle.owner)
-        .fetch_one(&mut tx)
-        .await?
-        .get(0);
-        if live == 0 {
-            return Ok(Transition::Refused);
-        }
-        super::properties::write_in(&mut tx, writes, by).await?;
-        query(
-            "UPDATE steps SET state = CASE WHEN ? = 1 THEN 'success' ELSE state END, exit_code = ?, reason = NULL, \
-             properties = ?, finished_at = ? WHERE id = ?",
-        )
-        // A step with children stays running until they end; `children_strategy` says its own work is done.
-        .bind(settle.children.is_none())
-        .bind(settle.exit_code)
-        .bind(settle.properties.as_ref().map(|p| p.to_string()))
-        .bind(now())
-        .bind(settle.step_id)
-        .execute(&mut tx)
-        .await?;
-        if let Some((strategy, children)) = settle.children {
-            super::changes::replace_children(
-                &mut tx,
-                settle.change_id,
-                settle.step_id,
-                strategy,
-                children,
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(Transition::Done)
     }
 
     /// Ends the changes of runners that died. In one transaction: reads the leases, asks `decide` about every

@@ -183,6 +183,16 @@ impl Cluster {
         self.url(&name)
     }
 
+    /// The URL of database `name` over the cluster's unix socket: reachable from a process in a network namespace
+    /// of its own (a "host" with no network), as long as it sees this machine's files.
+    pub fn socket_url(&self, name: &str) -> String {
+        format!(
+            "postgres://postgres@localhost/{name}?host={}&port={}",
+            self.dir.path().display(),
+            self.port
+        )
+    }
+
     /// The URL of database `name` on this cluster.
     pub fn url(&self, name: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)

@@ -18,8 +18,15 @@ use crate::executor::{
 /// Tells the agent to read its envelope (step context, secrets, result marker) from stdin before it runs the action.
 pub const STDIN_ENVELOPE: &str = "OPSCHAIN_STDIN_ENVELOPE=1";
 
+/// The step's container: named by the step and the runner that runs it, so a step run again by another worker
+/// (its first worker lost, its container maybe still there) never meets the earlier run's name on one daemon.
 pub fn container_name(run: &StepRun) -> String {
-    format!("runner-step-{}", run.step_id)
+    format!("runner-step-{}-{}", run.step_id, short(&run.owner))
+}
+
+/// The first characters of a runner's id: enough to tell the runners of one step apart.
+fn short(owner: &str) -> &str {
+    owner.get(..8).unwrap_or(owner)
 }
 
 pub fn labels(run: &StepRun) -> HashMap<String, String> {
@@ -151,7 +158,7 @@ pub fn network_body(run: &StepRun) -> NetworkCreateRequest {
 }
 
 pub fn service_container_name(run: &StepRun, service: &str) -> String {
-    format!("runner-svc-{}-{service}", run.step_id)
+    format!("runner-svc-{}-{}-{service}", run.step_id, short(&run.owner))
 }
 
 /// The names a service answers to on the step's network: its own (as in Gitness) and `<ACTION>_<SERVICE>` (as
@@ -376,7 +383,7 @@ mod tests {
         let everything = serde_json::to_string(&body).unwrap();
         assert!(!everything.contains("canary-value"), "{everything}");
         assert!(!everything.contains("TOKEN"), "{everything}");
-        assert_eq!(container_name(&run()), "runner-step-s1");
+        assert_eq!(container_name(&run()), "runner-step-s1-o1");
     }
 
     #[test]
@@ -509,7 +516,7 @@ mod tests {
             .unwrap();
         assert_eq!(aliases, ["db", "INTEGRATION_TEST_DB"]);
         assert_eq!(network_body(&run).labels.unwrap()["runner.change"], "c1");
-        assert_eq!(service_container_name(&run, "db"), "runner-svc-s1-db");
+        assert_eq!(service_container_name(&run, "db"), "runner-svc-s1-o1-db");
     }
 
     #[test]
