@@ -308,6 +308,9 @@ impl Store {
         Ok(())
     }
 
+    /// Records a step's end as given, with no claim to check and without moving the tree on: for the store's
+    /// own tests. A runner ends the steps it claimed with [`Store::end_step`] / [`Store::settle_step`], whose
+    /// claim token fences out a worker that lost the step.
     pub async fn finish_step(
         &self,
         id: &str,
