@@ -5,7 +5,8 @@
 //! that reads its rows are one text instantiated for both drivers (sqlx's `Any` driver is not used: it loses
 //! PostgreSQL's locking and notification features the fleet needs).
 //!
-//! Differences the SQL cannot hide live here and nowhere else: how a write transaction takes the writer's lock.
+//! Differences the SQL cannot hide live here and nowhere else: how a write transaction takes the writer's lock,
+//! and how it locks one row.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,9 +35,14 @@ pub(crate) enum Tx {
     Postgres(Transaction<'static, Postgres>),
 }
 
-/// The key of the transaction-scoped advisory lock every PostgreSQL write transaction takes: writers of the store
-/// queue one behind the other exactly as SQLite's `BEGIN IMMEDIATE` makes them, so a read-then-write inside a
-/// transaction (the per-environment rule, event numbers, property versions) sees no concurrent writer.
+/// The key of the transaction-scoped advisory lock a PostgreSQL [`Pool::write_tx`] takes: its writers queue one
+/// behind the other exactly as SQLite's `BEGIN IMMEDIATE` makes them, so a read-then-write spanning unrelated rows
+/// sees no concurrent writer. The writes of a step's path do not take it ([`Pool::row_tx`]: a claim, a recorder
+/// flush, a settle with its patches, an environment claim, a property write lock only the rows they depend on).
+/// It stays where the check spans rows no one row stands for: a change's creation (creation order is the order
+/// changes claim their environment, so it must be the order their rows become visible), a retry's new attempt, the
+/// reapers' sweeps (verdicts on every lease), project and environment administration (codes, "still in use"),
+/// step runs and log retention — none of them per step.
 const PG_WRITER_LOCK: i64 = 0x7275_6e6e_6572; // "runner"
 
 /// Statements and transactions this process has sent to its stores (all of them, either backend): what a bench
