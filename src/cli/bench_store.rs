@@ -3,10 +3,11 @@
 //! printed side by side with the goal of issue 16 (at most 10 ms per step on PostgreSQL).
 //!
 //! What is measured is the store work a step of a sequential change costs the worker that runs it, with no
-//! container: read the property versions it starts from and start it, store its events and a chunk of output
-//! lines (one recorder flush), settle it with a property write, record its end. The change-level work (create,
-//! queue, claim the environment, record the root's children, end the change) is done once per change of
-//! `change_steps` steps and so spread over them. Each worker drives its own changes on its own environment; the
+//! container: claim it (its running state and the property versions it starts from), store its phases and a chunk
+//! of output lines (one recorder flush), settle it with a property write (its end and the tree's advance in the
+//! same transaction). The change-level work (create, queue, claim the environment, the root's claim and children;
+//! the change ends with its last step's settle) is done once per change of `change_steps` steps and so spread over
+//! them. Each worker drives its own changes on its own environment; the
 //! figure per step is the worker's wall time divided by the steps it ran, so contention between workers (for the
 //! database, its locks and this machine's cores) shows in it. Beside it: statements, transactions and
 //! stand-alone writes per step, counted as the store sends them ([`crate::store::traffic`]).
@@ -244,8 +245,6 @@ async fn measure(
     })
 }
 
-/// Runs `changes` changes of `change_steps` sequential steps on `environment`, doing the store work the
-/// orchestrator does for them.
 /// Claims the next ready step of the bench's own change.
 async fn claim(store: &Store, owner: &str, id: &str) -> Result<crate::store::ClaimedStep> {
     store
@@ -254,6 +253,8 @@ async fn claim(store: &Store, owner: &str, id: &str) -> Result<crate::store::Cla
         .ok_or_else(|| bench_error(format!("change {id} had no ready step")))
 }
 
+/// Runs `changes` changes of `change_steps` sequential steps on `environment`, doing the store work the
+/// orchestrator does for them.
 async fn worker(
     store: &Store,
     project: &str,
