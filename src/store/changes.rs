@@ -476,11 +476,14 @@ pub(super) async fn replace_children(
     strategy: &str,
     children: &[NewStep],
 ) -> Result<(), StoreError> {
+    // Scoped to the change (all its descendants are its steps): both halves of the walk read the change's own
+    // steps by index, not every step the store holds.
     query(
-        "WITH RECURSIVE below(id) AS (SELECT id FROM steps WHERE parent_id = ? \
-           UNION ALL SELECT s.id FROM steps s JOIN below b ON s.parent_id = b.id) \
+        "WITH RECURSIVE below(id) AS (SELECT id FROM steps WHERE change_id = ?1 AND parent_id = ?2 \
+           UNION ALL SELECT s.id FROM steps s JOIN below b ON s.parent_id = b.id WHERE s.change_id = ?1) \
          DELETE FROM steps WHERE id IN (SELECT id FROM below)",
     )
+    .bind(change_id)
     .bind(parent_id)
     .execute(&mut *tx)
     .await?;
