@@ -27,6 +27,63 @@ async fn containers_of(change: &str) -> usize {
         .len()
 }
 
+/// Containers, networks and volumes in Docker labelled `label` (`name=value`).
+async fn left_in_docker(label: &str) -> usize {
+    let docker = runner::executor::docker::connect().await.unwrap();
+    let filters = Some(HashMap::from([(
+        "label".to_owned(),
+        vec![label.to_owned()],
+    )]));
+    let containers = docker
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: filters.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .len();
+    let networks = docker
+        .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
+            filters: filters.clone(),
+        }))
+        .await
+        .unwrap()
+        .len();
+    let volumes = docker
+        .list_volumes(Some(bollard::query_parameters::ListVolumesOptions {
+            filters,
+        }))
+        .await
+        .unwrap()
+        .volumes
+        .unwrap_or_default()
+        .len();
+    containers + networks + volumes
+}
+
+/// The `runner.store` label each worker's data directory puts on what it creates in Docker (only a runner of
+/// that data directory reaps it).
+async fn store_labels<'a>(url: &str, workers: impl IntoIterator<Item = &'a Worker>) -> Vec<String> {
+    let mut labels = Vec::new();
+    for worker in workers {
+        let home = worker.home.as_ref().unwrap().path();
+        let store = runner::store::Store::connect(home, Some(url))
+            .await
+            .unwrap();
+        labels.push(format!("{}={}", runner::executor::LABEL_STORE, store.id()));
+        store.close().await;
+    }
+    labels
+}
+
+/// Asserts that nothing carrying any of these `runner.store` labels is left in Docker.
+async fn nothing_left_of(stores: &[String]) {
+    for label in stores {
+        assert_eq!(left_in_docker(label).await, 0, "left in Docker: {label}");
+    }
+}
+
 fn on_host(home: &std::path::Path, url: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_runner"))
         .args(args)
@@ -55,6 +112,8 @@ struct Worker {
     home: Option<tempfile::TempDir>,
     child: std::process::Child,
     owner: String,
+    /// The host name it runs under (`None`: this machine's).
+    host: Option<String>,
 }
 
 /// A failing test leaves no worker behind.
@@ -123,6 +182,7 @@ impl Worker {
             home: Some(home),
             child,
             owner,
+            host: host.map(str::to_owned),
         }
     }
 
@@ -415,6 +475,7 @@ async fn a_worker_killed_mid_step_loses_its_step_and_the_others_carry_on() {
     let killed_at = Instant::now();
     lost.child.kill().unwrap();
     lost.child.wait().unwrap();
+    let stores = store_labels(&url, std::iter::once(&lost).chain(&others)).await;
 
     // On another host nobody can check the lost worker's pid: its lease's expiry (the store's clock) tells. The
     // step fails naming the lost worker, and the change ends as its tree says.
@@ -489,6 +550,7 @@ async fn a_worker_killed_mid_step_loses_its_step_and_the_others_carry_on() {
     for worker in others {
         worker.stop();
     }
+    nothing_left_of(&stores).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,10 +597,31 @@ async fn a_step_that_opts_in_runs_again_on_another_worker_when_its_worker_is_los
         text.contains(&worker) && text.contains("runs again"),
         "{text}"
     );
+
+    // What the lost run left in Docker (its container, maybe never sent its envelope) carries the lost worker's
+    // data directory on its `runner.store` label, and only a runner of that data directory reaps it (the rule:
+    // gone at the next start after a crash): the lost worker comes back on its host and removes it. Then, every
+    // worker stopped, nothing of theirs is left in Docker.
+    let stores = store_labels(&url, [&lost, &others[0]]).await;
+    let host = lost
+        .host
+        .clone()
+        .expect("the lost worker ran on a host of its own");
+    let back = Worker::start_in(lost.home.take().unwrap(), &url, Some(&host));
     drop(lost);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while containers_of(&change).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the lost worker came back and the lost run's container is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    back.stop();
     for worker in others {
         worker.stop();
     }
+    nothing_left_of(&stores).await;
 }
 
 #[test]
