@@ -442,18 +442,7 @@ impl Store {
     }
 
     pub async fn leases(&self) -> Result<Vec<crate::orchestrator::lease::Lease>, StoreError> {
-        let rows = query("SELECT owner, host, pid, expires_at FROM leases")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| crate::orchestrator::lease::Lease {
-                owner: r.get(0),
-                host: r.get(1),
-                pid: r.get(2),
-                expires_at: r.get(3),
-            })
-            .collect())
+        read_leases(&self.pool).await
     }
 
     /// Changes still marked running or queued by an owner, for the reaper.
@@ -510,4 +499,21 @@ pub(super) async fn replace_children(
         .await?;
     }
     Ok(())
+}
+
+/// Every lease, read on `on`: the pool, or the transaction whose decisions are judged against them.
+pub(super) async fn read_leases<'e>(
+    on: impl super::db::Executor<'e>,
+) -> Result<Vec<crate::orchestrator::lease::Lease>, StoreError> {
+    Ok(query("SELECT owner, host, pid, expires_at FROM leases")
+        .fetch_all(on)
+        .await?
+        .iter()
+        .map(|r| crate::orchestrator::lease::Lease {
+            owner: r.get(0),
+            host: r.get(1),
+            pid: r.get(2),
+            expires_at: r.get(3),
+        })
+        .collect())
 }

@@ -433,18 +433,7 @@ impl Store {
         F: Fn(&Step, &[crate::orchestrator::lease::Lease]) -> Option<String>,
     {
         let mut tx = self.write_tx().await?;
-        let leases: Vec<crate::orchestrator::lease::Lease> =
-            query("SELECT owner, host, pid, expires_at FROM leases")
-                .fetch_all(&mut tx)
-                .await?
-                .iter()
-                .map(|r| crate::orchestrator::lease::Lease {
-                    owner: r.get(0),
-                    host: r.get(1),
-                    pid: r.get(2),
-                    expires_at: r.get(3),
-                })
-                .collect();
+        let leases = super::changes::read_leases(&mut tx).await?;
         let rows = query(
             "SELECT s.*, s.claim AS held_claim FROM steps s JOIN changes c ON c.id = s.change_id \
              WHERE s.state = 'running' AND s.claim IS NOT NULL AND c.state = 'running' AND c.owner IS NULL \

@@ -267,17 +267,7 @@ impl Store {
         F: Fn(&Change, &[Step], &[Lease]) -> Option<Verdict>,
     {
         let mut tx = self.write_tx().await?;
-        let leases: Vec<Lease> = query("SELECT owner, host, pid, expires_at FROM leases")
-            .fetch_all(&mut tx)
-            .await?
-            .iter()
-            .map(|r| Lease {
-                owner: r.get(0),
-                host: r.get(1),
-                pid: r.get(2),
-                expires_at: r.get(3),
-            })
-            .collect();
+        let leases = super::changes::read_leases(&mut tx).await?;
         let changes: Vec<Change> = query(format!(
             "{CHANGE_SELECT} WHERE c.state IN ('running', 'queued', 'pending') ORDER BY c.created_at"
         ))
