@@ -3,8 +3,9 @@
 //! workers — running each with this host's BuildKit and Docker exactly as a local change's steps run, while its
 //! lease stays alive on the store's clock. Between claims it reaps: steps of workers that were lost end `error`
 //! naming the lost worker (or go back to `ready` where the action opts in with `retry_on_worker_loss`), changes of
-//! runner processes that died end as [`verdict`](super::verdict) says, and what they left in this host's Docker
-//! goes.
+//! runner processes that died end as [`verdict`](super::verdict) says, and what dead runners of this data directory
+//! left in this host's Docker goes (containers are labelled with their data directory's store id: a dead worker's
+//! containers are removed when a runner on its data directory starts again, as after any crash).
 
 use std::collections::HashMap;
 use std::time::Duration;
