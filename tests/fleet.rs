@@ -212,7 +212,9 @@ fn fleet_project(url: &str) -> tempfile::TempDir {
   "parallel": {"steps": ["tick", "both"], "run_as": "parallel"},
   "sleep": {"run": "echo sleeping && sleep 60"},
   "slow": {"run": "echo slow && sleep 8", "retry_on_worker_loss": true},
-  "rerunnable": {"steps": ["noop", "slow", "noop"]}
+  "rerunnable": {"steps": ["noop", "slow", "noop"]},
+  "gate": {"run": "test \"$(opschain-properties get --scope environment /go)\" = true"},
+  "gated": {"steps": ["tick", "gate"]}
 }}"#,
     )
     .unwrap();
@@ -622,6 +624,91 @@ async fn a_step_that_opts_in_runs_again_on_another_worker_when_its_worker_is_los
         worker.stop();
     }
     nothing_left_of(&stores).await;
+}
+
+#[test]
+fn a_retry_against_postgresql_goes_back_to_the_fleet_and_keeps_the_steps_that_succeeded() {
+    if !support::docker_available() || !support::postgres::postgres_available() {
+        return;
+    }
+    support::base_image();
+    let url = socket_database();
+    let admin = fleet_project(&url);
+    let worker = Worker::start_on_host("w1", &url);
+    let change = enqueue(admin.path(), &url, "env0", "gated");
+    let ended = wait_all_ended(admin.path(), &url, 1);
+    assert_eq!(
+        ended[0]["state"], "error",
+        "the gate is closed: {}",
+        ended[0]
+    );
+
+    // The gate opens; `count` keeps what the first attempt's `tick` wrote.
+    let open = admin.path().join("open.json");
+    std::fs::write(&open, r#"{"count": 1, "go": true}"#).unwrap();
+    let props = on_host(
+        admin.path(),
+        &url,
+        &[
+            "environment",
+            "set-properties",
+            "--project",
+            "fleet",
+            "--environment",
+            "env0",
+            "--file",
+            open.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        props.status.success(),
+        "{}",
+        String::from_utf8_lossy(&props.stderr)
+    );
+
+    // This process has no Docker of its own to run it with: the retry queues, a worker runs it, the CLI follows.
+    let retried = on_host(admin.path(), &url, &["change", "retry", &change]);
+    let stderr = String::from_utf8_lossy(&retried.stderr);
+    assert!(retried.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("queued again for the fleet's workers (attempt 2)"),
+        "{stderr}"
+    );
+    let shown = json(admin.path(), &url, &["change", "show", &change]);
+    assert_eq!(shown["change"]["state"], "success", "{shown}");
+    let steps = shown["steps"].as_array().unwrap();
+    let step = |action: &str| {
+        steps
+            .iter()
+            .find(|s| s["action"] == action)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        step("gate")["worker"].as_str(),
+        Some(worker.owner.as_str()),
+        "a worker ran the retry: {shown}"
+    );
+    assert_eq!(
+        step("tick")["attempt"],
+        1,
+        "tick succeeded in attempt 1 and was not run again: {shown}"
+    );
+    assert_eq!(step("gate")["attempt"], 2, "{shown}");
+    let props = json(
+        admin.path(),
+        &url,
+        &[
+            "environment",
+            "show-properties",
+            "--project",
+            "fleet",
+            "--environment",
+            "env0",
+        ],
+    );
+    assert_eq!(props["count"], 1, "tick's patch landed once: {props}");
+    worker.stop();
 }
 
 #[test]

@@ -162,6 +162,20 @@ pub async fn change(app: App, cmd: ChangeCommand, out: Output) -> Result<()> {
             result
         }
         ChangeCommand::Retry { id, background } => {
+            // On a shared store the retried change goes back to the fleet's queue, as a created one does.
+            if app.store.backend() == crate::store::Backend::Postgres {
+                let orchestrator = crate::runtime::offline(app)?;
+                let change = orchestrator.enqueue_retry(&id).await?;
+                if background {
+                    println!("{}", change.id);
+                    return Ok(());
+                }
+                eprintln!(
+                    "change {} queued again for the fleet's workers (attempt {})",
+                    change.id, change.attempt
+                );
+                return follow_in_store(&orchestrator, &change.id, out).await;
+            }
             let orchestrator = crate::runtime::local(app).await?;
             if background {
                 let id = in_background(&orchestrator, |child| async move {

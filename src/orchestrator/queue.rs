@@ -127,8 +127,20 @@ impl Orchestrator {
     /// Makes a failed or cancelled change runnable again by this process, at the same SHA; steps that succeeded
     /// are kept. Of two concurrent retries one wins; the other is told the change is already running.
     pub async fn prepare_retry(&self, id: &str) -> Result<Change> {
+        self.reset_for(id, &self.owner).await
+    }
+
+    /// Makes a failed or cancelled change runnable again by the fleet: it waits `pending`, owned by nobody, until a
+    /// worker starts it when its environment is free; steps that succeeded are kept, as with
+    /// [`prepare_retry`](Self::prepare_retry).
+    pub async fn enqueue_retry(&self, id: &str) -> Result<Change> {
+        self.reset_for(id, "").await
+    }
+
+    /// `owner` empty: nobody's (the fleet's).
+    async fn reset_for(&self, id: &str, owner: &str) -> Result<Change> {
         let store = &self.app.store;
-        if let Err(change) = store.reset_change(id, &self.owner).await? {
+        if let Err(change) = store.reset_change(id, owner).await? {
             return Err(match change.state {
                 ChangeState::Success => Error::NotRetryable {
                     id: id.to_owned(),

@@ -232,8 +232,8 @@ impl Store {
         Ok(Transition::of(done))
     }
 
-    /// Makes a change that ended in error or was cancelled `pending` again, owned by `owner`, cancel flag
-    /// cleared. Refused (the change is returned as it is) if it is not in such a state: another retry won, or it
+    /// Makes a change that ended in error or was cancelled `pending` again, owned by `owner` (empty: by nobody, for
+    /// the fleet's workers), cancel flag cleared. Refused (the change is returned as it is) if it is not in such a state: another retry won, or it
     /// succeeded.
     pub async fn reset_change(
         &self,
@@ -248,7 +248,7 @@ impl Store {
             return Ok(Err(self.change(id).await?));
         }
         query(
-            "UPDATE changes SET state = 'pending', reason = NULL, owner = ?, cancel_requested = 0, \
+            "UPDATE changes SET state = 'pending', reason = NULL, owner = NULLIF(?, ''), cancel_requested = 0, \
              finished_at = NULL, attempt = attempt + 1 WHERE id = ?",
         )
         .bind(owner)
