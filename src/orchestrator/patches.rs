@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::properties::{self, Patch};
 use crate::store::{
-    Landed, PropertiesOwner, PropertiesWrite, StepSettle, Store, StoreError, Transition, WrittenBy,
+    Landed, PropertiesOwner, PropertiesWrite, StepSettle, Store, StoreError, WrittenBy,
 };
 
 /// The project and environment patches of a `step_result.json`.
@@ -165,10 +165,7 @@ pub async fn apply_step_patches(
 
 /// Written, with no events to tell.
 fn done() -> Landed {
-    Landed {
-        transition: Transition::Done,
-        events: vec![],
-    }
+    Landed::done(vec![])
 }
 
 async fn check_conflict(

@@ -61,10 +61,19 @@ pub struct Landed {
 }
 
 impl Landed {
-    pub(super) fn refused() -> Landed {
+    /// Nothing happened, nothing recorded.
+    pub fn refused() -> Landed {
         Landed {
             transition: Transition::Refused,
             events: vec![],
+        }
+    }
+
+    /// It happened, recording `events`.
+    pub fn done(events: Vec<EventRecord>) -> Landed {
+        Landed {
+            transition: Transition::Done,
+            events,
         }
     }
 }
@@ -207,10 +216,7 @@ impl Store {
         events.extend(advance_in(&mut tx, settle.change_id, settle.step_id).await?);
         tx.commit().await?;
         self.moved(settle.change_id);
-        Ok(Landed {
-            transition: Transition::Done,
-            events,
-        })
+        Ok(Landed::done(events))
     }
 
     /// Ends a claimed step that failed or was stopped, and moves the tree on, in one transaction. Refused if the
@@ -239,10 +245,7 @@ impl Store {
         events.extend(advance_in(&mut tx, end.change_id, end.step_id).await?);
         tx.commit().await?;
         self.moved(end.change_id);
-        Ok(Landed {
-            transition: Transition::Done,
-            events,
-        })
+        Ok(Landed::done(events))
     }
 
     /// Whether `claim` still holds the step (running, change running); locks the change's row first (PostgreSQL)
@@ -325,15 +328,24 @@ pub(super) async fn tree(tx: &mut Tx, change_id: &str) -> Result<Vec<(Node, Step
     )
 }
 
+/// Reads the change's tree, asks `walk` (one of [`advance`]'s pure functions) what follows, and applies it.
+async fn walk_in(
+    tx: &mut Tx,
+    change_id: &str,
+    walk: impl FnOnce(&[Node]) -> Vec<Update>,
+) -> Result<Vec<EventRecord>, StoreError> {
+    let tree = tree(tx, change_id).await?;
+    let nodes: Vec<Node> = tree.iter().map(|(n, _)| n.clone()).collect();
+    apply(tx, change_id, &tree, walk(&nodes)).await
+}
+
 /// Runs [`advance::advance`] for `changed` and applies what it says.
 pub(super) async fn advance_in(
     tx: &mut Tx,
     change_id: &str,
     changed: &str,
 ) -> Result<Vec<EventRecord>, StoreError> {
-    let tree = tree(tx, change_id).await?;
-    let nodes: Vec<Node> = tree.iter().map(|(n, _)| n.clone()).collect();
-    apply(tx, change_id, &tree, advance::advance(&nodes, changed)).await
+    walk_in(tx, change_id, |nodes| advance::advance(nodes, changed)).await
 }
 
 /// Applies updates of the tree, with the events of final states; ends the change when the root ended.
@@ -404,9 +416,7 @@ pub(super) async fn resume_in(
     tx: &mut Tx,
     change_id: &str,
 ) -> Result<Vec<EventRecord>, StoreError> {
-    let tree = tree(tx, change_id).await?;
-    let nodes: Vec<Node> = tree.iter().map(|(n, _)| n.clone()).collect();
-    apply(tx, change_id, &tree, advance::resume(&nodes)).await
+    walk_in(tx, change_id, advance::resume).await
 }
 
 /// Ends the change's ready steps on a cancel, and what follows: see [`advance::cancel`].
@@ -414,9 +424,7 @@ pub(super) async fn cancel_in(
     tx: &mut Tx,
     change_id: &str,
 ) -> Result<Vec<EventRecord>, StoreError> {
-    let tree = tree(tx, change_id).await?;
-    let nodes: Vec<Node> = tree.iter().map(|(n, _)| n.clone()).collect();
-    apply(tx, change_id, &tree, advance::cancel(&nodes)).await
+    walk_in(tx, change_id, advance::cancel).await
 }
 
 /// Re-runs a step gets because its worker was lost, at most (then it fails like any other).
