@@ -95,6 +95,8 @@ struct ChangeRun {
     repository_properties: Value,
     /// The base runner image set for the project or environment when the change started (`None`: the operator's).
     base_image: Option<String>,
+    /// Every secret value the store held when this worker took the change up: masked in what its steps record.
+    masker: crate::mask::Masker,
 }
 
 /// One step's run: its change's context, where its events go, and what stops it.

@@ -65,6 +65,7 @@ impl Orchestrator {
             manifest_path,
             repository_properties,
             base_image,
+            masker: self.masker()?,
         })
     }
 
@@ -139,8 +140,7 @@ impl Orchestrator {
         claim: &str,
         versions: (i64, i64),
     ) -> Result<Landed> {
-        let masker = self.masker()?;
-        let (events, recorder) = self.recorder(&run.change.id, masker.clone());
+        let (events, recorder) = self.recorder(&run.change.id, run.masker.clone());
         let step_run = Run {
             change_run: run.clone(),
             events,
@@ -165,10 +165,7 @@ impl Orchestrator {
         let _ = recorder.await;
         if self.lease_lost.is_cancelled() {
             // This worker was judged lost: whatever it has, it writes nothing more.
-            return Ok(Landed {
-                transition: Transition::Refused,
-                events: vec![],
-            });
+            return Ok(Landed::refused());
         }
         let stop = match outcome {
             Ok(settled) => match self.land(&run, &cancel, step, claim, settled).await {
@@ -177,7 +174,7 @@ impl Orchestrator {
             },
             Err(stop) => stop,
         };
-        self.end_claimed(&run.change.id, step, claim, stop, &masker)
+        self.end_claimed(&run.change.id, step, claim, stop, &run.masker)
             .await
     }
 
